@@ -1,0 +1,139 @@
+"""`python -m pipeline ...`: run a stage, or show status. See `python -m pipeline --help`."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from .errors import ConfigError
+
+USAGE = """\
+usage:
+  python -m pipeline stage=<name> run_dir=<dir> [input=<manifest>] [launcher=local|slurm]
+                     [cluster=generic|a40|a100] [models=real|tiny] [retry_failed=true] [<key>=<value> ...]
+  python -m pipeline status run_dir=<dir>        what is done / failed / pending per stage
+  python -m pipeline help                        this text
+
+Stages (in pipeline order): {stages}
+Every key in conf/config.yaml, conf/stage/<name>.yaml (as stage.<key>), conf/launcher/*.yaml (launcher.<key>) and
+conf/cluster/*.yaml (cluster.<key>) can be overridden, e.g.
+  python -m pipeline stage=download run_dir=runs/r1 input=videos.txt stage.socket_timeout_s=60
+  python -m pipeline stage=frames run_dir=runs/r1 launcher=slurm cluster=a40 launcher.array_parallelism=20
+A run_dir pins its manifest and shard geometry on the first launch; later stages need only run_dir.
+Re-running a stage skips completed shards and resumes partial ones; retry_failed=true re-does failed items.
+"""
+
+SECRET_KEY = re.compile(r"(cookie|proxy|password|passwd|token|secret)", re.I)
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def redacted(container: dict) -> dict:
+    """Config as written to run dirs and logs: credentials (cookies, proxies, tokens) never leave memory."""
+    out = {}
+    for k, v in container.items():
+        if isinstance(v, dict):
+            out[k] = redacted(v)
+        elif SECRET_KEY.search(str(k)) and v not in (None, "", [], {}):
+            out[k] = "***"
+        else:
+            out[k] = v
+    return out
+
+
+def _stage_names() -> str:
+    from .stages import available
+
+    return ", ".join(available())
+
+
+def run_stage(overrides: list[str]) -> int:
+    from .atomic import write_text
+    from .config import compose
+    from .engine import container, plan_pending
+    from .launchers import launch
+    from .manifest import load_items, pin_geometry, plan_geometry
+    from .shards import ShardStore
+    from .stages import get_stage
+    from .status import format_status, stage_status, write_summary
+
+    cfg = compose(overrides)
+    run_dir = Path(cfg.run_dir)
+    geo, items, is_new = plan_geometry(run_dir, cfg.input, cfg.num_shards, cfg.items_per_shard)
+    shards = list(cfg.shards) if cfg.shards is not None else list(range(geo.num_shards))
+    bad = [s for s in shards if not 0 <= s < geo.num_shards]
+    if bad:
+        raise ConfigError(f"shards {bad} out of range: this run has shards 0..{geo.num_shards - 1}")
+    stage_cls = get_stage(cfg.stage.name)
+    waiting_on_slurm = cfg.launcher.name == "slurm" and cfg.launcher.get("dependency")
+    if stage_cls.upstream and not is_new and not waiting_on_slurm:
+        for up in stage_cls.upstream:
+            missing = [s for s in shards if not ShardStore(run_dir, up, s).is_complete()]
+            if missing:
+                raise ConfigError(f"stage {cfg.stage.name} needs stage {up} complete first; incomplete shards: "
+                                  f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    if stage_cls.upstream and is_new:
+        raise ConfigError(f"stage {cfg.stage.name} needs the outputs of {', '.join(stage_cls.upstream)}: "
+                          f"run those first in {run_dir}")
+
+    # Validated: from here on we write.
+    if is_new:
+        pin_geometry(run_dir, geo, items)
+    by_shard: dict[int, list] = {}
+    for it in load_items(run_dir):
+        by_shard.setdefault(it.shard, []).append(it)
+    to_run = []
+    for s in shards:
+        store = ShardStore(run_dir, stage_cls.name, s)
+        pending, _ = plan_pending(cfg, store, by_shard.get(s, []), stage_cls.upstream)
+        if not store.is_complete() or pending:
+            to_run.append(s)
+    write_text(run_dir / stage_cls.name / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(redacted(container(cfg)))))
+    print(f"{stage_cls.name}: {len(to_run)} of {len(shards)} shard(s) to run with launcher={cfg.launcher.name}")
+    result = launch(cfg, to_run)
+    if not result.waited:
+        return 0
+    write_summary(run_dir, stage_cls.name)
+    print(format_status(run_dir, [stage_status(run_dir, stage_cls.name, geo.num_shards)]))
+    for shard, err in sorted(result.failed_shards.items()):
+        print(f"shard {shard} did not complete: {err} (log: {run_dir / stage_cls.name / 'logs'})", file=sys.stderr)
+    return 0 if result.ok else 1
+
+
+def show_status(overrides: list[str]) -> int:
+    from .status import format_status, run_status
+
+    args = dict(o.split("=", 1) for o in overrides if "=" in o)
+    unknown = [o for o in overrides if not o.startswith("run_dir=")]
+    if unknown or "run_dir" not in args:
+        raise ConfigError("usage: python -m pipeline status run_dir=<dir>")
+    if not Path(args["run_dir"]).is_dir():
+        raise ConfigError(f"run_dir not found: {args['run_dir']}")
+    print(format_status(args["run_dir"], run_status(args["run_dir"])))
+    return 0
+
+
+COMMANDS = {"status": show_status}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE.format(stages=_stage_names()))
+        return 0 if argv else 2
+    try:
+        if argv[0] in COMMANDS:
+            return COMMANDS[argv[0]](argv[1:])
+        if "=" not in argv[0]:
+            raise ConfigError(f"unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}, or stage=<name>")
+        return run_stage(argv)
+    except ConfigError as exc:
+        return fail(str(exc))
+    except KeyboardInterrupt:
+        print("interrupted: completed shards and parts are kept; re-run the same command to resume", file=sys.stderr)
+        return 130

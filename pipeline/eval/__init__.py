@@ -1,0 +1,1 @@
+"""Evaluation: VQA metric, datasets, contamination checks."""

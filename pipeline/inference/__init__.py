@@ -1,0 +1,1 @@
+"""Shared inference runner (Ray) used by every model stage."""

@@ -1,0 +1,132 @@
+"""Slurm launcher: one submitit array job per stage over the incomplete shards.
+
+- `%` throttle from `launcher.array_parallelism`; split into several arrays past the cluster's MaxArraySize.
+- Partition/account/QoS/GPUs from the cluster profile, sizes from the stage's `resources`.
+- Timeouts and preemption: the task is `Checkpointable`, so submitit requeues it on the pre-timeout signal; the
+  requeued task resumes from the shard's parts (see pipeline.engine).
+- `resources.nodes > 1`: each array task is a multi-node job that starts a Ray cluster over its allocation.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import submitit
+from tqdm import tqdm
+
+from ..engine import container
+from ..errors import ConfigError
+from ..task import run_task
+from . import LaunchResult
+
+
+class ShardTask(submitit.helpers.Checkpointable):
+    """Picklable array-task body. checkpoint() (inherited) resubmits the same call: the shard resumes."""
+
+    def __init__(self, cfg_container: dict):
+        self.cfg_container = cfg_container
+
+    def __call__(self, shard: int) -> dict:
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:
+            from .ray_cluster import run_on_ray_cluster
+
+            return run_on_ray_cluster(lambda: run_task(self.cfg_container, shard), env,
+                                      Path(self.cfg_container["run_dir"]) / ".ray")
+        return run_task(self.cfg_container, shard)
+
+
+def cluster_max_array_size() -> int:
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+        m = re.search(r"MaxArraySize\s*=\s*(\d+)", out)
+        if m:
+            return int(m.group(1))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return 1001  # Slurm's default
+
+
+def executor_parameters(cfg) -> dict:
+    res, cl = cfg.stage.resources, cfg.cluster
+    gpus = int(res.gpus)
+    params = {
+        "name": f"vpt-{cfg.stage.name}",
+        "timeout_min": min(int(res.timeout_min), int(cl.max_timeout_min)),
+        "nodes": int(res.nodes),
+        "tasks_per_node": 1,
+        "cpus_per_task": int(max(res.cpus, gpus * cl.cpus_per_gpu if gpus else res.cpus)),
+        "mem_gb": float(max(res.mem_gb, gpus * cl.mem_gb_per_gpu if gpus else res.mem_gb)),
+        "slurm_array_parallelism": int(cfg.launcher.array_parallelism),
+    }
+    if gpus:
+        params["gpus_per_node"] = gpus
+    partition = (cl.gpu_partition or cl.partition) if gpus else cl.partition
+    if partition:
+        params["slurm_partition"] = partition
+    if cl.account:
+        params["slurm_account"] = cl.account
+    if cl.qos:
+        params["slurm_qos"] = cl.qos
+    if cl.constraint:
+        params["slurm_constraint"] = cl.constraint
+    if cl.setup:
+        params["slurm_setup"] = list(cl.setup)
+    extra = dict(cl.additional or {})
+    if cfg.launcher.dependency:
+        extra["dependency"] = cfg.launcher.dependency
+    if extra:
+        params["slurm_additional_parameters"] = extra
+    return params
+
+
+def make_executor(cfg) -> submitit.AutoExecutor:
+    if shutil.which("sbatch") is None:
+        raise ConfigError("launcher=slurm but sbatch is not on PATH (start a cluster: make slurm-up, and "
+                          "source its env.sh, or run on a login node)")
+    folder = Path(cfg.run_dir) / cfg.stage.name / "logs" / "slurm"
+    executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
+    executor.update_parameters(**executor_parameters(cfg))
+    return executor
+
+
+def submit(cfg, shards: list[int]) -> list[tuple[int, submitit.Job]]:
+    executor = make_executor(cfg)
+    max_size = cfg.launcher.max_array_size or cluster_max_array_size()
+    task = ShardTask(container(cfg))
+    submitted: list[tuple[int, submitit.Job]] = []
+    for start in range(0, len(shards), max_size):
+        chunk = shards[start:start + max_size]
+        jobs = executor.map_array(task, chunk)
+        submitted.extend(zip(chunk, jobs))
+    return submitted
+
+
+def launch(cfg, shards: list[int]) -> LaunchResult:
+    result = LaunchResult(shards=list(shards), waited=bool(cfg.launcher.wait))
+    if not shards:
+        return result
+    submitted = submit(cfg, shards)
+    result.job_ids = sorted({job.job_id.split("_")[0] for _, job in submitted})
+    print(f"submitted {len(submitted)} array task(s) of {cfg.stage.name}: job(s) {', '.join(result.job_ids)}")
+    if not cfg.launcher.wait:
+        return result
+    bar = tqdm(total=len(submitted), desc=f"{cfg.stage.name} shards (slurm)", unit="shard")
+    pending = dict(submitted)
+    while pending:
+        for shard, job in list(pending.items()):
+            if not job.done():
+                continue
+            del pending[shard]
+            try:
+                job.result()
+            except Exception as exc:  # noqa: BLE001 - FailedJobError, UncompletedJobError: reported per shard
+                result.failed_shards[shard] = f"{type(exc).__name__}: {str(exc).strip()[:500]}"
+            bar.update(1)
+        if pending:
+            time.sleep(cfg.launcher.poll_seconds)
+    bar.close()
+    return result

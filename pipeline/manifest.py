@@ -1,0 +1,165 @@
+"""Manifests and shard geometry.
+
+A manifest lists the videos of a run: a text file (one entry per line: a YouTube id, a URL, a local path, or
+`video_id<whitespace>url`) or a Parquet file with columns `video_id` and `url`. Items are assigned to shards by a
+stable hash of the video id, so the assignment never depends on list order or on the machine. The geometry
+(number of shards, the manifest itself) is pinned in the run dir on first launch; a later launch with a different
+geometry is refused instead of silently re-sharding half-finished work.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .atomic import read_json, write_json, write_parquet
+from .errors import ConfigError
+
+YOUTUBE_ID = re.compile(r"^[A-Za-z0-9_-]{11}$")
+SAFE_ID = re.compile(r"[^A-Za-z0-9_.-]+")
+GEOMETRY_FILE = "geometry.json"
+MANIFEST_FILE = "manifest.parquet"
+
+
+@dataclass(frozen=True)
+class Item:
+    video_id: str
+    url: str
+    shard: int = -1
+
+
+def shard_of(video_id: str, num_shards: int) -> int:
+    """Stable across Python versions and machines (unlike hash())."""
+    digest = hashlib.sha1(video_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % num_shards
+
+
+def _youtube_id(url: str) -> str | None:
+    p = urlparse(url)
+    host = (p.hostname or "").lower()
+    if host.endswith("youtu.be"):
+        cand = p.path.lstrip("/").split("/")[0]
+        return cand if YOUTUBE_ID.match(cand) else None
+    if "youtube.com" in host:
+        if "v" in parse_qs(p.query):
+            cand = parse_qs(p.query)["v"][0]
+            return cand if YOUTUBE_ID.match(cand) else None
+        parts = [x for x in p.path.split("/") if x]
+        if len(parts) >= 2 and parts[0] in ("shorts", "embed", "live") and YOUTUBE_ID.match(parts[1]):
+            return parts[1]
+    return None
+
+
+def item_from_entry(entry: str) -> tuple[str, str]:
+    """Turn one manifest line into (video_id, url)."""
+    fields = entry.split()
+    if len(fields) >= 2:
+        return fields[0], fields[1]
+    entry = fields[0]
+    if YOUTUBE_ID.match(entry) and not Path(entry).exists():
+        return entry, f"https://www.youtube.com/watch?v={entry}"
+    yt = _youtube_id(entry)
+    if yt:
+        return yt, entry
+    # A local path or another URL: the id is the file's stem, made filesystem-safe.
+    stem = Path(urlparse(entry).path).stem or entry
+    vid = SAFE_ID.sub("_", stem).strip("_") or hashlib.sha1(entry.encode()).hexdigest()[:12]
+    return vid, entry
+
+
+def read_manifest(path: str | Path) -> list[Item]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"input manifest not found: {path}")
+    if path.is_dir():
+        raise ConfigError(f"input manifest is a directory, expected a .txt or .parquet file: {path}")
+    if path.suffix == ".parquet":
+        table = pq.read_table(path)
+        cols = set(table.column_names)
+        if not {"video_id", "url"} <= cols:
+            raise ConfigError(f"parquet manifest {path} needs columns video_id and url, has {sorted(cols)}")
+        pairs = list(zip(table.column("video_id").to_pylist(), table.column("url").to_pylist()))
+    else:
+        pairs = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            pairs.append(item_from_entry(line))
+    if not pairs:
+        raise ConfigError(f"input manifest {path} lists no videos")
+    seen: dict[str, str] = {}
+    for vid, url in pairs:
+        if SAFE_ID.search(vid):
+            raise ConfigError(f"video id {vid!r} in {path} has characters other than letters, digits, '-', '_', '.'")
+        if vid in seen and seen[vid] != url:
+            raise ConfigError(f"video id {vid!r} appears twice in {path} with different URLs")
+        seen[vid] = url
+    return [Item(v, u) for v, u in seen.items()]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    num_shards: int
+    num_items: int
+    manifest_sha1: str
+
+    def to_dict(self) -> dict:
+        return {"num_shards": self.num_shards, "num_items": self.num_items, "manifest_sha1": self.manifest_sha1,
+                "hash": "sha1(video_id)[:8] mod num_shards"}
+
+
+def _manifest_digest(items: list[Item]) -> str:
+    h = hashlib.sha1()
+    for it in sorted(items, key=lambda i: i.video_id):
+        h.update(f"{it.video_id}\t{it.url}\n".encode())
+    return h.hexdigest()
+
+
+def plan_geometry(run_dir: Path, input_path: str | None, num_shards: int | None,
+                  items_per_shard: int) -> tuple[Geometry, list[Item], bool]:
+    """Check (without writing) what geometry a launch will use. Returns (geometry, items, is_new)."""
+    pinned = read_json(run_dir / GEOMETRY_FILE)
+    if pinned is None:
+        if not input_path:
+            raise ConfigError(f"run_dir {run_dir} has no manifest yet: pass input=<manifest.txt|.parquet>")
+        items = read_manifest(input_path)
+        n = num_shards or max(1, math.ceil(len(items) / items_per_shard))
+        if n < 1:
+            raise ConfigError(f"num_shards must be >= 1, got {n}")
+        geo = Geometry(n, len(items), _manifest_digest(items))
+        return geo, [Item(i.video_id, i.url, shard_of(i.video_id, n)) for i in items], True
+
+    geo = Geometry(pinned["num_shards"], pinned["num_items"], pinned["manifest_sha1"])
+    if num_shards is not None and num_shards != geo.num_shards:
+        raise ConfigError(f"run_dir {run_dir} is pinned to num_shards={geo.num_shards}; refusing num_shards="
+                          f"{num_shards} (use a new run_dir to re-shard)")
+    if input_path:
+        new_items = read_manifest(input_path)
+        if _manifest_digest(new_items) != geo.manifest_sha1:
+            raise ConfigError(f"input {input_path} differs from the manifest pinned in {run_dir}; "
+                              "use a new run_dir for a different video list")
+    return geo, load_items(run_dir), False
+
+
+def pin_geometry(run_dir: Path, geo: Geometry, items: list[Item]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"video_id": [i.video_id for i in items], "url": [i.url for i in items],
+                      "shard": pa.array([i.shard for i in items], pa.int32())})
+    write_parquet(run_dir / MANIFEST_FILE, table)
+    write_json(run_dir / GEOMETRY_FILE, geo.to_dict())  # written last: its presence means the pin is complete
+
+
+def load_items(run_dir: Path, shard: int | None = None) -> list[Item]:
+    table = pq.read_table(run_dir / MANIFEST_FILE)
+    items = [Item(v, u, s) for v, u, s in zip(table.column("video_id").to_pylist(), table.column("url").to_pylist(),
+                                              table.column("shard").to_pylist())]
+    if shard is not None:
+        items = [i for i in items if i.shard == shard]
+    return sorted(items, key=lambda i: i.video_id)

@@ -1,0 +1,101 @@
+"""What is done, failed and pending, per stage: `python -m pipeline status run_dir=<dir>`."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .atomic import read_json, write_json
+from .manifest import GEOMETRY_FILE
+from .shards import FAILED, OK, SKIPPED, ShardStore, reason_category
+from .stages import STAGES
+
+
+@dataclass
+class StageStatus:
+    stage: str
+    shards_total: int
+    shards_done: int = 0
+    shards_failed: int = 0        # a task died on it (see its _FAILED) and it is not complete
+    shards_partial: int = 0       # has progress parts but no marker: running, or killed and resumable
+    items: Counter = field(default_factory=Counter)
+    reasons: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+    processed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def shards_pending(self) -> int:
+        return self.shards_total - self.shards_done - self.shards_failed - self.shards_partial
+
+    def to_dict(self) -> dict:
+        return {"stage": self.stage, "shards": {"total": self.shards_total, "done": self.shards_done,
+                                                "failed": self.shards_failed, "partial": self.shards_partial,
+                                                "pending": self.shards_pending},
+                "items": dict(self.items), "failure_reasons": dict(self.reasons.most_common()),
+                "seconds": self.seconds, "processed": self.processed, **self.extra}
+
+
+def stage_status(run_dir: Path, stage: str, num_shards: int) -> StageStatus:
+    st = StageStatus(stage, num_shards)
+    busy, n_busy = 0.0, 0
+    for shard in range(num_shards):
+        store = ShardStore(run_dir, stage, shard)
+        if store.is_complete():
+            st.shards_done += 1
+            ledger = store.read_ledger()
+            stats = store.stats()
+            st.seconds += float(stats.get("seconds", 0.0))
+            st.processed += int(stats.get("processed", 0))
+            if "model_busy_fraction" in stats:
+                busy += float(stats["model_busy_fraction"])
+                n_busy += 1
+        else:
+            ledger, _ = store.read_parts() if store.parts_dir.exists() else ([], {})
+            if store.failure() is not None:
+                st.shards_failed += 1
+            elif ledger:
+                st.shards_partial += 1
+        for row in ledger:
+            st.items[row["status"]] += 1
+            if row["status"] in (FAILED, SKIPPED):
+                st.reasons[f"{row['status']}: {reason_category(row['reason'])}"] += 1
+    if st.processed and st.seconds:
+        st.extra["items_per_s"] = st.processed / st.seconds
+    if n_busy:
+        st.extra["model_busy_fraction"] = busy / n_busy
+    return st
+
+
+def run_status(run_dir: str | Path) -> list[StageStatus]:
+    run_dir = Path(run_dir)
+    geo = read_json(run_dir / GEOMETRY_FILE)
+    if geo is None:
+        return []
+    n = int(geo["num_shards"])
+    names = [s for s in STAGES if (run_dir / s).is_dir()]
+    return [stage_status(run_dir, s, n) for s in names]
+
+
+def write_summary(run_dir: str | Path, stage: str) -> dict:
+    """Per-shard stats merged into <stage>/summary.json."""
+    run_dir = Path(run_dir)
+    geo = read_json(run_dir / GEOMETRY_FILE)
+    summary = stage_status(run_dir, stage, int(geo["num_shards"])).to_dict()
+    write_json(run_dir / stage / "summary.json", summary)
+    return summary
+
+
+def format_status(run_dir: str | Path, statuses: list[StageStatus]) -> str:
+    if not statuses:
+        return f"{run_dir}: no run here yet (no geometry.json)"
+    geo = read_json(Path(run_dir) / GEOMETRY_FILE)
+    lines = [f"run {run_dir}: {geo['num_items']} videos in {geo['num_shards']} shards", "",
+             f"{'stage':<12} {'shards done/failed/partial/pending':<36} {'items ok':>9} {'failed':>7} "
+             f"{'skipped':>8}  top reasons"]
+    for st in statuses:
+        shards = f"{st.shards_done}/{st.shards_failed}/{st.shards_partial}/{st.shards_pending} of {st.shards_total}"
+        reasons = ", ".join(f"{r} x{c}" for r, c in st.reasons.most_common(3)) or "-"
+        lines.append(f"{st.stage:<12} {shards:<36} {st.items.get(OK, 0):>9} {st.items.get(FAILED, 0):>7} "
+                     f"{st.items.get(SKIPPED, 0):>8}  {reasons}")
+    return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""Shared fixtures: repo paths, the shared sample media, a local HTTP media server, CLI runner."""
+from __future__ import annotations
+
+import http.server
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MEDIA = REPO.parent / "shared" / "media"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helper modules (slurm_cluster, ...)
+
+try:
+    from slurm_cluster import slurm_cluster  # noqa: E402,F401  (session fixture: a real local Slurm)
+except ImportError:  # pragma: no cover - only while the fixture module is absent
+    pass
+
+
+@pytest.fixture(scope="session")
+def shared_media() -> Path:
+    if not SHARED_MEDIA.is_dir():
+        pytest.fail(f"sample media not found at {SHARED_MEDIA}")
+    return SHARED_MEDIA
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache for tiny models per test session (they are built once, like a user's ~/.cache)."""
+    path = os.environ.get("VPT_TEST_CACHE_DIR")
+    return Path(path) if path else tmp_path_factory.mktemp("model-cache")
+
+
+class _MediaHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a directory; /slow/<file> stalls before answering, /status/<code> answers that code."""
+
+    slow_seconds = 5.0
+
+    def log_message(self, *args) -> None:  # keep pytest output clean
+        pass
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/slow/"):
+            time.sleep(self.slow_seconds)
+            self.path = self.path[len("/slow"):]
+        elif self.path.startswith("/status/"):
+            code = int(self.path.split("/")[2].split(".")[0])
+            self.send_response(code)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        super().do_GET()
+
+    do_HEAD = do_GET
+
+
+class MediaServer:
+    def __init__(self, root: Path):
+        handler = lambda *a, **kw: _MediaHandler(*a, directory=str(root), **kw)  # noqa: E731
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def url(self, path: str) -> str:
+        return f"{self.base}/{path.lstrip('/')}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def media_server(tmp_path_factory, shared_media):
+    """Real HTTP on 127.0.0.1 serving copies of the sample videos (v0.mp4 ... v9.mp4)."""
+    root = tmp_path_factory.mktemp("www")
+    sources = [shared_media / n for n in ("counter.mp4", "fades.mp4", "delayed_start.mp4")]
+    for i in range(10):
+        (root / f"v{i}.mp4").write_bytes(sources[i % len(sources)].read_bytes())
+    server = MediaServer(root)
+    yield server
+    server.close()
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, check: bool = True,
+            module: str = "pipeline") -> subprocess.CompletedProcess:
+    """Run `python -m pipeline ...` as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"python -m {module} {' '.join(args)} -> {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+    return proc

@@ -1,0 +1,129 @@
+"""Engine units: manifests, stable sharding, geometry pinning, config validation, ledger/parts/finalize."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from conftest import run_cli
+
+from pipeline.errors import ConfigError
+from pipeline.manifest import item_from_entry, pin_geometry, plan_geometry, read_manifest, shard_of
+from pipeline.shards import ShardStore, dedupe_sorted
+
+
+def test_manifest_entries(tmp_path):
+    assert item_from_entry("dQw4w9WgXcQ") == ("dQw4w9WgXcQ", "https://www.youtube.com/watch?v=dQw4w9WgXcQ")
+    assert item_from_entry("https://www.youtube.com/watch?v=dQw4w9WgXcQ&t=3")[0] == "dQw4w9WgXcQ"
+    assert item_from_entry("https://youtu.be/dQw4w9WgXcQ")[0] == "dQw4w9WgXcQ"
+    assert item_from_entry("https://www.youtube.com/shorts/dQw4w9WgXcQ")[0] == "dQw4w9WgXcQ"
+    assert item_from_entry("http://127.0.0.1:8000/v/clip-1.mp4") == ("clip-1", "http://127.0.0.1:8000/v/clip-1.mp4")
+    assert item_from_entry("myid /data/x.mp4") == ("myid", "/data/x.mp4")
+    m = tmp_path / "m.txt"
+    m.write_text("# comment\n\na1 /x/1.mp4\na2 /x/2.mp4\na1 /x/1.mp4\n")
+    assert [i.video_id for i in read_manifest(m)] == ["a1", "a2"]  # exact duplicates collapse
+    m.write_text("a1 /x/1.mp4\na1 /x/other.mp4\n")
+    with pytest.raises(ConfigError, match="twice"):
+        read_manifest(m)
+    m.write_text("\n# nothing\n")
+    with pytest.raises(ConfigError, match="no videos"):
+        read_manifest(m)
+
+
+def test_parquet_manifest(tmp_path):
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"video_id": ["a", "b"], "url": ["/a.mp4", "/b.mp4"]}), p)
+    assert [(i.video_id, i.url) for i in read_manifest(p)] == [("a", "/a.mp4"), ("b", "/b.mp4")]
+    pq.write_table(pa.table({"id": ["a"]}), p)
+    with pytest.raises(ConfigError, match="columns"):
+        read_manifest(p)
+
+
+def test_shard_of_is_stable_and_spread():
+    # Pinned values: sharding must never change between versions, or half-finished runs would be re-sharded.
+    assert [shard_of(v, 7) for v in ("a", "b", "dQw4w9WgXcQ")] == [shard_of(v, 7) for v in ("a", "b", "dQw4w9WgXcQ")]
+    import hashlib
+
+    assert shard_of("abc", 1000) == int.from_bytes(hashlib.sha1(b"abc").digest()[:8], "big") % 1000
+    counts = [0] * 8
+    for i in range(4000):
+        counts[shard_of(f"video{i}", 8)] += 1
+    assert min(counts) > 400 and max(counts) < 600
+
+
+def test_geometry_is_pinned(tmp_path):
+    m = tmp_path / "m.txt"
+    m.write_text("".join(f"v{i} /x/{i}.mp4\n" for i in range(10)))
+    run = tmp_path / "run"
+    geo, items, new = plan_geometry(run, str(m), None, items_per_shard=4)
+    assert new and geo.num_shards == 3 and not run.exists()  # planning writes nothing
+    pin_geometry(run, geo, items)
+    geo2, items2, new2 = plan_geometry(run, None, None, 4)
+    assert not new2 and geo2 == geo and sorted(i.video_id for i in items2) == sorted(i.video_id for i in items)
+    assert all(i.shard == shard_of(i.video_id, 3) for i in items2)
+    with pytest.raises(ConfigError, match="pinned to num_shards=3"):
+        plan_geometry(run, None, 5, 4)
+    m2 = tmp_path / "m2.txt"
+    m2.write_text("other /x/o.mp4\n")
+    with pytest.raises(ConfigError, match="differs"):
+        plan_geometry(run, str(m2), None, 4)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["stage=nope"], "unknown stage 'nope'"),
+    (["stage=download", "bogus_key=1"], "unknown config key 'bogus_key'"),
+    (["stage=download", "stage.not_a_knob=1"], "unknown config key 'stage.not_a_knob'"),
+    (["stage=download", "stage.retries=many"], "retries"),
+    (["stage=download", "num_shards=zero"], "num_shards"),
+    (["stage=download", "input=/definitely/missing.txt"], "input manifest not found"),
+    (["stage=download", "launcher=pbs"], "unknown launcher 'pbs'"),
+    (["stage=download", "models=huge"], "models must be"),
+    (["stage=frames"], "needs the outputs of download"),
+])
+def test_bad_config_fails_fast_and_writes_nothing(tmp_path, args, message):
+    m = tmp_path / "m.txt"
+    m.write_text("a /x/a.mp4\n")
+    run = tmp_path / "run"
+    extra = [] if any(a.startswith("input=") for a in args) else [f"input={m}"]
+    if args == ["stage=nope"]:
+        extra = []
+    proc = run_cli(*args, f"run_dir={run}", *extra, check=False, timeout=120)
+    if "frames" in args[0] and "unknown stage" in proc.stderr:
+        pytest.skip("frames stage not present")
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not run.exists()
+
+
+def test_status_and_help(tmp_path):
+    proc = run_cli("--help", timeout=60)
+    assert "stage=<name>" in proc.stdout and "download" in proc.stdout
+    proc = run_cli("status", f"run_dir={tmp_path / 'missing'}", check=False, timeout=60)
+    assert proc.returncode == 2 and "run_dir not found" in proc.stderr
+
+
+def test_parts_finalize_and_dedupe(tmp_path):
+    store = ShardStore(tmp_path, "toy", 0)
+    row = lambda v, s="ok": {"video_id": v, "status": s, "reason": "", "attempts": 1, "seconds": 0.1, "note": ""}  # noqa: E731
+    store.write_part([row("b"), row("a")], {"t": pa.table({"video_id": ["b", "a"], "k": [1, 1], "x": [2.0, 1.0]})})
+    store.write_part([row("c", "failed")], {})
+    # A torn part (outputs without their ledger) must be ignored: the ledger is written last.
+    pa_path = store.parts_dir / "part-000099.t.parquet"
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"video_id": ["z"], "k": [1], "x": [9.0]}), pa_path)
+    ledger, tables = store.read_parts()
+    assert sorted(r["video_id"] for r in ledger) == ["a", "b", "c"]
+    assert sum(t.num_rows for t in tables["t"]) == 2
+    t = dedupe_sorted(pa.concat_tables(tables["t"] + [pa.table({"video_id": ["a"], "k": [1], "x": [5.0]})]),
+                      ["video_id", "k"])
+    assert t.column("video_id").to_pylist() == ["a", "b"] and t.column("x").to_pylist() == [5.0, 2.0]
+    store.finalize(ledger, {"t": t}, {"seconds": 1}, {"stage": "toy"})
+    assert store.is_complete() and not store.parts_dir.exists()
+    stats = json.loads((store.dir / "stats.json").read_text())
+    assert (stats["ok"], stats["failed"], stats["items"]) == (2, 1, 3)
+    assert [r["video_id"] for r in store.read_ledger()] == ["a", "b", "c"]
