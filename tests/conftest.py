@@ -60,6 +60,7 @@ class _MediaHandler(http.server.SimpleHTTPRequestHandler):
 
 class MediaServer:
     def __init__(self, root: Path):
+        self.root = root
         handler = lambda *a, **kw: _MediaHandler(*a, directory=str(root), **kw)  # noqa: E731
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True

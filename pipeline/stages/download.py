@@ -27,7 +27,7 @@ REASONS = [
     (r"HTTP Error 429|Too Many Requests", "rate_limited"),
     (r"HTTP Error 5\d\d", "server_error"),
     (r"[Pp]rivate video", "private"),
-    (r"not available in your country|geo.?restrict|blocked it in your country", "geo_blocked"),
+    (r"available in your country|geo.?restrict|blocked it in your country", "geo_blocked"),
     (r"[Ss]ign in to confirm your age|age.?restrict", "age_restricted"),
     (r"[Vv]ideo unavailable|is unavailable|has been removed|account .* terminated", "unavailable"),
     (r"timed out|[Tt]imeout", "timeout"),
