@@ -99,6 +99,8 @@ def run_stage(overrides: list[str]) -> int:
     if not result.waited:
         return 0
     write_summary(run_dir, stage_cls.name)
+    if result.ok and all(ShardStore(run_dir, stage_cls.name, s).is_complete() for s in range(geo.num_shards)):
+        stage_cls.finish(cfg)
     print(format_status(run_dir, [stage_status(run_dir, stage_cls.name, geo.num_shards)]))
     for shard, err in sorted(result.failed_shards.items()):
         print(f"shard {shard} did not complete: {err} (log: {run_dir / stage_cls.name / 'logs'})", file=sys.stderr)

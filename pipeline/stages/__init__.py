@@ -14,6 +14,7 @@ STAGES: dict[str, str] = {
     "clip": "pipeline.stages.clip",
     "audio": "pipeline.stages.audio",
     "scenegraph": "pipeline.stages.scenegraph",
+    "ingest": "pipeline.stages.ingest",
 }
 
 

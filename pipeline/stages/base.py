@@ -113,3 +113,7 @@ class Stage:
 
     def close(self) -> None:
         pass
+
+    @classmethod
+    def finish(cls, cfg: Any) -> None:
+        """Runs once after every shard of the stage is complete (e.g. ingest's single Deep Lake writer)."""
