@@ -14,6 +14,7 @@ usage:
   python -m pipeline stage=<name> run_dir=<dir> [input=<manifest>] [launcher=local|slurm]
                      [cluster=generic|a40|a100] [models=real|tiny] [retry_failed=true] [<key>=<value> ...]
   python -m pipeline status run_dir=<dir>        what is done / failed / pending per stage
+  python -m pipeline verify run_dir=<dir>        check the alignment of every ingested row (exit 1 on violations)
   python -m pipeline help                        this text
 
 Stages (in pipeline order): {stages}
@@ -120,7 +121,13 @@ def show_status(overrides: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"status": show_status}
+def verify(overrides: list[str]) -> int:
+    from .verify import cli
+
+    return cli(overrides)
+
+
+COMMANDS = {"status": show_status, "verify": verify}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,303 @@
+"""Ingest and loader benchmark: `python -m benchmarks.ingest_bench [--videos N] [--out DIR] [--report PATH]`.
+
+Builds realistic upstream stage outputs (the engine's own shard layout: download, frames, asr, clip, audio,
+scenegraph), then measures
+- ingest: the per-shard join + verifier, and the Deep Lake write (rows/s) next to writing the same rows to
+  Parquet with pyarrow;
+- loader: samples/s and file opens per sample (strace -f -c, when installed) for a shuffled epoch (block
+  shuffle) vs a sequential scan, plus naive random `ds[i]` row reads for comparison.
+`make_upstream` is also what the tests build their runs with.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _jpeg(seed: int, size: int) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
+def make_upstream(run_dir: str | Path, n_videos: int = 6, num_shards: int = 2, seconds: float = 24.0,
+                  fps: float = 1.0, d_clip: int = 16, d_audio: int = 32, image_size: int = 16,
+                  no_speech_every: int = 3, seed: int = 0) -> Path:
+    """Upstream outputs of `n_videos` videos in `run_dir` (pinned geometry + complete shards of every stage).
+
+    Video k: frames every 1/fps s from PTS 0.25; every `no_speech_every`-th video has no speech (windows);
+    the others have ASR segments with gaps, one of them too short to contain a frame (-> nearest frame).
+    Embeddings are random but fixed by `seed`.
+    """
+    from pipeline.manifest import Geometry, Item, pin_geometry, shard_of
+    from pipeline.shards import ShardStore
+    from pipeline.stages.asr import AsrStage
+    from pipeline.stages.audio import AUDIO_SCHEMA, plan_spans
+
+    run_dir = Path(run_dir)
+    rng = np.random.default_rng(seed)
+    items = [Item(f"vid{k:04d}", f"/media/vid{k:04d}.mp4", shard_of(f"vid{k:04d}", num_shards))
+             for k in range(n_videos)]
+    pin_geometry(run_dir, Geometry(num_shards, n_videos, f"synthetic-{seed}-{n_videos}"), items)
+    images = [_jpeg(seed * 1000 + i, image_size) for i in range(8)]
+    clip_type = pa.list_(pa.float16())
+    for shard in range(num_shards):
+        vids = sorted(i.video_id for i in items if i.shard == shard)
+        t: dict[str, dict[str, list[dict]]] = {s: {} for s in ("download", "frames", "asr", "clip", "audio",
+                                                              "scenegraph")}
+        for vid in vids:
+            k = int(vid[3:])
+            t["download"].setdefault("videos", []).append(
+                {"video_id": vid, "path": f"/media/{vid}.mp4", "duration": seconds + 0.02})
+            pts = [round(0.25 + n / fps, 6) for n in range(int((seconds - 0.25) * fps))]
+            for n, p in enumerate(pts):
+                t["frames"].setdefault("frames", []).append(
+                    {"video_id": vid, "frame_idx": n, "pts": p, "shot": n // 5, "kind": "cut" if n % 5 == 0
+                     else "uniform", "jpeg": images[(k + n) % len(images)], "width": image_size,
+                     "height": image_size})
+                t["clip"].setdefault("clip", []).append(
+                    {"video_id": vid, "frame_idx": n, "pts": p, "model": "ViT-B-32/tiny",
+                     "embedding": rng.standard_normal(d_clip).astype(np.float16)})
+                t["scenegraph"].setdefault("scenegraph", []).append(
+                    {"video_id": vid, "frame_idx": n, "pts": p,
+                     "objects": [{"label": "cup", "score": 0.9, "box": [0.0, 0.0, 1.0, 1.0]}], "relations": [],
+                     "text": f"cup {vid} {n}"})
+            t["frames"].setdefault("videos", []).append(
+                {"video_id": vid, "duration": seconds, "n_frames": len(pts), "first_pts": pts[0]})
+            speech = no_speech_every <= 0 or k % no_speech_every != no_speech_every - 1
+            segments = []
+            if speech:
+                s, idx = 0.4, 0
+                while s < seconds - 2.0:
+                    length = 0.4 if idx == 2 else float(rng.uniform(1.5, 4.0))   # #2 holds no frame
+                    if idx == 2:
+                        s = float(np.floor(s)) + 0.5                              # between frames .25 and 1.25
+                    e = min(s + length, seconds - 0.5)
+                    segments.append({"video_id": vid, "segment_idx": idx, "start": s, "end": e,
+                                     "text": f"{vid} words of segment {idx}",
+                                     "words": [{"word": f"w{idx}", "start": s, "end": e, "probability": 0.9}],
+                                     "no_speech_prob": 0.01, "avg_logprob": -0.2, "language": "en",
+                                     "language_probability": 0.99})
+                    s, idx = e + float(rng.uniform(0.0, 0.6)), idx + 1
+            t["asr"].setdefault("segments", []).extend(segments)
+            t["asr"].setdefault("videos", []).append(
+                {"video_id": vid, "language": "en", "language_probability": 0.99, "n_segments": len(segments),
+                 "has_speech": bool(segments), "duration": seconds})
+            for span in plan_spans(segments, seconds, 10.0):
+                t["audio"].setdefault("audio", []).append(
+                    {"video_id": vid, "segment_idx": span.segment_idx, "start": span.start, "end": span.end,
+                     "source": span.source, "model_seconds": span.end - span.start,
+                     "embedding": rng.standard_normal(d_audio).astype(np.float16),
+                     "labels": ["Speech", "Music"], "scores": [0.8, 0.1]})
+        schemas = {("asr", "segments"): AsrStage.schemas["segments"], ("asr", "videos"): AsrStage.schemas["videos"],
+                   ("audio", "audio"): AUDIO_SCHEMA}
+        for stage, tables in t.items():
+            arrow = {}
+            for name, rows in tables.items():
+                if (stage, name) in schemas:
+                    arrow[name] = pa.Table.from_pylist(rows, schema=schemas[(stage, name)])
+                else:
+                    if stage == "clip":   # list<halffloat>, as the clip stage writes it
+                        emb = pa.array([r["embedding"] for r in rows], type=clip_type)
+                        tab = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "embedding"} for r in rows])
+                        arrow[name] = tab.append_column("embedding", emb)
+                    else:
+                        arrow[name] = pa.Table.from_pylist(rows)
+            ledger = [{"video_id": v, "status": "ok", "reason": "", "attempts": 1, "seconds": 0.1, "note": ""}
+                      for v in vids]
+            ShardStore(run_dir, stage, shard).finalize(ledger, arrow, {}, {"stage": stage, "shard": shard,
+                                                                          "config_hash": f"{stage}-cfg"})
+    return run_dir
+
+
+def ingest_config(run_dir: Path, *overrides: str):
+    from pipeline.config import compose
+
+    return compose(["stage=ingest", f"run_dir={run_dir}", "models=tiny", *overrides])
+
+
+def run_ingest_shards(cfg) -> float:
+    """Join + verify every shard in this process (the engine's run_shard); returns seconds."""
+    from pipeline.engine import run_shard
+    from pipeline.manifest import load_items
+
+    t0 = time.perf_counter()
+    for shard in sorted({i.shard for i in load_items(Path(cfg.run_dir))}):
+        run_shard(cfg, shard)
+    return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+
+def _strace_opens(code: str, env: dict) -> dict | None:
+    """Run `python -c code` under strace -f -c; returns syscall counts (openat/open/statx/read) or None."""
+    if shutil.which("strace") is None:
+        return None
+    out = subprocess.run(["strace", "-f", "-c", "-e", "trace=openat,open,read,pread64,statx,newfstatat",
+                          sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    counts = {}
+    for line in out.stderr.splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and parts[-1] in ("openat", "open", "read", "pread64", "statx", "newfstatat"):
+            counts[parts[-1]] = int(parts[3]) if len(parts) >= 6 else int(parts[3])
+    result = json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else {}
+    return {"syscalls": counts, **result}
+
+
+LOADER_CODE = """
+import json, time, sys
+from pipeline.loader import DeepLakeSource, LoaderConfig
+mode, url, n = sys.argv[1] if len(sys.argv) > 1 else '{mode}', '{url}', 0
+cfg = LoaderConfig(batch_size=32, block_rows={block}, shuffle_buffer_rows={buffer}, max_frames=8,
+                   split_fractions=(1.0, 0.0, 0.0), shuffle={shuffle})
+src = DeepLakeSource('{url}', cfg, split='train')
+import torch; torch.zeros(1)   # torch's lazy init is not the loader's cost
+if {baseline}:
+    print(json.dumps({{'samples': 0, 'seconds': 0.0}})); sys.exit(0)
+t0 = time.perf_counter()
+for b in src.batches(0):
+    n += len(b['video_id'])
+print(json.dumps({{'samples': n, 'seconds': time.perf_counter() - t0}}))
+"""
+
+NAIVE_CODE = """
+import json, time, random, deeplake
+from pipeline.loader import DeepLakeSource, LoaderConfig   # same imports as the loader runs
+ds = deeplake.open_read_only('{url}')
+idx = list(range(len(ds))); random.Random(0).shuffle(idx); idx = idx[:{n}]
+t0 = time.perf_counter()
+for i in idx:
+    row = ds[i]; row['clip']; row['audio']; row['text']; row['frame_pts']
+print(json.dumps({{'samples': len(idx), 'seconds': time.perf_counter() - t0}}))
+"""
+
+def _reads(r: dict) -> int:
+    return r["syscalls"].get("read", 0) + r["syscalls"].get("pread64", 0)
+
+
+def measure_loader(url: str, rows: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # baseline: imports, opening the dataset and reading the split index, no epoch
+    base = _strace_opens(LOADER_CODE.format(mode="base", url=url, block=64, buffer=64, shuffle=False,
+                                            baseline=True), env)
+    results = {}
+    cases = {
+        "sequential scan": LOADER_CODE.format(mode="seq", url=url, block=256, buffer=256, shuffle=False,
+                                              baseline=False),
+        "shuffled epoch (block shuffle)": LOADER_CODE.format(mode="shuf", url=url, block=64, buffer=1024,
+                                                             shuffle=True, baseline=False),
+        "random ds[i] rows (naive)": NAIVE_CODE.format(url=url, n=min(rows, 500)),
+    }
+    for name, code in cases.items():
+        r = _strace_opens(code, env)
+        if r is None:   # no strace: time only
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+            r = {"syscalls": {}, **json.loads(out.stdout.strip().splitlines()[-1])}
+        # timings without strace overhead
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+        timed = json.loads(out.stdout.strip().splitlines()[-1])
+        opens = r["syscalls"].get("openat", 0) + r["syscalls"].get("open", 0)
+        base_opens = (base or {}).get("syscalls", {}).get("openat", 0) if base else 0
+        n = max(1, r["samples"])
+        results[name] = {"samples": timed["samples"], "samples_per_s": timed["samples"] / max(timed["seconds"], 1e-9),
+                         "opens_per_sample": (opens - base_opens) / n if base else None,
+                         "reads_per_sample": (_reads(r) - _reads(base)) / n if base else None}
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--videos", type=int, default=120)
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--fps", type=float, default=1.0)
+    ap.add_argument("--d-clip", type=int, default=512)
+    ap.add_argument("--d-audio", type=int, default=2048)
+    ap.add_argument("--image-size", type=int, default=96)
+    ap.add_argument("--out", default="/tmp/ingest-bench")
+    ap.add_argument("--report", default=str(REPO / "benchmarks" / "results" / "ingest.md"))
+    args = ap.parse_args(argv)
+    import pyarrow.parquet as pq
+
+    from pipeline.schema import TABLE
+    from pipeline.shards import ShardStore, concat_tables
+    from pipeline.stages.ingest import write_dataset
+
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    make_upstream(out, args.videos, args.shards, args.seconds, args.fps, args.d_clip, args.d_audio,
+                  args.image_size, no_speech_every=5)
+    build_s = time.perf_counter() - t0
+    cfg = ingest_config(out, "stage.shards_per_commit=2")
+    join_s = run_ingest_shards(cfg)
+    table = concat_tables(ShardStore(out, "ingest", s).read_table(TABLE) for s in range(args.shards))
+    rows, mb = table.num_rows, table.nbytes / 2**20
+    t0 = time.perf_counter()
+    pq.write_table(table, out / "same_rows.parquet", compression="zstd")
+    parquet_s = time.perf_counter() - t0
+    res = write_dataset(cfg, log=lambda s: None)
+    url = res["dataset"]
+    loader = measure_loader(url, rows)
+    import multiprocessing
+
+    machine = f"{platform.node()}: {platform.processor() or platform.machine()}, {multiprocessing.cpu_count()} cores, " \
+              f"Python {platform.python_version()}, deeplake {__import__('deeplake').__version__}, " \
+              f"pyarrow {pa.__version__}, local disk"
+    lines = [
+        "# Ingest and loader benchmark", "",
+        f"Machine: {machine}. Command: `python -m benchmarks.ingest_bench --videos {args.videos} "
+        f"--shards {args.shards} --seconds {args.seconds}`.", "",
+        f"Data: {args.videos} videos x {args.seconds:.0f} s, frames at {args.fps} fps ({args.image_size}px JPEG), "
+        f"CLIP {args.d_clip}-d fp16, audio {args.d_audio}-d fp16 -> {rows} rows, {mb:.1f} MiB in Arrow "
+        f"(upstream built in {build_s:.1f} s).", "",
+        "## Ingest", "",
+        "| step | seconds | rows/s |", "|---|---|---|",
+        f"| join + verify (engine, all shards) | {join_s:.2f} | {rows / join_s:.0f} |",
+        f"| Deep Lake write ({res['commits']} commits, batched appends) | {res['seconds']:.2f} | "
+        f"{rows / res['seconds']:.0f} |",
+        f"| same rows -> one Parquet file (pyarrow, zstd) | {parquet_s:.2f} | {rows / parquet_s:.0f} |", "",
+        "## Loader (one epoch of the train split, batch 32)", "",
+        "File opens per sample come from `strace -f -c` (openat of the whole process, minus the opens of a process"
+        " that only imports and opens the dataset).", "",
+        "| read pattern | samples | samples/s | opens/sample | read syscalls/sample |", "|---|---|---|---|---|",
+    ]
+    for name, r in loader.items():
+        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(f"| {name} | {r['samples']} | {r['samples_per_s']:.0f} | {fmt(r['opens_per_sample'])} | "
+                     f"{fmt(r['reads_per_sample'])} |")
+    lines += ["", "Shuffled epoch = blocks of 64 contiguous rows read with column slices, in a random block order,"
+              " mixed in a 1,024-row in-memory shuffle buffer (`pipeline/loader.py`); sequential = blocks of 256"
+              " in order, no buffer. Naive = `ds[i]` per row in random order (500 rows).", "",
+              "Notes: the join step runs inside the engine (upstream Parquet read by key, parts flushed with fsync"
+              " every `flush_every` videos, final packed outputs); its wall time on this VM is mostly waiting on"
+              " fsync (the process's CPU time is a fraction of it). Rows average "
+              f"{mb * 2**20 / max(rows, 1) / 1024:.0f} KiB (JPEGs + 2048-d audio + CLIP), so the Deep Lake write is"
+              f" {mb / res['seconds']:.1f} MiB/s vs {mb / parquet_s:.1f} MiB/s for the single Parquet file;"
+              " Deep Lake's cost buys versioned commits, crash-safe appends and chunked column reads."]
+    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.report).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Keyed join of one video's stage outputs into rows of `pipeline.schema.ROW_SCHEMA` (one per segment).
+
+Every pairing is by explicit keys, never by list order:
+- segments: the ASR segments (video_id, segment_idx); a video without speech gets consecutive `window_s`
+  windows over its duration (segment_idx 0, 1, ... -- the same rule the audio stage uses for its spans), marked
+  is_speech=False, when `keep_no_speech` is on;
+- frames -> segment by PTS: a frame belongs to a segment when start - frame_tolerance_s <= pts < end
+  (a frame within the tolerance of a boundary may belong to both neighbours); a segment with no frame inside
+  gets the nearest frame within `nearest_frame_tolerance_s` (flag "nearest_frame"), else none (flag
+  "no_frames"; the row is kept or dropped per `keep_no_frames`);
+- CLIP and scene graphs by (video_id, frame_idx); audio by (video_id, segment_idx);
+- prev_text: the texts of the `prev_segments` speech segments directly before this one (by segment_idx),
+  never the segment's own text.
+Whether the joined modalities actually agree (spans, PTS, frame sets) is the verifier's job (`pipeline.verify`).
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .schema import FLAG_NEAREST, FLAG_NO_AUDIO, FLAG_NO_CLIP, FLAG_NO_FRAMES
+
+MIN_TAIL_S = 1.0   # as in the audio stage: a shorter remainder after the last full window joins that window
+
+
+@dataclass
+class JoinParams:
+    window_s: float = 10.0
+    keep_no_speech: bool = True
+    frame_tolerance_s: float = 0.001
+    nearest_frame_tolerance_s: float = 2.0
+    keep_no_frames: bool = True
+    prev_segments: int = 1
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "JoinParams":
+        return cls(**{k: type(v)(cfg[k] if isinstance(cfg, dict) else getattr(cfg, k))
+                      for k, v in cls().__dict__.items()})
+
+
+def windows(duration: float, window_s: float) -> list[tuple[int, float, float]]:
+    """(segment_idx, start, end) windows covering [0, duration): the audio stage's `plan_spans` rule."""
+    if duration <= 0:
+        return []
+    n = max(1, math.ceil(duration / window_s - 1e-9))
+    if n > 1 and duration - (n - 1) * window_s < MIN_TAIL_S:
+        n -= 1
+    return [(i, i * window_s, duration if i == n - 1 else (i + 1) * window_s) for i in range(n)]
+
+
+def video_duration(inputs: dict[str, dict[str, list[dict]]]) -> float:
+    """The decoded-audio duration (what ASR and audio windows are measured on), else the container's."""
+    for stage in ("asr", "download", "frames"):
+        rows = inputs.get(stage, {}).get("videos", [])
+        if rows and rows[0].get("duration") is not None:
+            return float(rows[0]["duration"])
+    return 0.0
+
+
+def plan_segments(inputs: dict[str, dict[str, list[dict]]], params: JoinParams) -> list[dict]:
+    """The spans of a video's rows: its ASR segments, or windows when it has none."""
+    segments = sorted(inputs.get("asr", {}).get("segments", []), key=lambda s: int(s["segment_idx"]))
+    if segments:
+        return [{"segment_idx": int(s["segment_idx"]), "start": float(s["start"]), "end": float(s["end"]),
+                 "is_speech": True, "text": s.get("text") or "", "words": s.get("words") or []} for s in segments]
+    if not params.keep_no_speech:
+        return []
+    return [{"segment_idx": i, "start": a, "end": b, "is_speech": False, "text": "", "words": []}
+            for i, a, b in windows(video_duration(inputs), params.window_s)]
+
+
+def frames_of_span(frames: list[dict], pts: list[float], start: float, end: float,
+                   params: JoinParams) -> tuple[list[dict], str | None]:
+    """Frames (sorted by pts) inside [start - tol, end), or the nearest within tolerance, and the flag."""
+    lo = bisect.bisect_left(pts, start - params.frame_tolerance_s)
+    hi = bisect.bisect_left(pts, end)
+    if hi > lo:
+        return frames[lo:hi], None
+    best, dist = None, math.inf
+    for k in (lo - 1, lo):                       # the frames just before and just after the span
+        if 0 <= k < len(frames):
+            d = start - pts[k] if pts[k] < start else pts[k] - end
+            if d < dist:
+                best, dist = frames[k], d
+    if best is not None and dist <= params.nearest_frame_tolerance_s:
+        return [best], FLAG_NEAREST
+    return [], FLAG_NO_FRAMES
+
+
+def _embedding(value: Any):
+    """An embedding cell as a float16 vector: list<halffloat>/list<float> cells, or binary holding fp16."""
+    import numpy as np
+
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return np.frombuffer(value, dtype=np.float16)
+    return np.asarray(value, dtype=np.float16)
+
+
+def join_video(video_id: str, inputs: dict[str, dict[str, list[dict]]], params: JoinParams,
+               shard: int, provenance: dict[str, Any]) -> tuple[list[dict], list[int]]:
+    """Rows of one video (sorted by segment_idx) and the segment_idx of rows dropped for want of frames."""
+    frames = sorted(inputs.get("frames", {}).get("frames", []), key=lambda f: (float(f["pts"]), int(f["frame_idx"])))
+    pts = [float(f["pts"]) for f in frames]
+    clip_by_frame = {int(r["frame_idx"]): r for r in inputs.get("clip", {}).get("clip", [])}
+    scene_by_frame = {int(r["frame_idx"]): r for r in inputs.get("scenegraph", {}).get("scenegraph", [])}
+    audio_by_segment = {int(r["segment_idx"]): r for r in inputs.get("audio", {}).get("audio", [])}
+    clip_models = sorted({str(r.get("model")) for r in clip_by_frame.values() if r.get("model")})
+    prov = json.dumps({**provenance, "clip_model": ",".join(clip_models)}, sort_keys=True)
+
+    segments = plan_segments(inputs, params)
+    speech_texts: list[tuple[int, str]] = [(s["segment_idx"], s["text"]) for s in segments if s["is_speech"]]
+    speech_pos = {idx: n for n, (idx, _) in enumerate(speech_texts)}
+    rows, dropped = [], []
+    for seg in segments:
+        idx, start, end = seg["segment_idx"], seg["start"], seg["end"]
+        flags: list[str] = []
+        chosen, flag = frames_of_span(frames, pts, start, end, params)
+        if flag:
+            flags.append(flag)
+        if flag == FLAG_NO_FRAMES and not params.keep_no_frames:
+            dropped.append(idx)
+            continue
+        prev = ""
+        if seg["is_speech"] and params.prev_segments > 0:
+            n = speech_pos[idx]
+            prev = " ".join(t for _, t in speech_texts[max(0, n - params.prev_segments):n] if t)
+        clips = [clip_by_frame[int(f["frame_idx"])] for f in chosen if int(f["frame_idx"]) in clip_by_frame]
+        if len(clips) < len(chosen):
+            flags.append(FLAG_NO_CLIP)
+        scenes = [scene_by_frame[int(f["frame_idx"])] for f in chosen if int(f["frame_idx"]) in scene_by_frame]
+        audio = audio_by_segment.get(idx)
+        if audio is None:
+            flags.append(FLAG_NO_AUDIO)
+        rows.append({
+            "video_id": video_id, "segment_idx": idx, "start": start, "end": end, "is_speech": seg["is_speech"],
+            "text": seg["text"], "words": seg["words"], "prev_text": prev,
+            "frame_idx": [int(f["frame_idx"]) for f in chosen], "frame_pts": [float(f["pts"]) for f in chosen],
+            "frame_kind": [str(f.get("kind") or "") for f in chosen],
+            "frame_shot": [int(f.get("shot") or 0) for f in chosen],
+            "frames": [f.get("jpeg") or b"" for f in chosen],
+            "clip": [_embedding(c["embedding"]) for c in clips],
+            "clip_frame_idx": [int(c["frame_idx"]) for c in clips],
+            "clip_pts": [float(c["pts"]) for c in clips],
+            "clip_model": ",".join(clip_models),
+            "audio": _embedding(audio["embedding"]) if audio else [],
+            "has_audio": audio is not None,
+            "audio_start": float(audio["start"]) if audio else None,
+            "audio_end": float(audio["end"]) if audio else None,
+            "audio_labels": _audio_labels(audio), "audio_scores": _audio_scores(audio),
+            "scene_graphs": [{"frame_idx": int(s["frame_idx"]), "pts": float(s["pts"]),
+                              "text": s.get("text") or "",
+                              "graph": json.dumps({"objects": s.get("objects") or [],
+                                                   "relations": s.get("relations") or []}, default=str)}
+                             for s in scenes],
+            "scene_text": "; ".join(s.get("text") for s in scenes if s.get("text")),
+            "flags": ",".join(flags), "shard": shard, "provenance": prov,
+        })
+    return rows, dropped
+
+
+def _audio_labels(audio: dict | None) -> list[str]:
+    if not audio:
+        return []
+    if audio.get("labels") is not None:
+        return [str(x) for x in audio["labels"]]
+    return [str(t["label"]) for t in audio.get("tags") or []]
+
+
+def _audio_scores(audio: dict | None) -> list[float]:
+    if not audio:
+        return []
+    if audio.get("scores") is not None:
+        return [float(x) for x in audio["scores"]]
+    return [float(t["score"]) for t in audio.get("tags") or []]

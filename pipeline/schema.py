@@ -1,0 +1,142 @@
+"""The data schema, in one place: joined rows (Arrow/Parquet), their Deep Lake columns, and the batch contract.
+
+One row = one ASR segment (or, for a video without speech, one fixed window) of one video, keyed
+(video_id, segment_idx), with everything the model sees for that span:
+
+    video_id, segment_idx, start, end (seconds)   is_speech (False for windows)   text, words, prev_text
+    frame_idx, frame_pts, frame_kind, frame_shot, frames (JPEG bytes)      -- the frames of [start, end)
+    clip (n_frames x D, float16; row k = frame_idx[k]), clip_model
+    audio (D_audio float16, the embedding of exactly [start, end)), has_audio, audio_labels, audio_scores
+    scene_graphs (per frame: frame_idx, pts, text, objects+relations as JSON), scene_text ("; "-joined texts)
+    flags ("no_frames", "nearest_frame", "no_audio"... comma-separated), shard, provenance (JSON)
+
+Time origin: ASR/audio times are seconds from the first decoded audio sample; frame PTS are stream PTS seconds
+on the container timeline. They are used as they are: this assumes the audio stream starts at PTS 0 (true for
+ordinary uploads; the decoders in `pipeline.audio` start at the first audio sample).
+
+Batch contract (what `pipeline.loader` yields and `pipeline.train.data` consumes), B samples per batch:
+
+    video_id: list[str]          segment_idx: LongTensor[B]
+    text: list[str]              (target)          prev_text: list[str]
+    clip: FloatTensor[B, F, D_clip] zero-padded, F <= max_frames;   clip_mask: BoolTensor[B, F]
+    frame_time: FloatTensor[B, F] frame PTS minus segment start (seconds)
+    audio: FloatTensor[B, D_audio];   audio_mask: BoolTensor[B]
+    scene_text: list[str]        scene-graph texts of the segment's frames joined with "; "
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+KEY = ("video_id", "segment_idx")
+TABLE = "rows"                       # ingest's per-shard output table
+
+FLAG_NO_FRAMES = "no_frames"         # no frame inside the span, none near enough either
+FLAG_NEAREST = "nearest_frame"       # no frame inside the span: the nearest one within tolerance stands in
+FLAG_NO_AUDIO = "no_audio"           # the audio stage has no row for this span
+FLAG_NO_CLIP = "no_clip"             # some frames of the span have no CLIP embedding
+
+WORD = pa.struct([("word", pa.string()), ("start", pa.float64()), ("end", pa.float64()),
+                  ("probability", pa.float64())])
+SCENE = pa.struct([("frame_idx", pa.int64()), ("pts", pa.float64()), ("text", pa.string()),
+                   ("graph", pa.string())])      # graph: {"objects": [...], "relations": [...]} as JSON
+
+ROW_SCHEMA = pa.schema([
+    ("video_id", pa.string()), ("segment_idx", pa.int64()),
+    ("start", pa.float64()), ("end", pa.float64()), ("is_speech", pa.bool_()),
+    ("text", pa.string()), ("words", pa.list_(WORD)), ("prev_text", pa.string()),
+    ("frame_idx", pa.list_(pa.int64())), ("frame_pts", pa.list_(pa.float64())),
+    ("frame_kind", pa.list_(pa.string())), ("frame_shot", pa.list_(pa.int64())),
+    ("frames", pa.list_(pa.binary())),
+    ("clip", pa.list_(pa.list_(pa.float16()))), ("clip_frame_idx", pa.list_(pa.int64())),
+    ("clip_pts", pa.list_(pa.float64())), ("clip_model", pa.string()),
+    ("audio", pa.list_(pa.float16())), ("has_audio", pa.bool_()),
+    ("audio_start", pa.float64()), ("audio_end", pa.float64()),
+    ("audio_labels", pa.list_(pa.string())), ("audio_scores", pa.list_(pa.float32())),
+    ("scene_graphs", pa.list_(SCENE)), ("scene_text", pa.string()),
+    ("flags", pa.string()), ("shard", pa.int64()), ("provenance", pa.string()),
+])
+COLUMNS = tuple(ROW_SCHEMA.names)
+
+
+def flags_of(row: dict) -> set[str]:
+    return {f for f in (row.get("flags") or "").split(",") if f}
+
+
+def deeplake_columns() -> dict[str, Any]:
+    """Deep Lake 4 column types of the dataset, in ROW_SCHEMA order.
+
+    Frames are handed over as the JPEG bytes the frames stage wrote (a Sequence of jpg Images accepts encoded
+    bytes, so ingest never decodes them; readers get decoded HxWx3 uint8 arrays). Lists of text that may be empty are kept in Dict columns (Deep Lake 4.7 rejects an
+    empty Sequence(Text)).
+    """
+    from deeplake import types
+
+    return {
+        "video_id": types.Text(), "segment_idx": types.Int64(),
+        "start": types.Float64(), "end": types.Float64(), "is_speech": types.Bool(),
+        "text": types.Text(), "words": types.Dict(), "prev_text": types.Text(),
+        "frame_idx": types.Array(types.Int64(), dimensions=1),
+        "frame_pts": types.Array(types.Float64(), dimensions=1),
+        "frame_info": types.Dict(),                                   # {"kind": [...], "shot": [...]}
+        "frames": types.Sequence(types.Image(sample_compression="jpg")),
+        "clip": types.Array(types.Float16(), dimensions=2),           # ragged n_frames x D
+        "clip_model": types.Text(),
+        "audio": types.Array(types.Float16(), dimensions=1),          # empty when has_audio is False
+        "has_audio": types.Bool(),
+        "audio_start": types.Float64(), "audio_end": types.Float64(),  # the audio row's span (NaN: none)
+        "audio_tags": types.Dict(),                                   # {"labels": [...], "scores": [...]}
+        "scene_graphs": types.Dict(),                                 # {"frames": [{frame_idx, text, graph}]}
+        "scene_text": types.Text(),
+        "flags": types.Text(), "shard": types.Int64(), "provenance": types.Dict(),
+    }
+
+
+def clip_matrix(rows: list | None) -> np.ndarray:
+    """list<list<float16>> (one list per frame) -> float16 [n_frames, D]."""
+    if not rows:
+        return np.zeros((0, 0), np.float16)
+    return np.asarray(rows, dtype=np.float16)
+
+
+def to_deeplake_columns(table: pa.Table) -> dict[str, list]:
+    """A `rows` table (ROW_SCHEMA) -> column lists for one batched `ds.append`."""
+    d = table.to_pydict()
+    n = table.num_rows
+    out: dict[str, list] = {
+        "video_id": d["video_id"], "segment_idx": d["segment_idx"], "start": d["start"], "end": d["end"],
+        "is_speech": d["is_speech"], "text": d["text"], "prev_text": d["prev_text"],
+        "words": [{"words": w or []} for w in d["words"]],
+        "frame_idx": [np.asarray(x or [], np.int64) for x in d["frame_idx"]],
+        "frame_pts": [np.asarray(x or [], np.float64) for x in d["frame_pts"]],
+        "frame_info": [{"kind": k or [], "shot": s or []} for k, s in zip(d["frame_kind"], d["frame_shot"])],
+        "frames": [list(x or []) for x in d["frames"]],
+        "clip_model": d["clip_model"],
+        "audio": [np.asarray(x or [], np.float16) for x in d["audio"]],
+        "has_audio": d["has_audio"],
+        "audio_start": [math.nan if x is None else x for x in d["audio_start"]],
+        "audio_end": [math.nan if x is None else x for x in d["audio_end"]],
+        "audio_tags": [{"labels": lab or [], "scores": sc or []} for lab, sc in zip(d["audio_labels"],
+                                                                                   d["audio_scores"])],
+        "scene_graphs": [{"frames": sg or []} for sg in d["scene_graphs"]],
+        "scene_text": d["scene_text"], "flags": d["flags"], "shard": d["shard"],
+        "provenance": [json.loads(p) if p else {} for p in d["provenance"]],
+    }
+    clips = []
+    for m in d["clip"]:
+        arr = clip_matrix(m)
+        clips.append(arr if arr.size else np.zeros((0, 0), np.float16))
+    out["clip"] = clips
+    assert all(len(v) == n for v in out.values())
+    return out
+
+
+def dict_value(value: Any) -> Any:
+    """A Deep Lake Dict cell -> plain Python."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    return value
