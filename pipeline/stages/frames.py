@@ -1,0 +1,229 @@
+"""frames: cut-aware frame sampling.
+
+Frames are taken where an editor put information. PySceneDetect finds hard cuts on a downscaled stream (on
+brightness only by default: a fade through black makes hue and saturation jump while brightness changes
+gradually, so soft transitions are not cuts and a video made only of fades is low-cut); each
+shot then gives one frame `after_cut_offset` seconds after its start (clamped inside the shot; shot 0 starts
+at the first frame) and one at its midpoint. A video with fewer than `min_cuts_per_minute` cuts is flagged
+low-cut: it is skipped (`drop_low_cut=true`, status "skipped", reason "low_cut: ...") or sampled uniformly at
+`fallback_fps` (note "low_cut_fallback"). At most `max_frames_per_video` frames are kept.
+
+Times (`pts`, `cuts`, `first_pts`) are presentation timestamps of the video stream in seconds on the container
+timeline, so they line up with audio timestamps of the same file; a stream delayed by an edit list starts at
+its delay, not at 0. `duration` is the span of the video stream. Only the chosen frames are decoded, resized
+to `short_side` keeping the aspect ratio, RGB, stored as JPEG.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from ..video import VideoError, VideoInfo, decode_at, encode_jpeg, iter_small_frames, probe
+from .base import ItemResult, Resources, RunContext, Stage, StageConfig, WorkItem
+
+KINDS = ("after_cut", "midpoint", "uniform")
+
+
+@dataclass
+class FramesConfig(StageConfig):
+    name: str = "frames"
+    resources: Resources = field(default_factory=lambda: Resources(cpus=2, gpus=0, mem_gb=4.0, timeout_min=120))
+    detector: str = "content"            # content (ContentDetector) | adaptive (AdaptiveDetector)
+    threshold: float = 15.0              # ContentDetector threshold on the content score
+    luma_only: bool = True               # score on brightness only: hue/saturation are noise near black (fades)
+    adaptive_threshold: float = 3.0      # AdaptiveDetector ratio threshold
+    min_content_val: float = 15.0        # AdaptiveDetector floor on the content score
+    min_shot_len: float = 0.5            # seconds: no two cuts closer than this
+    detect_width: int = 256              # cut detection runs on frames scaled to this width
+    after_cut_offset: float = 0.5        # seconds after the shot start of the first frame of a shot
+    min_cuts_per_minute: float = 1.0     # below: the video is low-cut
+    drop_low_cut: bool = False           # low-cut: skip the video (true) or sample at fallback_fps (false)
+    fallback_fps: float = 1.0
+    max_frames_per_video: int = 256
+    short_side: int = 336                # stored frames: min(H, W) (CLIP ViT-L/14-336 input size); 0 = native
+    jpeg_quality: int = 90
+    max_pixels: int = 3840 * 2160        # larger videos are refused (too_large)
+    decode_backend: str = "auto"         # auto (decord, PyAV fallback) | decord | pyav
+
+
+@dataclass
+class SampledFrame:
+    pts: float                # seconds, absolute stream PTS
+    kind: str                 # after_cut | midpoint | uniform
+    shot: int                 # index of the shot (0 = before the first cut)
+    image: np.ndarray         # HxWx3 uint8 RGB
+
+
+@dataclass
+class SampledVideo:
+    path: str
+    frames: list[SampledFrame]
+    cuts: list[float]         # PTS (s) of the first frame of each shot after the first
+    duration: float
+    first_pts: float
+    cuts_per_minute: float
+    low_cut: bool
+    fallback: bool            # sampled uniformly at fallback_fps because low-cut
+    dropped: bool             # low-cut and drop_low_cut: no frames
+    seconds_detect: float = 0.0
+    seconds_extract: float = 0.0
+
+
+def make_detector(cfg: FramesConfig):
+    from scenedetect import AdaptiveDetector, ContentDetector
+
+    if cfg.detector == "content":
+        return ContentDetector(threshold=cfg.threshold, min_scene_len=float(cfg.min_shot_len),
+                               luma_only=cfg.luma_only)
+    if cfg.detector == "adaptive":
+        return AdaptiveDetector(adaptive_threshold=cfg.adaptive_threshold, min_scene_len=float(cfg.min_shot_len),
+                                min_content_val=cfg.min_content_val, luma_only=cfg.luma_only)
+    raise ValueError(f"unknown detector {cfg.detector!r} (content | adaptive)")
+
+
+def detect_cuts(info: VideoInfo, cfg: FramesConfig) -> list[float]:
+    """Cut times (absolute PTS seconds, each the first frame of a new shot) found by PySceneDetect.
+
+    The detector is fed our own decode of the video, scaled to `detect_width` inside the decoder, with
+    timecodes built from each frame's PTS; results are snapped back onto the exact frame PTS list.
+    """
+    from scenedetect import FrameTimecode
+    from scenedetect.common import Timecode
+
+    detector = make_detector(cfg)
+    rate = Fraction(info.avg_fps).limit_denominator(1001) if info.avg_fps > 0 else Fraction(25)
+    tb = info.time_base
+    found = []
+    timecode = None
+    for pts_s, image in iter_small_frames(info, cfg.detect_width):
+        timecode = FrameTimecode(Timecode(pts=round(Fraction(pts_s) / tb), time_base=tb), fps=rate)
+        found += detector.process_frame(timecode, image)
+    if timecode is not None:
+        found += detector.post_process(timecode)
+    cuts = sorted({float(info.frame_pts[info.index_at(float(c.seconds))]) for c in found})
+    return [c for c in cuts if c > info.first_pts + 1e-6]
+
+
+def plan_times(info: VideoInfo, cuts: list[float], cfg: FramesConfig, uniform: bool) -> list[tuple[float, str, int]]:
+    """(frame pts, kind, shot) to extract, PTS-ordered, one per distinct frame, within the cap."""
+    bounds = [info.first_pts, *cuts, info.end_pts]
+    shot_of = lambda t: int(np.searchsorted(cuts, t + 1e-6, side="right"))  # noqa: E731
+    frame = lambda t: float(info.frame_pts[info.index_at(t)])  # noqa: E731
+    cap = max(1, cfg.max_frames_per_video)
+    if uniform:
+        n = max(1, int(math.ceil(info.duration * cfg.fallback_fps - 1e-9)))
+        times = [info.first_pts + k / cfg.fallback_fps for k in range(n)]
+        if len(times) > cap:   # the cap stretches the interval evenly over the whole video
+            times = [times[i] for i in np.linspace(0, len(times) - 1, cap).round().astype(int)]
+        planned = {}
+        for t in times:
+            planned.setdefault(frame(t), ("uniform", shot_of(frame(t))))
+        return sorted((t, k, s) for t, (k, s) in planned.items())
+    after, mid = {}, {}
+    for shot, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        last_in_shot = float(info.frame_pts[info.index_at(end - 1e-6)])
+        after.setdefault(min(frame(start + cfg.after_cut_offset), last_in_shot), shot)
+        t_mid = frame((start + end) / 2)
+        if t_mid not in after:
+            mid.setdefault(t_mid, shot)
+    picked = [(t, "after_cut", s) for t, s in after.items()]
+    mids = [(t, "midpoint", s) for t, s in mid.items() if t not in after]
+    if len(picked) > cap:      # after-cut frames first; evenly thin them when even those exceed the cap
+        picked = [picked[i] for i in np.linspace(0, len(picked) - 1, cap).round().astype(int)]
+        mids = []
+    elif len(picked) + len(mids) > cap:
+        room = cap - len(picked)
+        mids = [mids[i] for i in np.linspace(0, len(mids) - 1, room).round().astype(int)] if room else []
+    return sorted(picked + mids)
+
+
+def sample_video(path: str | Path, cfg: FramesConfig | None = None) -> SampledVideo:
+    """Detect cuts and decode the sampled frames of one video. Raises VideoError for unusable input."""
+    cfg = cfg or FramesConfig()
+    t0 = time.perf_counter()
+    info = probe(path, max_pixels=cfg.max_pixels)
+    cuts = detect_cuts(info, cfg)
+    t1 = time.perf_counter()
+    minutes = max(info.duration, 1e-9) / 60.0
+    cpm = len(cuts) / minutes
+    low_cut = cpm < cfg.min_cuts_per_minute
+    result = SampledVideo(path=str(path), frames=[], cuts=cuts, duration=info.duration, first_pts=info.first_pts,
+                          cuts_per_minute=cpm, low_cut=low_cut, fallback=low_cut and not cfg.drop_low_cut,
+                          dropped=low_cut and cfg.drop_low_cut, seconds_detect=t1 - t0)
+    if result.dropped:
+        return result
+    plan = plan_times(info, cuts, cfg, uniform=result.fallback)
+    decoded = decode_at(info, [t for t, _, _ in plan], short_side=cfg.short_side or None,
+                        backend=cfg.decode_backend)
+    images = {pts: img for pts, img in decoded}
+    result.frames = [SampledFrame(pts=t, kind=k, shot=s, image=images[t]) for t, k, s in plan]
+    result.seconds_extract = time.perf_counter() - t1
+    return result
+
+
+class FramesStage(Stage):
+    name = "frames"
+    Config = FramesConfig
+    upstream = {"download": ("videos",)}
+    tables = {"frames": ("video_id", "frame_idx"), "videos": ("video_id",)}
+    schemas = {
+        "frames": pa.schema([("video_id", pa.string()), ("frame_idx", pa.int32()), ("pts", pa.float64()),
+                             ("shot", pa.int32()), ("kind", pa.string()), ("jpeg", pa.binary()),
+                             ("width", pa.int32()), ("height", pa.int32())]),
+        "videos": pa.schema([("video_id", pa.string()), ("duration", pa.float64()), ("n_cuts", pa.int32()),
+                             ("cuts", pa.list_(pa.float64())), ("cuts_per_minute", pa.float64()),
+                             ("low_cut", pa.bool_()), ("fallback", pa.bool_()), ("first_pts", pa.float64()),
+                             ("n_frames", pa.int32())]),
+    }
+
+    def __init__(self, cfg: FramesConfig, ctx: RunContext):
+        super().__init__(cfg, ctx)
+        self._video_seconds = 0.0
+        self._busy = {"detect": 0.0, "extract": 0.0}
+        self._n = 0
+
+    def process_item(self, item: WorkItem) -> ItemResult:
+        rows = item.rows("download", "videos")
+        path = rows[0].get("path") if rows else None
+        if not path:
+            return ItemResult.failed(item.video_id, "missing: no downloaded media path")
+        try:
+            sampled = sample_video(path, self.cfg)
+        except VideoError as exc:
+            return ItemResult.failed(item.video_id, exc.reason)
+        self._n += 1
+        self._video_seconds += sampled.duration
+        self._busy["detect"] += sampled.seconds_detect
+        self._busy["extract"] += sampled.seconds_extract
+        frames = []
+        for idx, f in enumerate(sampled.frames):
+            h, w = f.image.shape[:2]
+            frames.append({"video_id": item.video_id, "frame_idx": idx, "pts": f.pts, "shot": f.shot,
+                           "kind": f.kind, "jpeg": encode_jpeg(f.image, self.cfg.jpeg_quality),
+                           "width": w, "height": h})
+        video = {"video_id": item.video_id, "duration": sampled.duration, "n_cuts": len(sampled.cuts),
+                 "cuts": sampled.cuts, "cuts_per_minute": sampled.cuts_per_minute, "low_cut": sampled.low_cut,
+                 "fallback": sampled.fallback, "first_pts": sampled.first_pts, "n_frames": len(frames)}
+        result = ItemResult(item.video_id, rows={"frames": frames, "videos": [video]})
+        if sampled.dropped:
+            result.status = "skipped"
+            result.reason = (f"low_cut: {sampled.cuts_per_minute:.2f} cuts/min < "
+                             f"min_cuts_per_minute={self.cfg.min_cuts_per_minute}")
+        elif sampled.fallback:
+            result.note = "low_cut_fallback"
+        return result
+
+    def shard_stats(self) -> dict:
+        busy = sum(self._busy.values())
+        return {"videos": self._n, "video_minutes": self._video_seconds / 60.0,
+                "seconds_detect": self._busy["detect"], "seconds_extract": self._busy["extract"],
+                "seconds_per_video_minute": busy / (self._video_seconds / 60.0) if self._video_seconds else None}
+
+
+STAGE = FramesStage
