@@ -15,10 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_MEDIA = REPO.parent / "shared" / "media"
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helper modules (slurm_cluster, ...)
 
-try:
-    from slurm_cluster import slurm_cluster  # noqa: E402,F401  (session fixture: a real local Slurm)
-except ImportError:  # pragma: no cover - only while the fixture module is absent
-    pass
+from slurm_cluster import slurm_cluster  # noqa: E402,F401  (session fixture: a real local Slurm)
 
 
 @pytest.fixture(scope="session")

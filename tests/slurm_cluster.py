@@ -1,0 +1,122 @@
+"""Session fixture giving tests a real local Slurm cluster (slurm/local_cluster.sh).
+
+Use from conftest.py:  ``from slurm_cluster import slurm_cluster  # noqa: F401``
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_SCRIPT = REPO_ROOT / "slurm" / "local_cluster.sh"
+NODES = 3
+REQUIRED_BINARIES = ("munged", "slurmctld", "slurmd", "slurmdbd", "sbatch", "sacct", "mariadbd")
+
+
+@dataclass
+class SlurmCluster:
+    state_dir: Path
+    nodes: list[str]  # node names, sorted, e.g. ["node1", "node2", "node3"]
+    env: dict[str, str] = field(repr=False)  # full environment for subprocesses (SLURM_CONF set)
+    started_here: bool = False  # this session ran `up` (a cluster already up is reused)
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Run a Slurm client command (sbatch, squeue, ...) against this cluster."""
+        return subprocess.run(list(args), env=self.env, check=check, capture_output=True, text=True)
+
+    def sacct_state(self, job_id: str | int) -> str:
+        """Accounting state of a job ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", ...).
+
+        For an array job id (without _N) the states of all tasks must agree, else "MIXED".
+        "" when slurmdbd has no record yet.
+        """
+        out = self.run("sacct", "-j", str(job_id), "-X", "-n", "-P", "-o", "State").stdout
+        # "CANCELLED by 0" -> "CANCELLED"
+        states = {line.split()[0] for line in out.splitlines() if line.strip()}
+        if not states:
+            return ""
+        return states.pop() if len(states) == 1 else "MIXED"
+
+
+def _cannot_run(reason: str) -> None:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"local Slurm required on CI: {reason}")
+    pytest.skip(reason)
+
+
+def _missing_binaries() -> list[str]:
+    path = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin"
+    return [b for b in REQUIRED_BINARIES if shutil.which(b, path=path) is None]
+
+
+def _script(action: str, state_dir: Path, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(CLUSTER_SCRIPT), action, "--dir", str(state_dir), *extra],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A running local Slurm cluster (3 nodes unless one was already up in the state dir).
+
+    Sets os.environ["SLURM_CONF"] (and /usr/sbin on PATH) for the whole session so that
+    submitit and subprocesses talk to it. Several test sessions may share one cluster: each holds
+    a shared lock on DIR/.test-users while it runs; at the end, the last one out stops the cluster
+    if a test session started it (a cluster started by hand is left running).
+    """
+    is_root = os.geteuid() == 0
+    missing = _missing_binaries()
+    if missing and not is_root:
+        _cannot_run(f"Slurm not installed ({', '.join(missing)} missing) and not root to install it")
+
+    state_dir = Path(os.environ.get("VPT_SLURM_DIR", "/tmp/vpt-slurm")).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    started_by_tests = state_dir / ".started-by-tests"
+    users = open(state_dir / ".test-users", "a")  # noqa: SIM115  (held for the whole session)
+    fcntl.flock(users, fcntl.LOCK_SH)
+    env = dict(os.environ)
+    was_up = _script("status", state_dir, env).returncode == 0
+    if not was_up:
+        up = _script("up", state_dir, env, "--nodes", str(NODES))
+        if up.returncode != 0:
+            users.close()
+            detail = f"local_cluster.sh up failed (rc {up.returncode}):\n{up.stdout}\n{up.stderr[-4000:]}"
+            if is_root or os.environ.get("CI", "").lower() == "true":
+                pytest.fail(detail)
+            pytest.skip(detail)
+        started_by_tests.touch()
+
+    saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "PATH")}
+    os.environ["SLURM_CONF"] = str(state_dir / "etc" / "slurm.conf")
+    if "/usr/sbin" not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin"
+    env = dict(os.environ)
+    nodes = subprocess.run(
+        ["sinfo", "-h", "-N", "-p", "main", "-o", "%N"], env=env, check=True, capture_output=True, text=True
+    ).stdout.split()
+    cluster = SlurmCluster(state_dir=state_dir, nodes=sorted(set(nodes)), env=env, started_here=not was_up)
+    try:
+        yield cluster
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        try:
+            fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while another session uses it
+            if started_by_tests.exists():
+                _script("down", state_dir, env)
+                started_by_tests.unlink(missing_ok=True)
+        except BlockingIOError:
+            pass
+        finally:
+            users.close()
