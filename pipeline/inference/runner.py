@@ -1,0 +1,429 @@
+"""The shared inference runner: CPU preprocessing in parallel with model actors, batched, with backpressure.
+
+Every model stage (asr, clip, audio, scenegraph) runs its shard through `run_inference`:
+
+    run = run_inference(items, preprocess_fn, model_factory, postprocess_fn, cfg.runner, device=ctx.device)
+    for result in run:          # ItemResults, in completion order, as soon as each is done
+        yield result
+    stats = run.stats.as_dict()  # items/s, model-busy fraction, peak memory...
+
+- `preprocess_fn(item) -> payload` runs on CPU workers (Ray tasks; `num_cpus_preprocess` at a time). It may
+  raise (the item becomes a failed result, reason from `pipeline.stages.base.error_reason` or the exception's
+  own "category: detail" text if it is a `ItemFailure`) or return `Done(item_result)` to skip the model.
+- `model_factory() -> model` is called once inside each model actor (it must be picklable: a module-level
+  class or a functools.partial). The model has `predict(payloads: list) -> list` with one output per payload;
+  an output that is an Exception instance fails just that item. Each actor owns `num_gpus_per_actor` GPUs
+  when `device == "cuda"` (Ray sets CUDA_VISIBLE_DEVICES), none on CPU.
+- `postprocess_fn(item, output) -> ItemResult` runs in the driver.
+
+Backpressure: at most `max_in_flight` items are between "taken from `items`" and "yielded to the consumer"
+(preprocessing, queued payloads, inside the model, waiting to be consumed), so a slow consumer stops intake
+instead of growing memory. Each actor gets a second batch queued behind the running one, so it never waits
+for the driver between batches.
+
+Ray: connects to the cluster at `RAY_ADDRESS` if set (multi-node jobs), reuses a Ray already initialised in
+this process, else starts a local one sized for this run and shuts it down afterwards. Actors are killed at
+the end either way (actors holding CPUs would starve later Ray Data work). `backend="inline"` runs the same
+scheduling with threads and in-process models, for the smallest cases.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+from ..stages.base import ItemResult, error_reason
+
+
+@dataclass
+class RunnerConfig:
+    batch_size: int = 8                 # items per predict() call
+    num_model_actors: int = 1           # model replicas; one per accelerator on GPU nodes
+    num_gpus_per_actor: float = 1.0     # used only when the device is cuda
+    num_cpus_preprocess: int = 1        # preprocessing tasks running at once
+    max_in_flight: int = 32             # items taken but not yet consumed (the memory bound)
+    backend: str = "ray"                # ray | inline (threads, in-process model)
+
+
+class ItemFailure(Exception):
+    """A per-item failure whose message is already the recorded reason ("category: detail")."""
+
+
+@dataclass
+class Done:
+    """Returned by a preprocess_fn to finish an item without the model (e.g. nothing to embed)."""
+    result: ItemResult
+
+
+@dataclass
+class RunnerStats:
+    items: int = 0
+    ok: int = 0
+    failed: int = 0
+    wall_s: float = 0.0
+    items_per_s: float = 0.0
+    model_busy_s: float = 0.0           # summed over actors: time inside predict()
+    model_window_s: float = 0.0         # summed over actors: from model loaded to last predict done
+    model_busy_fraction: float = 0.0    # busy / window: the accelerator "realization"
+    model_load_s: float = 0.0
+    batches: int = 0
+    peak_rss_mb_driver: float = 0.0
+    peak_rss_mb_model: float = 0.0      # max over model actors (includes the model weights)
+    peak_gpu_mem_mb: float = 0.0
+    items_started: int = 0              # live: items taken from the input so far
+    peak_in_flight: int = 0             # never above RunnerConfig.max_in_flight
+    backend: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("items_started")
+        return {f"runner_{k}" if not k.startswith("model_") else k: v for k, v in out.items()}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+class _ModelHost:
+    """Owns one model: loads it, times predict(), reports busy time and memory."""
+
+    def __init__(self, model_factory: Callable[[], Any]):
+        t0 = time.perf_counter()
+        self.model = model_factory()
+        self.load_s = time.perf_counter() - t0
+        self.t_ready = time.perf_counter()
+        self.t_last = self.t_ready
+        self.busy_s = 0.0
+        self.batches = 0
+
+    def predict(self, *payloads: Any) -> list[Any]:
+        t0 = time.perf_counter()
+        try:
+            outputs = list(self.model.predict(list(payloads)))
+            if len(outputs) != len(payloads):
+                raise RuntimeError(f"predict returned {len(outputs)} outputs for {len(payloads)} inputs")
+        finally:
+            self.t_last = time.perf_counter()
+            self.busy_s += self.t_last - t0
+            self.batches += 1
+        return outputs
+
+    def stats(self) -> dict[str, float]:
+        gpu_mb = 0.0
+        torch = sys.modules.get("torch")   # only a model that uses torch has GPU memory worth reporting
+        try:
+            if torch is not None and torch.cuda.is_available():
+                gpu_mb = torch.cuda.max_memory_allocated() / 2**20
+        except Exception:  # noqa: BLE001 - stats are best effort
+            pass
+        return {"load_s": self.load_s, "busy_s": self.busy_s, "window_s": self.t_last - self.t_ready,
+                "batches": self.batches, "rss_mb": _peak_rss_mb(), "gpu_mb": gpu_mb}
+
+    def ready(self) -> bool:
+        return True
+
+
+def _run_preprocess(preprocess_fn: Callable[[Any], Any], item: Any) -> tuple[Any, Any]:
+    """Runs on a CPU worker -> (status, payload); status None = go to the model, else `_Failed` or `Done`.
+
+    Failures come back as values so one bad item never fails a batch. Status and payload are separate
+    objects so the driver only ever fetches the small status, never the payload.
+    """
+    try:
+        out = preprocess_fn(item)
+    except ItemFailure as exc:
+        return _Failed(str(exc)), None
+    except Exception as exc:  # noqa: BLE001 - a bad input is that item's failure
+        return _Failed(error_reason(exc), traceback.format_exc()), None
+    return (out, None) if isinstance(out, Done) else (None, out)
+
+
+@dataclass
+class _Failed:
+    reason: str
+    trace: str = ""
+
+
+class ModelUnavailable(RuntimeError):
+    """The model could not be loaded or its actor died: a shard-level error, not an item's."""
+
+
+class _InlineBackend:
+    """Threads for preprocessing, models in-process (each on its own single thread, like an actor)."""
+
+    def __init__(self, cfg: RunnerConfig, model_factory: Callable[[], Any], device: str):
+        self.prep_pool = ThreadPoolExecutor(max(1, cfg.num_cpus_preprocess), thread_name_prefix="preprocess")
+        self.model_pools = [ThreadPoolExecutor(1, thread_name_prefix=f"model{i}")
+                            for i in range(max(1, cfg.num_model_actors))]
+        self.hosts = [pool.submit(_ModelHost, model_factory) for pool in self.model_pools]
+
+    def preprocess(self, fn: Callable, item: Any) -> tuple[Future, Future]:
+        fut = self.prep_pool.submit(_run_preprocess, fn, item)
+        return fut, fut
+
+    def predict(self, actor: int, payload_handles: list[Future]) -> Future:
+        payloads = [h.result()[1] for h in payload_handles]
+        return self.model_pools[actor].submit(self._predict, actor, payloads)
+
+    def _predict(self, actor: int, payloads: list) -> list:
+        try:
+            host = self.hosts[actor].result()
+        except Exception as exc:
+            raise ModelUnavailable(f"model failed to load: {error_reason(exc)}") from exc
+        return host.predict(*payloads)
+
+    def status(self, handle: Future) -> Any:
+        return handle.result()[0]
+
+    def wait(self, handles: list[Future], timeout: float | None) -> list[Future]:
+        done, _ = wait(handles, timeout=timeout, return_when=FIRST_COMPLETED)
+        return list(done)
+
+    def get(self, handle: Future) -> Any:
+        return handle.result()
+
+    def actor_stats(self) -> list[dict]:
+        return [h.result().stats() for h in self.hosts]
+
+    def close(self) -> None:
+        self.prep_pool.shutdown(wait=True, cancel_futures=True)
+        for pool in self.model_pools:
+            pool.shutdown(wait=True)
+        self.hosts = []
+
+
+class _RayBackend:
+    """Ray tasks for preprocessing, one Ray actor per model replica."""
+
+    def __init__(self, cfg: RunnerConfig, model_factory: Callable[[], Any], device: str):
+        import ray
+
+        self.ray = ray
+        self.started_ray = ensure_ray(num_cpus=max(1, cfg.num_cpus_preprocess) + max(1, cfg.num_model_actors))
+        gpus = cfg.num_gpus_per_actor if device == "cuda" else 0
+        self.prep_task = ray.remote(num_cpus=1, max_retries=0, num_returns=2)(_run_preprocess)
+        host_cls = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=0)(_ModelHost)
+        self.actors = [host_cls.remote(model_factory) for _ in range(max(1, cfg.num_model_actors))]
+        # both sides need the function once; put it in the object store instead of pickling it per item
+        self.fn_refs: dict[int, Any] = {}
+
+    def preprocess(self, fn: Callable, item: Any) -> tuple[Any, Any]:
+        ref = self.fn_refs.get(id(fn))
+        if ref is None:
+            ref = self.fn_refs[id(fn)] = self.ray.put(fn)
+        status_ref, payload_ref = self.prep_task.remote(ref, item)
+        return status_ref, payload_ref
+
+    def status(self, handle: Any) -> Any:
+        return self.ray.get(handle)
+
+    def predict(self, actor: int, payload_handles: list):
+        return self.actors[actor].predict.remote(*payload_handles)  # refs as args: resolved in the actor
+
+    def wait(self, handles: list, timeout: float | None) -> list:
+        done, _ = self.ray.wait(handles, num_returns=1, timeout=timeout)
+        return done
+
+    def get(self, handle: Any) -> Any:
+        try:
+            return self.ray.get(handle)
+        except self.ray.exceptions.RayActorError as exc:
+            raise ModelUnavailable(f"model actor died: {error_reason(exc)}") from exc
+
+    def actor_stats(self) -> list[dict]:
+        return self.ray.get([a.stats.remote() for a in self.actors])
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+        self.actors = []
+        if self.started_ray:
+            self.ray.shutdown()
+
+
+def ensure_ray(num_cpus: int) -> bool:
+    """Connect to RAY_ADDRESS, reuse this process's Ray, or start a local one. True if started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")      # else Ray writes an auth token to ~/.ray
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    return True
+
+
+class InferenceRun:
+    """Iterate for ItemResults; `stats` is live during iteration and final after it."""
+
+    def __init__(self, items: Iterable[Any], preprocess_fn: Callable[[Any], Any],
+                 model_factory: Callable[[], Any], postprocess_fn: Callable[[Any, Any], ItemResult],
+                 cfg: RunnerConfig, device: str = "cpu", log: Callable[[str], None] | None = None):
+        if cfg.backend not in ("ray", "inline"):
+            raise ValueError(f"runner.backend must be 'ray' or 'inline', not {cfg.backend!r}")
+        if cfg.batch_size < 1 or cfg.max_in_flight < 1:
+            raise ValueError("runner.batch_size and runner.max_in_flight must be >= 1")
+        self.items, self.preprocess_fn = items, preprocess_fn
+        self.model_factory, self.postprocess_fn = model_factory, postprocess_fn
+        self.cfg, self.device, self.log = cfg, device, log or (lambda msg: None)
+        self.stats = RunnerStats(backend=cfg.backend)
+
+    def __iter__(self) -> Iterator[ItemResult]:
+        cfg, stats = self.cfg, self.stats
+        backend_cls = _RayBackend if cfg.backend == "ray" else _InlineBackend
+        t0 = time.perf_counter()
+        backend = backend_cls(cfg, self.model_factory, self.device)
+        n_actors = max(1, cfg.num_model_actors)
+        source = iter(self.items)
+        exhausted = False
+        preprocessing: dict[Any, tuple] = {}        # status handle -> (item, payload handle)
+        ready: deque[tuple[Any, Any]] = deque()     # (item, payload handle) waiting for a batch
+        predicting: dict[Any, tuple[int, list]] = {}  # handle -> (actor, [(item, payload handle)])
+        actor_load = [0] * n_actors
+        finished: deque[ItemResult] = deque()
+        in_flight = 0
+        try:
+            while True:
+                # intake, bounded by max_in_flight; keep only a small preprocessing queue ahead of the workers
+                while (not exhausted and in_flight < cfg.max_in_flight
+                       and len(preprocessing) < 2 * max(1, cfg.num_cpus_preprocess) + cfg.batch_size):
+                    try:
+                        item = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    status_handle, payload_handle = backend.preprocess(self.preprocess_fn, item)
+                    preprocessing[status_handle] = (item, payload_handle)
+                    in_flight += 1
+                    stats.items_started += 1
+                    stats.peak_in_flight = max(stats.peak_in_flight, in_flight)
+                # batching: a full batch to any actor with < 2 queued, or a partial one to an idle actor
+                # when waiting would not fill it (so the accelerator never idles for want of a full batch)
+                more_coming = bool(preprocessing) or not exhausted
+                for actor in sorted(range(n_actors), key=lambda a: actor_load[a]):
+                    if not ready or actor_load[actor] >= 2:
+                        continue
+                    if len(ready) < cfg.batch_size and actor_load[actor] > 0 and more_coming:
+                        continue
+                    batch = [ready.popleft() for _ in range(min(cfg.batch_size, len(ready)))]
+                    predicting[backend.predict(actor, [h for _, h in batch])] = (actor, batch)
+                    actor_load[actor] += 1
+                # hand over what is done; the consumer's pace is the backpressure
+                while finished:
+                    result = finished.popleft()
+                    in_flight -= 1
+                    yield result
+                if not preprocessing and not predicting and not ready and exhausted:
+                    break
+                if not preprocessing and not predicting:
+                    continue
+                for handle in backend.wait(list(preprocessing) + list(predicting), timeout=None):
+                    if handle in preprocessing:
+                        item, payload_handle = preprocessing.pop(handle)
+                        try:
+                            status = backend.status(handle)
+                        except Exception as exc:  # noqa: BLE001 - e.g. the worker crashed on this input
+                            status = _Failed(error_reason(getattr(exc, "cause", None) or exc))
+                        if isinstance(status, _Failed):
+                            if status.trace:
+                                self.log(f"{_item_id(item)}: {status.reason}\n{status.trace}")
+                            finished.append(self._finish(ItemResult.failed(_item_id(item), status.reason)))
+                        elif isinstance(status, Done):
+                            finished.append(self._finish(status.result))
+                        else:
+                            ready.append((item, payload_handle))
+                    else:
+                        actor, batch = predicting.pop(handle)
+                        actor_load[actor] -= 1
+                        finished.extend(self._batch_results(backend, handle, batch))
+        finally:
+            try:
+                self._collect_actor_stats(backend)
+            except Exception as exc:  # noqa: BLE001 - stats must not mask the real error
+                self.log(f"runner: could not collect model stats: {error_reason(exc)}")
+            backend.close()
+            stats.wall_s = time.perf_counter() - t0
+            stats.items_per_s = stats.items / stats.wall_s if stats.wall_s > 0 else 0.0
+            stats.peak_rss_mb_driver = _peak_rss_mb()
+
+    def _batch_results(self, backend: Any, handle: Any, batch: list) -> list[ItemResult]:
+        try:
+            outputs = backend.get(handle)
+        except ModelUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failed batch fails its items, not the shard
+            cause = getattr(exc, "cause", None) or exc
+            self.log(f"runner: predict failed for {len(batch)} items: {error_reason(cause)}")
+            return [self._finish(ItemResult.failed(_item_id(item), error_reason(cause))) for item, _ in batch]
+        results = []
+        for (item, _), output in zip(batch, outputs):
+            if isinstance(output, ItemFailure):
+                res = ItemResult.failed(_item_id(item), str(output))
+            elif isinstance(output, Exception):
+                res = ItemResult.failed(_item_id(item), error_reason(output))
+            else:
+                try:
+                    res = self.postprocess_fn(item, output)
+                except Exception as exc:  # noqa: BLE001
+                    self.log(f"{_item_id(item)}: {error_reason(exc)}\n{traceback.format_exc()}")
+                    res = ItemResult.failed(_item_id(item), error_reason(exc))
+            results.append(self._finish(res))
+        return results
+
+    def _finish(self, res: ItemResult) -> ItemResult:
+        self.stats.items += 1
+        if res.status == "ok":
+            self.stats.ok += 1
+        elif res.status == "failed":
+            self.stats.failed += 1
+        return res
+
+    def _collect_actor_stats(self, backend: Any) -> None:
+        per_actor = backend.actor_stats()
+        s = self.stats
+        s.model_busy_s = sum(a["busy_s"] for a in per_actor)
+        s.model_window_s = sum(a["window_s"] for a in per_actor)
+        s.model_busy_fraction = s.model_busy_s / s.model_window_s if s.model_window_s > 0 else 0.0
+        s.model_load_s = max((a["load_s"] for a in per_actor), default=0.0)
+        s.batches = sum(a["batches"] for a in per_actor)
+        s.peak_rss_mb_model = max((a["rss_mb"] for a in per_actor), default=0.0)
+        s.peak_gpu_mem_mb = max((a["gpu_mb"] for a in per_actor), default=0.0)
+
+
+def _item_id(item: Any) -> str:
+    return str(getattr(item, "video_id", item))
+
+
+def run_inference(items: Iterable[Any], preprocess_fn: Callable[[Any], Any], model_factory: Callable[[], Any],
+                  postprocess_fn: Callable[[Any, Any], ItemResult], runner_cfg: RunnerConfig,
+                  device: str = "cpu", log: Callable[[str], None] | None = None) -> InferenceRun:
+    """Run items through preprocess -> batched model -> postprocess; iterate the result for ItemResults."""
+    return InferenceRun(items, preprocess_fn, model_factory, postprocess_fn, runner_cfg, device, log)
+
+
+class FixedLatencyModel:
+    """A stand-in model that takes a fixed time per batch: measures the runner itself (tests, benchmark)."""
+
+    def __init__(self, seconds_per_batch: float):
+        self.seconds_per_batch = seconds_per_batch
+
+    def predict(self, payloads: list) -> list:
+        time.sleep(self.seconds_per_batch)
+        return [len(p) if isinstance(p, (bytes, bytearray)) else p for p in payloads]
+
+
+def fixed_latency_preprocess(item: Any, seconds: float = 0.0, payload_bytes: int = 0) -> Any:
+    """A stand-in preprocessing step: sleeps, then returns `payload_bytes` bytes (or the item)."""
+    time.sleep(seconds)
+    return bytes(payload_bytes) if payload_bytes else item

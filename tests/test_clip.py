@@ -1,0 +1,144 @@
+"""clip stage with the tiny open_clip model on frames decoded from a real video (Ray runner)."""
+from __future__ import annotations
+
+import io
+
+import av
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pipeline.models.clip import TINY_CONFIG
+from pipeline.stages.base import RunContext, WorkItem
+from pipeline.stages.clip import ClipConfig, ClipStage
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    """One Ray for the module (the runner reuses a running Ray instead of starting its own)."""
+    import ray
+
+    from pipeline.inference.runner import ensure_ray
+
+    started = ensure_ray(num_cpus=2)
+    yield
+    if started:
+        ray.shutdown()
+
+
+def _frame_rows(video_id: str, path, every: int, limit: int) -> list[dict]:
+    """Frame rows as the frames stage writes them: video_id, frame_idx, pts, jpeg, width, height."""
+    rows = []
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        for n, frame in enumerate(container.decode(stream)):
+            if n % every:
+                continue
+            img = frame.to_image()
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=85)
+            rows.append({"video_id": video_id, "frame_idx": len(rows), "pts": float(frame.time),
+                         "jpeg": buf.getvalue(), "width": img.width, "height": img.height})
+            if len(rows) == limit:
+                break
+    return rows
+
+
+@pytest.fixture(scope="module")
+def items(shared_media) -> list[WorkItem]:
+    frames = {"counter": _frame_rows("counter", shared_media / "counter.mp4", every=3, limit=10),
+              "fades": _frame_rows("fades", shared_media / "fades.mp4", every=25, limit=8)}
+    bad = [dict(frames["fades"][0], video_id="broken", jpeg=b"not a jpeg")]
+    inputs = {**frames, "broken": bad, "empty": []}
+    return [WorkItem(vid, "", i, inputs={"frames": {"frames": rows}}) for i, (vid, rows) in enumerate(inputs.items())]
+
+
+def _run(items, cache_dir, tmp_path, **cfg_kw):
+    ctx = RunContext(run_dir=tmp_path, shard=0, models="tiny", cache_dir=cache_dir, device="cpu")
+    stage = ClipStage(ClipConfig(**cfg_kw), ctx)
+    return {r.video_id: r for r in stage.process(items)}, stage
+
+
+@pytest.fixture(scope="module")
+def ray_results(items, cache_dir, tmp_path_factory):
+    results, stage = _run(items, cache_dir, tmp_path_factory.mktemp("clip-run"), patch_tokens=True)
+    return results, stage.shard_stats()
+
+
+def test_one_float16_embedding_per_frame(items, ray_results):
+    results, stats = ray_results
+    dim = TINY_CONFIG["embed_dim"]
+    for item in items[:2]:
+        res = results[item.video_id]
+        assert res.status == "ok"
+        table = pa.Table.from_pylist(res.rows["clip"], schema=ClipStage.schemas["clip"])
+        assert table.column("frame_idx").to_pylist() == [r["frame_idx"] for r in item.rows("frames", "frames")]
+        assert table.column("pts").to_pylist() == [r["pts"] for r in item.rows("frames", "frames")]
+        assert table.schema.field("embedding").type.value_type == pa.float16()
+        emb = np.array(table.column("embedding").to_pylist(), dtype=np.float32)
+        assert emb.shape == (len(item.rows("frames", "frames")), dim)
+        assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-2)   # normalised
+        assert not np.allclose(emb[0], emb[-1])                              # different frames differ
+        assert set(table.column("model").to_pylist()) == {"vpt-tiny-clip/vpt-tiny-clip.pt"}
+    assert results["broken"].status == "failed" and results["broken"].reason.startswith("corrupt:")
+    assert results["empty"].status == "ok" and results["empty"].note == "no_frames"
+    assert stats["runner_ok"] == 3 and stats["runner_failed"] == 1 and stats["model_busy_s"] > 0
+
+
+def test_patch_tokens(ray_results):
+    rows = ray_results[0]["counter"].rows["clip"]
+    grid = (TINY_CONFIG["vision_cfg"]["image_size"] // TINY_CONFIG["vision_cfg"]["patch_size"]) ** 2
+    assert rows[0]["patch_shape"] == [grid, TINY_CONFIG["vision_cfg"]["width"]]
+    assert len(rows[0]["patch_tokens"]) == grid * TINY_CONFIG["vision_cfg"]["width"]
+
+
+def test_inline_backend_gives_the_same_embeddings(items, ray_results, cache_dir, tmp_path):
+    runner = ClipConfig().runner
+    runner.backend = "inline"
+    inline, _ = _run(items[:1], cache_dir, tmp_path, runner=runner)
+    # same weights and preprocessing in-process and in Ray actors -> same embeddings (float16 rounding aside)
+    a = np.array([r["embedding"] for r in inline["counter"].rows["clip"]], dtype=np.float32)
+    b = np.array([r["embedding"] for r in ray_results[0]["counter"].rows["clip"]], dtype=np.float32)
+    assert a.shape == b.shape and np.allclose(a, b, atol=2e-3)
+
+
+def test_preprocessing_keeps_aspect(cache_dir):
+    """A wide image is resized on its short side and center-cropped, never squashed."""
+    from pipeline.models.clip import build_tiny_clip, image_transform
+
+    weights = build_tiny_clip(cache_dir / "tiny" / "clip")
+    size = TINY_CONFIG["vision_cfg"]["image_size"]
+    img = np.zeros((100, 400, 3), np.uint8)
+    img[:, :120] = 255            # a white band on the left that a center crop cuts away entirely
+    x = image_transform("vpt-tiny-clip", str(weights))(Image.fromarray(img))
+    assert tuple(x.shape) == (3, size, size)
+    assert float(x.std(dim=(1, 2)).max()) < 1e-3  # uniformly black: cropped, not squashed (squashing would keep the band)
+
+
+def test_clip_through_the_cli_on_frames_stage_output(shared_media, cache_dir, tmp_path):
+    """download -> frames -> clip with the real CLI; a rerun does nothing."""
+    import importlib.util
+
+    import pyarrow.parquet as pq
+    from conftest import run_cli
+
+    if importlib.util.find_spec("pipeline.stages.frames") is None:
+        pytest.skip("the frames stage is not part of this tree yet")
+    manifest = tmp_path / "manifest.txt"
+    manifest.write_text(f"counter {shared_media / 'counter.mp4'}\nfades {shared_media / 'fades.mp4'}\n")
+    run_dir = tmp_path / "run"
+    env = {"VPT_CACHE_DIR": str(cache_dir)}
+    run_cli("stage=download", "launcher=local", f"run_dir={run_dir}", f"input={manifest}", "models=tiny", env=env)
+    run_cli("stage=frames", "launcher=local", f"run_dir={run_dir}", "models=tiny", env=env)
+    run_cli("stage=clip", "launcher=local", f"run_dir={run_dir}", "models=tiny", env=env)
+    shard = run_dir / "clip" / "shard-00000"
+    frames = pq.read_table(run_dir / "frames" / "shard-00000" / "frames.parquet")
+    clip = pq.read_table(shard / "clip.parquet")
+    assert sorted(zip(clip.column("video_id").to_pylist(), clip.column("frame_idx").to_pylist())) == \
+        sorted(zip(frames.column("video_id").to_pylist(), frames.column("frame_idx").to_pylist()))
+    assert clip.schema.field("embedding").type.value_type == pa.float16()
+    assert {len(e) for e in clip.column("embedding").to_pylist()} == {TINY_CONFIG["embed_dim"]}
+    before = (shard / "_SUCCESS").stat().st_mtime_ns
+    run_cli("stage=clip", "launcher=local", f"run_dir={run_dir}", "models=tiny", env=env)
+    assert (shard / "_SUCCESS").stat().st_mtime_ns == before
