@@ -16,12 +16,35 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-RAY_PORT = 6379
+RAY_PORT_BASE = 20000
+
+
+def _port_block(job_id: str) -> int:
+    """A block of 40 ports per job: jobs (and emulated nodes) sharing a host must not clash on Ray's fixed
+    ports (GCS, client server, dashboard agent)."""
+    digits = "".join(ch for ch in str(job_id) if ch.isdigit()) or "0"
+    return RAY_PORT_BASE + 40 * (int(digits) % 1000)
 
 
 def _ray_bin() -> str:
     exe = Path(sys.executable).with_name("ray")
     return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
+
+
+def _node_address(node_name: str) -> str:
+    """IP of a Slurm node: its NodeAddr (emulated nodes have unresolvable names), else DNS, else this host."""
+    try:
+        out = subprocess.run(["scontrol", "show", "node", node_name], capture_output=True, text=True,
+                             timeout=30).stdout
+        for field in out.split():
+            if field.startswith("NodeAddr="):
+                return socket.gethostbyname(field.split("=", 1)[1])
+    except (OSError, subprocess.SubprocessError, socket.gaierror):
+        pass
+    try:
+        return socket.gethostbyname(node_name)
+    except socket.gaierror:
+        return socket.gethostbyname(socket.gethostname())
 
 
 def _start_node(args: list[str], env: dict) -> subprocess.Popen:
@@ -47,12 +70,15 @@ def run_on_ray_cluster(work: Callable[[], Any], env, state_dir: Path, timeout_s:
     temp_dir = f"/tmp/ray-{job_id}-{rank}"
     ray_env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     if rank == 0:
-        host = socket.gethostbyname(env.hostnames[0]) if env.hostnames else "127.0.0.1"
-        port = RAY_PORT + (sum(map(ord, str(job_id))) % 1000)
-        address = f"{host}:{port}"
-        node = _start_node(["--head", f"--port={port}", f"--node-ip-address={host}", f"--temp-dir={temp_dir}",
-                            "--include-dashboard=false"], ray_env)
+        node = None
         try:
+            host = _node_address(env.hostnames[0] if env.hostnames else socket.gethostname())
+            port = _port_block(job_id)
+            address = f"{host}:{port}"
+            node = _start_node(["--head", f"--port={port}", f"--node-ip-address={host}",
+                                f"--ray-client-server-port={port + 1}", f"--dashboard-port={port + 2}",
+                                f"--dashboard-agent-listen-port={port + 4}", f"--temp-dir={temp_dir}",
+                                "--include-dashboard=false"], ray_env)
             import ray
 
             deadline = time.time() + timeout_s
@@ -73,17 +99,47 @@ def run_on_ray_cluster(work: Callable[[], Any], env, state_dir: Path, timeout_s:
             os.environ["RAY_ADDRESS"] = address
             return work()
         finally:
-            done_file.write_text("done")
-            _stop_node(node)
+            done_file.write_text("done")  # also releases the workers when the head failed to start
+            if node is not None:
+                _stop_node(node)
     deadline = time.time() + timeout_s
     while not head_file.exists():
+        if done_file.exists():
+            raise RuntimeError("the Ray head (task 0) failed before the cluster formed: see its log")
         if time.time() > deadline:
             raise TimeoutError("Ray head did not start")
         time.sleep(0.5)
-    node = _start_node([f"--address={head_file.read_text().strip()}", f"--temp-dir={temp_dir}"], ray_env)
+    node = _start_node([f"--address={head_file.read_text().strip()}", f"--temp-dir={temp_dir}",
+                        f"--dashboard-agent-listen-port={_port_block(job_id) + 4 + rank % 36}"], ray_env)
     try:
         while not done_file.exists() and node.poll() is None:
             time.sleep(1)
     finally:
         _stop_node(node)
     return None
+
+
+def ray_cluster_info() -> dict:
+    """Nodes and CPUs of the Ray cluster at RAY_ADDRESS, and on how many nodes a few tasks actually ran."""
+    import ray
+
+    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    try:
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+
+        @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
+        def node_id() -> str:
+            return ray.get_runtime_context().get_node_id()
+
+        ran_on = set(ray.get([node_id.remote() for _ in range(4 * len(nodes))]))
+        return {"nodes": len(nodes), "cpus": int(sum(n["Resources"].get("CPU", 0) for n in nodes)),
+                "task_nodes": len(ran_on)}
+    finally:
+        ray.shutdown()
+
+
+def probe_job(state_dir: str) -> dict | None:
+    """A Slurm job body that starts the Ray cluster over its allocation and reports on it (rank 0 only)."""
+    import submitit
+
+    return run_on_ray_cluster(ray_cluster_info, submitit.JobEnvironment(), Path(state_dir))
