@@ -54,6 +54,12 @@ def _stage_names() -> str:
 
 
 def run_stage(overrides: list[str]) -> int:
+    result = launch_stage(overrides)
+    return 0 if result.ok else 1
+
+
+def launch_stage(overrides: list[str]):
+    """Validate, pin the geometry, launch the incomplete shards; returns the LaunchResult."""
     from .atomic import write_text
     from .config import compose
     from .engine import container, plan_pending
@@ -61,6 +67,7 @@ def run_stage(overrides: list[str]) -> int:
     from .manifest import load_items, pin_geometry, plan_geometry
     from .shards import ShardStore
     from .stages import get_stage
+    from .stages.base import Stage
     from .status import format_status, stage_status, write_summary
 
     cfg = compose(overrides)
@@ -98,14 +105,19 @@ def run_stage(overrides: list[str]) -> int:
     print(f"{stage_cls.name}: {len(to_run)} of {len(shards)} shard(s) to run with launcher={cfg.launcher.name}")
     result = launch(cfg, to_run)
     if not result.waited:
-        return 0
+        if cfg.launcher.name == "slurm" and stage_cls.finish is not Stage.finish:
+            from .launchers.slurm import submit_finish
+
+            after = result.job_ids or ([cfg.launcher.dependency.split(":", 1)[1]] if cfg.launcher.dependency else [])
+            result.job_ids.append(submit_finish(cfg, after))
+        return result
     write_summary(run_dir, stage_cls.name)
     if result.ok and all(ShardStore(run_dir, stage_cls.name, s).is_complete() for s in range(geo.num_shards)):
         stage_cls.finish(cfg)
     print(format_status(run_dir, [stage_status(run_dir, stage_cls.name, geo.num_shards)]))
     for shard, err in sorted(result.failed_shards.items()):
         print(f"shard {shard} did not complete: {err} (log: {run_dir / stage_cls.name / 'logs'})", file=sys.stderr)
-    return 0 if result.ok else 1
+    return result
 
 
 def show_status(overrides: list[str]) -> int:

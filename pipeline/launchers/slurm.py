@@ -130,3 +130,33 @@ def launch(cfg, shards: list[int]) -> LaunchResult:
             time.sleep(cfg.launcher.poll_seconds)
     bar.close()
     return result
+
+
+def finish_stage(cfg_container: dict) -> None:
+    """Job body: the stage's once-per-run step (e.g. ingest's Deep Lake writer) after its array."""
+    from ..config import from_container
+    from ..shards import ShardStore
+    from ..stages import get_stage
+    from ..atomic import read_json
+
+    cfg = from_container(cfg_container)
+    stage_cls = get_stage(cfg.stage.name)
+    n = int(read_json(Path(cfg.run_dir) / "geometry.json")["num_shards"])
+    incomplete = [s for s in range(n) if not ShardStore(cfg.run_dir, stage_cls.name, s).is_complete()]
+    if incomplete:
+        raise RuntimeError(f"{stage_cls.name}: shards {incomplete[:10]} incomplete; re-run the stage to finish")
+    stage_cls.finish(cfg)
+
+
+def submit_finish(cfg, after_job_ids: list[str]) -> str:
+    """Submit finish_stage as one job that waits for the stage's arrays (afterany: the gate is the markers)."""
+    executor = make_executor(cfg)
+    extra = dict(executor_parameters(cfg).get("slurm_additional_parameters", {}))
+    extra.pop("dependency", None)
+    if after_job_ids:
+        extra["dependency"] = "afterany:" + ":".join(after_job_ids)
+    executor.update_parameters(name=f"vpt-{cfg.stage.name}-finish", slurm_array_parallelism=1, nodes=1,
+                               slurm_additional_parameters=extra)
+    job = executor.submit(finish_stage, container(cfg))
+    print(f"submitted {cfg.stage.name} finish step: job {job.job_id}")
+    return job.job_id
