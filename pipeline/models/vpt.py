@@ -1,0 +1,196 @@
+"""The Video Pre-trained Transformer: expert embeddings + prompt text -> T5 encoder; the T5 decoder predicts the text.
+
+Encoder input (one row per sample), in this order, each part with its own mask:
+
+    [frame_1 .. frame_F]   CLIP embeddings -> projector + type embedding + frame-time features
+    [audio]                PANNs embedding -> projector + type embedding
+    [scene-graph tokens]   backbone token embeddings + type embedding
+    [prompt tokens]        the *preceding* text (or a VQA question): backbone token embeddings + type embedding
+
+The target text only ever reaches the model as `labels` (decoder side). `encode` has no access to it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FRAME, AUDIO, SCENE, PROMPT = range(4)   # type (modality) ids
+
+
+@dataclass
+class VPTConfig:
+    backbone: str = "google/flan-t5-large"
+    d_clip: int = 768
+    d_audio: int = 2048
+    projector: str = "linear"         # linear | mlp | identity (identity needs dims equal to the backbone width)
+    use_frames: bool = True
+    use_audio: bool = True
+    use_scene_graph: bool = True
+    use_prompt: bool = True           # prev_text for pretraining, the question for VQA
+    max_frames: int = 32
+    max_scene_tokens: int = 128
+    max_prompt_tokens: int = 128
+    max_target_tokens: int = 64
+    time_features: int = 16           # sinusoidal features of the frame time (seconds)
+    max_time_s: float = 60.0          # longest period of the time features
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VPTConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown VPT config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+def make_projector(kind: str, d_in: int, d_model: int) -> nn.Module:
+    if kind == "identity":
+        if d_in != d_model:
+            raise ValueError(f"identity projector needs d_in == d_model, got {d_in} != {d_model}")
+        return nn.Identity()
+    if kind == "linear":
+        return nn.Linear(d_in, d_model)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(d_in, d_model), nn.GELU(), nn.Linear(d_model, d_model))
+    raise ValueError(f"unknown projector {kind!r} (linear | mlp | identity)")
+
+
+def time_features(t: torch.Tensor, n: int, max_period: float) -> torch.Tensor:
+    """Sinusoidal features [..., n] of times in seconds, periods from ~0.5 s to `max_period`."""
+    half = n // 2
+    periods = torch.logspace(math.log10(0.5), math.log10(max_period), half, device=t.device, dtype=torch.float32)
+    angles = 2 * math.pi * t.float().unsqueeze(-1) / periods
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class VPT(nn.Module):
+    def __init__(self, cfg: VPTConfig, backbone: nn.Module):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        d = backbone.config.d_model
+        self.frame_proj = make_projector(cfg.projector, cfg.d_clip, d)
+        self.audio_proj = make_projector(cfg.projector, cfg.d_audio, d)
+        self.time_proj = nn.Linear(cfg.time_features, d)
+        self.type_embed = nn.Embedding(4, d)
+        nn.init.normal_(self.type_embed.weight, std=0.02)
+
+    @property
+    def d_model(self) -> int:
+        return self.backbone.config.d_model
+
+    def encode(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs_embeds [B, L, d], attention_mask [B, L]) from the encoder-side inputs only (never the target)."""
+        cfg = self.cfg
+        tok_embed = self.backbone.get_input_embeddings()
+        dtype = tok_embed.weight.dtype
+        parts: list[torch.Tensor] = []
+        masks: list[torch.Tensor] = []
+        if cfg.use_frames:
+            clip = inputs["clip"].to(dtype)
+            x = self.frame_proj(clip) + self.type_embed.weight[FRAME]
+            x = x + self.time_proj(time_features(inputs["frame_time"], cfg.time_features, cfg.max_time_s).to(dtype))
+            parts.append(x)
+            masks.append(inputs["clip_mask"])
+        if cfg.use_audio:
+            x = self.audio_proj(inputs["audio"].to(dtype)).unsqueeze(1) + self.type_embed.weight[AUDIO]
+            parts.append(x)
+            masks.append(inputs["audio_mask"].unsqueeze(1))
+        if cfg.use_scene_graph:
+            parts.append(tok_embed(inputs["scene_ids"]) + self.type_embed.weight[SCENE])
+            masks.append(inputs["scene_mask"])
+        if cfg.use_prompt:
+            parts.append(tok_embed(inputs["prompt_ids"]) + self.type_embed.weight[PROMPT])
+            masks.append(inputs["prompt_mask"])
+        if not parts:
+            raise ValueError("every encoder input is switched off")
+        mask = torch.cat([m.bool() for m in masks], dim=1)
+        # a sample whose every position is masked (e.g. no frames, no audio, empty texts) would give NaN
+        # attention; let it attend to its first position, which carries only the type embedding
+        empty = ~mask.any(dim=1)
+        if empty.any():
+            mask = mask.clone()
+            mask[empty, 0] = True
+        return torch.cat(parts, dim=1), mask.long()
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Decoder logits [B, T, vocab] for `inputs["labels"]` (teacher forcing; -100 = ignored)."""
+        embeds, mask = self.encode(inputs)
+        out = self.backbone(inputs_embeds=embeds, attention_mask=mask, labels=inputs["labels"],
+                            decoder_attention_mask=inputs.get("decoder_attention_mask"), use_cache=False)
+        return out.logits
+
+    @torch.no_grad()
+    def generate(self, inputs: dict[str, torch.Tensor], **kw) -> torch.Tensor:
+        embeds, mask = self.encode(inputs)
+        return self.backbone.generate(inputs_embeds=embeds, attention_mask=mask, **kw)
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        """(name, module) of every transformer block: the units of sharding, checkpointing and norm logging."""
+        blocks = [(f"encoder.{i}", b) for i, b in enumerate(self.backbone.encoder.block)]
+        return blocks + [(f"decoder.{i}", b) for i, b in enumerate(self.backbone.decoder.block)]
+
+
+def lm_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cross-entropy, z-loss, number of target tokens); both losses are means over target tokens.
+
+    z-loss = mean(logsumexp(logits)^2): keeps the softmax normaliser near 1 (a divergence early warning).
+    """
+    valid = labels != -100
+    n = valid.sum()
+    logits = logits.float()
+    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    z = torch.logsumexp(logits, dim=-1)
+    z_loss = (z.square() * valid).sum()
+    denom = n.clamp(min=1)
+    return ce / denom, z_loss / denom, n
+
+
+def build_vpt(cfg: VPTConfig, cache_dir: Path | None = None, texts=()) -> tuple[VPT, Any]:
+    """(VPT, tokenizer) with the backbone loaded by name (see `pipeline.models.t5.load_t5`)."""
+    from pipeline.models.t5 import load_t5
+
+    backbone, tokenizer = load_t5(cfg.backbone, cache_dir, texts)
+    return VPT(cfg, backbone), tokenizer
+
+
+HEADS_FILE = "vpt_heads.pt"
+CONFIG_FILE = "vpt_config.json"
+
+
+def save_exported(model: VPT, tokenizer, out_dir: Path) -> Path:
+    """Consolidated Hugging Face layout: `backbone/` (save_pretrained + tokenizer), projector weights, config."""
+    out_dir = Path(out_dir)
+    (out_dir / "backbone").mkdir(parents=True, exist_ok=True)
+    model.backbone.save_pretrained(out_dir / "backbone")
+    tokenizer.save_pretrained(out_dir / "backbone")
+    heads = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    torch.save(heads, out_dir / HEADS_FILE)
+    cfg = asdict(model.cfg) | {"backbone": "backbone"}     # relative: the directory moves as a whole
+    (out_dir / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
+    return out_dir
+
+
+def load_exported(out_dir: Path, **overrides) -> tuple[VPT, Any]:
+    """(VPT, tokenizer) from an `export_hf` / `save_exported` directory, e.g. to start finetuning."""
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    out_dir = Path(out_dir)
+    cfg = VPTConfig.from_dict(json.loads((out_dir / CONFIG_FILE).read_text()) | overrides)
+    path = out_dir / cfg.backbone
+    backbone = T5ForConditionalGeneration.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    cfg.backbone = str(path)
+    model = VPT(cfg, backbone)
+    missing, unexpected = model.load_state_dict(torch.load(out_dir / HEADS_FILE, weights_only=True), strict=False)
+    missing = [k for k in missing if not k.startswith("backbone.")]
+    if missing or unexpected:
+        raise ValueError(f"exported heads do not match the model: missing {missing}, unexpected {unexpected}")
+    return model, tokenizer

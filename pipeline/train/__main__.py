@@ -1,0 +1,36 @@
+"""`python -m pipeline.train [key=value ...]` (Hydra-style overrides of conf/train/pretrain.yaml), also under
+torchrun. `python -m pipeline.train export CHECKPOINT_DIR OUT_DIR` writes a Hugging Face-format model."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def compose(overrides: list[str], config_name: str = "train/pretrain") -> dict[str, Any]:
+    """The resolved config as a plain dict (`model=vpt_flan_t5_large` picks conf/model/vpt_flan_t5_large.yaml)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = hydra_compose(config_name=config_name, overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["export"]:
+        from pipeline.train.checkpoint import export_hf
+        print(export_hf(Path(argv[1]), Path(argv[2])))
+        return 0
+    from pipeline.train.loop import train
+    summary = train(compose(argv))
+    if summary.get("start_step") is not None:
+        print("summary " + json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,158 @@
+"""Sharded training checkpoints (torch.distributed.checkpoint) and export to a Hugging Face-format model.
+
+Layout of a checkpoint root:
+
+    vpt_config.json, backbone/        model config + backbone config and tokenizer (written once, small)
+    step-00001000/                    one checkpoint: DCP shards of {"model", "optim"},
+        train_state-rank<r>.pt        per rank: step, scheduler, data position, RNG states
+        meta.json                     written last, after every rank finished: marks the checkpoint complete
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from pipeline.models.vpt import CONFIG_FILE, VPT, VPTConfig, save_exported
+
+META = "meta.json"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path, dict[str, Any]]]:
+    """(step, dir, meta) of every complete checkpoint under `root`, oldest first."""
+    out = []
+    for d in Path(root).glob("step-*"):
+        meta_file = d / META
+        if d.is_dir() and meta_file.exists():
+            meta = json.loads(meta_file.read_text())
+            out.append((int(meta["step"]), d, meta))
+    return sorted(out, key=lambda x: x[0])
+
+
+class Checkpointer:
+    def __init__(self, root: Path, keep_last: int, rank: int, world_size: int):
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.rank = rank
+        self.world_size = world_size
+
+    def write_static(self, model_cfg: VPTConfig, backbone_config, tokenizer) -> None:
+        """Model config, backbone config and tokenizer: what `export_hf` needs to rebuild the model."""
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            (self.root / CONFIG_FILE).write_text(json.dumps(asdict(model_cfg), indent=2))
+            backbone_config.save_pretrained(self.root / "backbone")
+            tokenizer.save_pretrained(self.root / "backbone")
+        _barrier()
+
+    def latest(self) -> Path | None:
+        done = complete_checkpoints(self.root)
+        return done[-1][1] if done else None
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             train_state: dict[str, Any], eval_loss: float | None = None) -> Path:
+        path = self.root / step_dir_name(step)
+        if self.rank == 0 and path.exists():      # an incomplete leftover of a killed save
+            shutil.rmtree(path)
+        _barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+        torch.save(train_state | {"rng": rng_state()}, path / f"train_state-rank{self.rank}.pt")
+        _barrier()
+        if self.rank == 0:
+            meta = {"step": step, "eval_loss": eval_loss, "world_size": self.world_size}
+            tmp = path / (META + ".tmp")
+            tmp.write_text(json.dumps(meta))
+            tmp.rename(path / META)
+            self.prune()
+        _barrier()
+        return path
+
+    def prune(self) -> None:
+        """Keep the last `keep_last` checkpoints and the best one (lowest eval loss)."""
+        done = complete_checkpoints(self.root)
+        keep = {d for _, d, _ in done[-self.keep_last:]} if self.keep_last > 0 else set()
+        scored = [(m["eval_loss"], d) for _, d, m in done if m.get("eval_loss") is not None]
+        if scored:
+            keep.add(min(scored, key=lambda x: x[0])[1])
+        for _, d, _ in done:
+            if d not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+
+    def best(self) -> Path | None:
+        scored = [(m["eval_loss"], d) for _, d, m in complete_checkpoints(self.root) if m.get("eval_loss") is not None]
+        return min(scored, key=lambda x: x[0])[1] if scored else None
+
+    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Load model + optimizer shards (any world size) and return this rank's train state (RNG restored)."""
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        own = Path(path) / f"train_state-rank{self.rank}.pt"
+        # resuming on another world size: step/scheduler/data position are global, RNG is reseeded by the caller
+        train_state = torch.load(own if own.exists() else Path(path) / "train_state-rank0.pt", weights_only=False)
+        if own.exists():
+            set_rng_state(train_state["rng"])
+        train_state["rng_restored"] = own.exists()
+        return train_state
+
+
+def _resolve_checkpoint(checkpoint_dir: Path) -> tuple[Path, Path]:
+    """(root, step dir) for a checkpoint root (its latest complete checkpoint) or one step directory."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if (checkpoint_dir / META).exists():
+        return checkpoint_dir.parent, checkpoint_dir
+    done = complete_checkpoints(checkpoint_dir)
+    if not done:
+        raise FileNotFoundError(f"no complete checkpoint under {checkpoint_dir}")
+    return checkpoint_dir, done[-1][1]
+
+
+def export_hf(checkpoint_dir: Path, out_dir: Path) -> Path:
+    """Consolidate a sharded checkpoint (a root = its latest, or a step dir) into a Hugging Face-format model
+    directory that `pipeline.models.vpt.load_exported` reloads. Runs in one process, no process group."""
+    from transformers import AutoConfig, AutoTokenizer, T5ForConditionalGeneration
+
+    root, step_dir = _resolve_checkpoint(checkpoint_dir)
+    cfg = VPTConfig.from_dict(json.loads((root / CONFIG_FILE).read_text()))
+    backbone = T5ForConditionalGeneration(AutoConfig.from_pretrained(root / "backbone"))
+    tokenizer = AutoTokenizer.from_pretrained(root / "backbone")
+    model = VPT(cfg, backbone)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
+    model.load_state_dict(state["model"])
+    return save_exported(model, tokenizer, Path(out_dir))

@@ -1,0 +1,251 @@
+"""The training loop, top to bottom: distributed setup -> model -> FSDP2 -> optimizer -> resume -> steps
+(forward, z-loss, backward, clip, step, metrics, eval, checkpoint).
+
+Generic in the data source and the prompt: pretraining feeds (prev_text -> text), VQA feeds (question -> answer)
+through the same `BatchSource` interface (see `pipeline.train.data`).
+
+Runs as one process without torchrun (a one-rank process group) or under torchrun (gloo on CPU, NCCL on GPU).
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from pipeline.models.vpt import VPT, VPTConfig, build_vpt, lm_losses
+from pipeline.train.checkpoint import Checkpointer
+from pipeline.train.data import BatchSource, InputBuilder, build_source, to_device
+from pipeline.train.metrics import ActivationNorms, MetricsWriter, Throughput, count_params, grad_norms, mfu
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def init_distributed(device: str) -> Dist:
+    """Join the torchrun process group, or make a one-rank group so one code path (FSDP2, DCP) serves both."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    backend = "nccl" if use_cuda else "gloo"
+    if "WORLD_SIZE" in os.environ:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    else:
+        local_rank = 0
+        if use_cuda:
+            torch.cuda.set_device(0)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def warmup_cosine(warmup_steps: int, max_steps: int, min_lr_ratio: float):
+    """LR multiplier: linear warmup to 1, then cosine down to `min_lr_ratio` at `max_steps`."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def shard_model(model: VPT, device: torch.device, activation_checkpointing: bool) -> None:
+    """FSDP2: each transformer block is one sharding unit, then the root (embeddings, projectors, heads)."""
+    if activation_checkpointing:
+        # HF's wrapper recomputes each block in backward; parameter names (and checkpoints) stay the same
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if device.type == "cuda" else MixedPrecisionPolicy())      # fp32 on CPU
+    for _, block in model.blocks():
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def make_optimizer(model: torch.nn.Module, optim_cfg: dict[str, Any]) -> torch.optim.AdamW:
+    """AdamW; no weight decay on vectors (norm scales, biases)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": optim_cfg["weight_decay"]},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim_cfg["lr"], betas=tuple(optim_cfg["betas"]), eps=optim_cfg["eps"])
+
+
+def set_base_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
+    """Change the schedule's peak LR in place (e.g. on resume, to roll back past a loss spike with a lower LR)."""
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * fn(scheduler.last_epoch)
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(model: VPT, source: BatchSource, builder: InputBuilder, device: torch.device, max_steps: int) -> float:
+    """Token-weighted cross-entropy over (at most `max_steps` batches of) the held-out split, all ranks."""
+    model.eval()
+    ce_sum, n_sum = 0.0, 0.0
+    for i, batch in enumerate(source.batches(0, 0)):
+        if max_steps and i >= max_steps:
+            break
+        inputs = to_device(builder(batch), device)
+        ce, _, n = lm_losses(model(inputs), inputs["labels"])
+        ce_sum += float(ce) * float(n)
+        n_sum += float(n)
+    model.train()
+    ce_sum, n_sum = all_reduce_sum([ce_sum, n_sum], device)
+    return ce_sum / max(n_sum, 1.0)
+
+
+class BatchStream:
+    """Endless batches over epochs from a resumable position (epoch, step within the epoch)."""
+
+    def __init__(self, source: BatchSource, epoch: int = 0, step_in_epoch: int = 0):
+        self.source, self.epoch, self.step_in_epoch = source, epoch, step_in_epoch
+        self._it: Iterator[dict] | None = None
+
+    def next(self) -> dict[str, Any]:
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(self.source.batches(self.epoch, self.step_in_epoch))
+            batch = next(self._it, None)
+            if batch is not None:
+                self.step_in_epoch += 1
+                return batch
+            self._it, self.epoch, self.step_in_epoch = None, self.epoch + 1, 0
+        raise RuntimeError(f"the data source yielded no batch for epoch {self.epoch}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "source": self.source.state_dict()}
+
+
+def train(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Train per `cfg` (the composed `conf/train/pretrain.yaml`, as a plain dict). Returns a summary."""
+    tcfg, ocfg, ccfg = cfg["train"], cfg["optim"], cfg["checkpoint"]
+    run_dir = Path(cfg["run_dir"])
+
+    # ---- distributed + data
+    d = init_distributed(cfg["device"])
+    train_source = build_source(cfg["data"], "train", d.rank, d.world_size)
+    eval_source = build_source(cfg["data"], "eval", d.rank, d.world_size) if tcfg["eval_every"] else None
+
+    # ---- model (same seed on every rank: FSDP keeps each rank's shard of identical initial weights)
+    torch.manual_seed(cfg["seed"])
+    model_cfg = VPTConfig.from_dict(dict(cfg["model"]))
+    texts = train_source.tokenizer_texts() if hasattr(train_source, "tokenizer_texts") else ()
+    if d.rank == 0:      # one rank builds a tiny backbone; the others then load it from the cache
+        model, tokenizer = build_vpt(model_cfg, Path(cfg["cache_dir"]), texts)
+    dist.barrier()
+    if d.rank != 0:
+        model, tokenizer = build_vpt(model_cfg, Path(cfg["cache_dir"]), texts)
+    model.to(d.device)
+    n_params = count_params(model)
+    shard_model(model, d.device, tcfg["activation_checkpointing"])
+    builder = InputBuilder(tokenizer, model_cfg)
+
+    # ---- optimizer, schedule, checkpoints
+    optimizer = make_optimizer(model, ocfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(ocfg["warmup_steps"], tcfg["max_steps"], ocfg["min_lr_ratio"]))
+    ckpt = Checkpointer(Path(ccfg["dir"]), ccfg["keep_last"], d.rank, d.world_size)
+    ckpt.write_static(model_cfg, model.backbone.config, tokenizer)
+    step, stream = 0, BatchStream(train_source)
+    torch.manual_seed(cfg["seed"] + 1000 * (d.rank + 1))      # dropout differs per rank
+    latest = ckpt.latest() if tcfg["resume"] else None
+    if latest is not None:
+        state = ckpt.load(latest, model, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        train_source.load_state_dict(state["data"]["source"])
+        stream = BatchStream(train_source, state["data"]["epoch"], state["data"]["step_in_epoch"])
+        if tcfg.get("resume_lr") is not None:
+            set_base_lr(optimizer, scheduler, float(tcfg["resume_lr"]))
+        if d.rank == 0:
+            print(f"resumed from {latest} at step {step}", flush=True)
+
+    # ---- metrics
+    writer = MetricsWriter(run_dir, d.rank, tensorboard=cfg["logging"]["tensorboard"],
+                           wandb=cfg["logging"]["wandb"], run_name=run_dir.name, config=cfg)
+    act_norms = ActivationNorms(model.blocks())
+    norm_groups = dict(model.blocks()) | {"frame_proj": model.frame_proj, "audio_proj": model.audio_proj}
+    meter = Throughput()
+    summary: dict[str, Any] = {"start_step": step, "params": n_params}
+    eval_loss = None
+
+    # ---- steps
+    model.train()
+    while step < tcfg["max_steps"]:
+        inputs = to_device(builder(stream.next()), d.device)
+        log_detail = (step + 1) % tcfg["log_every"] == 0
+        act_norms.enabled = log_detail
+
+        logits = model(inputs)
+        ce, z_loss, n_target = lm_losses(logits, inputs["labels"])
+        loss = ce + tcfg["z_loss_coef"] * z_loss
+        loss.backward()
+
+        detail = grad_norms(norm_groups, d.device, d.world_size) if log_detail else {}
+        total_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip"])
+        total_norm = total_norm.full_tensor() if hasattr(total_norm, "full_tensor") else total_norm
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        local_tokens = builder.token_count(inputs)
+        ce_sum, z_sum, tokens = all_reduce_sum([float(ce.detach()), float(z_loss.detach()), float(local_tokens)],
+                                               d.device)
+        meter.add(int(tokens))
+        scalars = {"loss": ce_sum / d.world_size, "z_loss": z_sum / d.world_size,
+                   "grad_norm": float(total_norm), "lr": scheduler.get_last_lr()[0], "epoch": stream.epoch}
+        if log_detail:
+            tokens_per_s, _ = meter.rate()
+            scalars |= {"tokens_per_s": tokens_per_s,
+                        "mfu": mfu(n_params, tokens_per_s, tcfg["peak_flops_per_device"], d.world_size)}
+            scalars |= detail | act_norms.collect()
+            if d.rank == 0:
+                print(f"step {step} loss {scalars['loss']:.4f} z {scalars['z_loss']:.2f} "
+                      f"gnorm {scalars['grad_norm']:.3f} lr {scalars['lr']:.2e} tok/s {tokens_per_s:.0f}", flush=True)
+
+        eval_now = eval_source is not None and step % tcfg["eval_every"] == 0
+        if eval_now:
+            eval_loss = evaluate(model, eval_source, builder, d.device, tcfg["eval_steps"])
+            scalars["eval_loss"] = eval_loss
+            if d.rank == 0:
+                print(f"step {step} eval_loss {eval_loss:.4f}", flush=True)
+        writer.write(step, scalars)
+
+        if ccfg["every"] and (step % ccfg["every"] == 0 or step == tcfg["max_steps"]):
+            ckpt.save(step, model, optimizer,
+                      {"step": step, "scheduler": scheduler.state_dict(), "data": stream.state_dict()},
+                      eval_loss=eval_loss if eval_now else None)
+        if tcfg.get("debug_kill_at_step") and step == tcfg["debug_kill_at_step"]:
+            os.kill(os.getpid(), signal.SIGKILL)      # a crash test: die without any cleanup
+        summary["loss"] = scalars["loss"]
+
+    # ---- done
+    act_norms.remove()
+    writer.close()
+    summary |= {"step": step, "eval_loss": eval_loss, "checkpoint": str(ckpt.latest()),
+                "best": str(ckpt.best()) if ckpt.best() else None}
+    dist.barrier()
+    dist.destroy_process_group()
+    return summary

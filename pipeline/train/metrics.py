@@ -1,0 +1,133 @@
+"""Training metrics: tokens/s, MFU estimate, per-layer gradient and activation norms, and the writers
+(TensorBoard + a JSONL file on rank 0; Weights & Biases when asked for and installed)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of the whole (unsharded) model; DTensor shards count with their global size."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def mfu(params: int, tokens_per_s: float, peak_flops_per_device: float, world_size: int) -> float:
+    """Model FLOPs utilisation from the 6*N*tokens training-cost approximation (forward + backward)."""
+    if not peak_flops_per_device:
+        return float("nan")
+    return 6.0 * params * tokens_per_s / (peak_flops_per_device * world_size)
+
+
+class Throughput:
+    """Tokens/s over the steps since the last `rate()` call (all ranks' tokens, summed by the caller)."""
+
+    def __init__(self):
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def rate(self) -> tuple[float, float]:
+        now = time.perf_counter()
+        seconds = max(now - self.start, 1e-9)
+        rate = self.tokens / seconds
+        self.tokens, self.start = 0, now
+        return rate, seconds
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def grad_norms(groups: dict[str, nn.Module], device: torch.device, world_size: int) -> dict[str, float]:
+    """L2 norm of the gradients of each named module (e.g. each transformer block), over all ranks' shards."""
+    names = list(groups)
+    sq = []
+    for name in names:
+        total = torch.zeros((), dtype=torch.float32)
+        for p in groups[name].parameters():
+            if p.grad is not None:
+                total += _local(p.grad).float().square().sum().cpu()
+        sq.append(total)
+    sq_t = torch.stack(sq) if sq else torch.zeros(0)
+    if world_size > 1:
+        sq_t = sq_t.to(device)
+        dist.all_reduce(sq_t)
+    return {f"grad_norm/{n}": float(v) for n, v in zip(names, sq_t.sqrt().cpu())}
+
+
+class ActivationNorms:
+    """Forward hooks recording the RMS of each block's output hidden states, on the steps that log them."""
+
+    def __init__(self, blocks: list[tuple[str, nn.Module]]):
+        self.enabled = False
+        self.values: dict[str, float] = {}
+        self.handles = [module.register_forward_hook(self._hook(name)) for name, module in blocks]
+
+    def _hook(self, name: str):
+        def hook(_module, _inputs, output):
+            if not self.enabled:
+                return
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            hidden = _local(hidden).detach().float()
+            self.values[f"act_rms/{name}"] = float(hidden.square().mean().sqrt())
+        return hook
+
+    def collect(self) -> dict[str, float]:
+        values, self.values = self.values, {}
+        return values
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class MetricsWriter:
+    """Scalars to TensorBoard (`<log_dir>/tb`), `<log_dir>/metrics.jsonl` and optionally W&B; rank 0 only."""
+
+    def __init__(self, log_dir: Path, rank: int, tensorboard: bool = True, wandb: bool = False,
+                 run_name: str = "", config: dict[str, Any] | None = None):
+        self.rank = rank
+        self.tb = self.wandb = None
+        self.jsonl = None
+        if rank != 0:
+            return
+        log_dir = Path(log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(log_dir / "metrics.jsonl", "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(log_dir / "tb"))
+        if wandb:
+            try:
+                import wandb as wandb_lib
+            except ImportError:
+                print("wandb is not installed; logging to TensorBoard only")
+            else:
+                self.wandb = wandb_lib.init(name=run_name or None, config=config or {}, dir=str(log_dir))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if self.rank != 0:
+            return
+        self.jsonl.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
