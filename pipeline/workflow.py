@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from .atomic import write_json
 from .errors import ConfigError
 
-STEP_KEYS = {"stage", "module", "args", "overrides", "after", "resources"}
+STEP_KEYS = {"stage", "module", "args", "overrides", "after", "resources", "nproc"}
 
 
 def load(path: str | Path, overrides: list[str]) -> DictConfig:
@@ -88,10 +88,11 @@ def _marker(wf: DictConfig, name: str) -> Path:
     return Path(wf.run_dir) / "workflow" / f"{name}.done"
 
 
-def run_command_step(module: str, args: list[str], marker: str) -> None:
-    """A command step (pretraining, VQA): runs the module, then leaves its done marker."""
-    print(f"\n$ python -m {module} {' '.join(args)}", flush=True)
-    subprocess.run([sys.executable, "-m", module, *args], check=True)
+def run_command_step(module: str, args: list[str], marker: str, nproc: int = 1) -> None:
+    """A command step (pretraining, VQA): runs the module (under torchrun when nproc > 1), then its done marker."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    print(f"\n$ python {' '.join(launcher)} -m {module} {' '.join(args)}", flush=True)
+    subprocess.run([sys.executable, *launcher, "-m", module, *args], check=True)
     write_json(marker, {"module": module, "args": list(args), "time": time.time()})
 
 
@@ -114,7 +115,8 @@ def run_local(wf: DictConfig) -> int:
             print(f"{name}: done already ({_marker(wf, name)})")
         else:
             try:
-                run_command_step(step.module, list(step.get("args", [])), str(_marker(wf, name)))
+                run_command_step(step.module, list(step.get("args", [])), str(_marker(wf, name)),
+                                 int(step.get("nproc", 1)))
             except subprocess.CalledProcessError as exc:
                 print(f"{name} failed: {exc}", file=sys.stderr)
                 failed.append(name)
@@ -153,7 +155,8 @@ def submit_slurm(wf: DictConfig) -> dict[str, list[str]]:
             if upstream:
                 params["slurm_additional_parameters"] = {"dependency": f"afterany:{':'.join(upstream)}"}
             ex.update_parameters(**params)
-            job = ex.submit(run_command_step, step.module, list(step.get("args", [])), str(_marker(wf, name)))
+            job = ex.submit(run_command_step, step.module, list(step.get("args", [])), str(_marker(wf, name)),
+                            int(step.get("nproc", 1)))
             print(f"submitted {name}: job {job.job_id}")
             jobs[name] = [job.job_id]
     write_json(Path(wf.run_dir) / "workflow" / "jobs.json", jobs)

@@ -112,7 +112,7 @@ def evaluate(model: VPT, source: BatchSource, builder: InputBuilder, device: tor
         n_sum += float(n)
     model.train()
     ce_sum, n_sum = all_reduce_sum([ce_sum, n_sum], device)
-    return ce_sum / max(n_sum, 1.0)
+    return ce_sum / n_sum if n_sum else float("nan")  # nan: the held-out split is empty
 
 
 class BatchStream:
@@ -228,9 +228,14 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
         eval_now = eval_source is not None and step % tcfg["eval_every"] == 0
         if eval_now:
             eval_loss = evaluate(model, eval_source, builder, d.device, tcfg["eval_steps"])
-            scalars["eval_loss"] = eval_loss
-            if d.rank == 0:
-                print(f"step {step} eval_loss {eval_loss:.4f}", flush=True)
+            if math.isnan(eval_loss):
+                eval_now, eval_loss = False, None
+                if d.rank == 0:
+                    print(f"step {step} eval skipped: the held-out split has no batches", flush=True)
+            else:
+                scalars["eval_loss"] = eval_loss
+                if d.rank == 0:
+                    print(f"step {step} eval_loss {eval_loss:.4f}", flush=True)
         writer.write(step, scalars)
 
         if ccfg["every"] and (step % ccfg["every"] == 0 or step == tcfg["max_steps"]):
