@@ -109,7 +109,10 @@ def launch_stage(overrides: list[str]):
             from .launchers.slurm import submit_finish
 
             after = result.job_ids or ([cfg.launcher.dependency.split(":", 1)[1]] if cfg.launcher.dependency else [])
-            result.job_ids.append(submit_finish(cfg, after))
+            if after:
+                result.job_ids.append(submit_finish(cfg, after))
+            elif all(ShardStore(run_dir, stage_cls.name, s).is_complete() for s in range(geo.num_shards)):
+                stage_cls.finish(cfg)  # nothing to wait for: finish here (cheap when already done)
         return result
     write_summary(run_dir, stage_cls.name)
     if result.ok and all(ShardStore(run_dir, stage_cls.name, s).is_complete() for s in range(geo.num_shards)):
