@@ -14,8 +14,6 @@ model-busy fraction from the runner; `--write` appends the table to benchmarks/r
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import subprocess
 import tempfile
 import time
@@ -27,18 +25,9 @@ RESULTS = REPO / "benchmarks" / "results" / "experts.md"
 
 
 def machine() -> str:
-    import torch
+    from pipeline.machine import describe
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+    return describe()
 
 
 def audio_items(n: int, work: Path):

@@ -9,8 +9,6 @@ frame a second).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import subprocess
 import time
 from pathlib import Path
@@ -54,13 +52,10 @@ def scenedetect_default(path: str, cfg: FramesConfig) -> int:
 
 
 def machine() -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    from pipeline.machine import describe
+
     ff = subprocess.run(["ffmpeg", "-version"], capture_output=True, text=True).stdout.split("\n")[0]
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"CPU: {cpu}, {os.cpu_count()} cores; {mem:.0f} GiB RAM; {platform.platform()}; {ff}; "
-            f"load average at start: {load}")
+    return f"{describe(with_gpu=False)}; {ff}"
 
 
 def main() -> None:

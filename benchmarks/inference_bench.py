@@ -15,7 +15,6 @@ import argparse
 import functools
 import io
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -32,16 +31,9 @@ from pipeline.stages.base import ItemResult, RunContext, WorkItem  # noqa: E402
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}, no GPU used"
+    from pipeline.machine import describe
+
+    return describe()
 
 
 def bench_fake(n_items: int, prep_s: float, model_s: float) -> list[dict]:

@@ -54,7 +54,7 @@ def main() -> int:
     paths = make_samples(samples, args.videos)
     httpd, base = serve(samples)
     try:
-        manifest = write_manifest(run_dir, paths, base)
+        write_manifest(run_dir, paths, base)
         # The manifest names this run's server port: pin it only on the first run (later runs reuse the pin).
         pinned = (run_dir / "geometry.json").exists()
         wf = load(args.workflow, [f"run_dir={run_dir}", "launcher=local"])

@@ -3,7 +3,6 @@ dependencies; then the dataset verifies, the checkpoint exists, and a re-run sub
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from conftest import REPO, run_cli
@@ -22,7 +21,7 @@ def test_demo_workflow_on_slurm(tmp_path, slurm_cluster, cache_dir):
     write_manifest(run, paths, base)
     env = {**slurm_cluster.env, "VPT_CACHE_DIR": str(cache_dir)}
     try:
-        out = run_cli(str(REPO / "workflows" / "demo.yaml"), "launcher=slurm", f"run_dir={run}", "pretrain_steps=20",
+        run_cli(str(REPO / "workflows" / "demo.yaml"), "launcher=slurm", f"run_dir={run}", "pretrain_steps=20",
                       module="pipeline.workflow", env=env, timeout=1500).stdout
     finally:
         httpd.shutdown()

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
-import pytest
 from conftest import REPO, run_cli
 
 from pipeline.stages.download import classify

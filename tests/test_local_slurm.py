@@ -15,7 +15,7 @@ import cloudpickle
 import pytest
 import submitit
 
-from slurm_cluster import REPO_ROOT, slurm_cluster  # noqa: F401  (fixture)
+from slurm_cluster import REPO_ROOT
 
 pytestmark = pytest.mark.slurm
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.models.vpt import VPTConfig, build_vpt, make_projector
-from pipeline.train.data import InputBuilder, SyntheticConfig, SyntheticSource, collate
+from pipeline.train.data import InputBuilder, SyntheticConfig, SyntheticSource
 
 CFG = VPTConfig(backbone="tiny", d_clip=128, d_audio=2048, max_frames=8)
 

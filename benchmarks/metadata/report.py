@@ -41,14 +41,9 @@ def filesystem_of(path: Path) -> dict:
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    from pipeline.machine import cpu_model
+
+    return cpu_model()
 
 
 def _version(package: str) -> str | None:

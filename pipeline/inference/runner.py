@@ -31,12 +31,11 @@ from __future__ import annotations
 import os
 import resource
 import sys
-import threading
 import time
 import traceback
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from ..stages.base import ItemResult, error_reason

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
