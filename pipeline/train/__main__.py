@@ -25,8 +25,15 @@ def main(argv: list[str]) -> int:
         from pipeline.train.checkpoint import export_hf
         print(export_hf(Path(argv[1]), Path(argv[2])))
         return 0
+    cfg = compose(argv)
+    if cfg.get("run_on") == "slurm":
+        from pipeline.train.launch import submit
+        job = submit(cfg)
+        if cfg["slurm"]["wait"]:
+            print("summary " + json.dumps(job.results()[0]), flush=True)
+        return 0
     from pipeline.train.loop import train
-    summary = train(compose(argv))
+    summary = train(cfg)
     if summary.get("start_step") is not None:
         print("summary " + json.dumps(summary), flush=True)
     return 0
