@@ -29,16 +29,19 @@ def test_download_on_slurm_matches_local(tmp_path, media_server, slurm_cluster):
                            [f"gone {media_server.url('gone.mp4')}"]) + "\n")
     local, slurm = tmp_path / "local", tmp_path / "slurm"
     run_cli("stage=download", f"run_dir={local}", f"input={m}", "num_shards=3", *FAST)
+    # max_array_size=2: the 3 shards must be split over two array jobs.
     out = run_cli("stage=download", f"run_dir={slurm}", f"input={m}", "num_shards=3", "launcher=slurm",
-                  *FAST, *SMALL, env=slurm_cluster.env).stdout
-    assert "submitted 3 array task(s)" in out
+                  "launcher.max_array_size=2", *FAST, *SMALL, env=slurm_cluster.env).stdout
+    line = next(ln for ln in out.splitlines() if ln.startswith("submitted 3 array task(s)"))
+    job_ids = line.split("job(s) ")[1].split(", ")
+    assert len(job_ids) == 2
     assert _rows(slurm, "download", "ledger") == _rows(local, "download", "ledger")
     assert _rows(slurm, "download", "videos") == _rows(local, "download", "videos")
     # One array job; every task logged to its own files, and Slurm accounting saw it complete.
     logs = list((slurm / "download" / "logs" / "slurm").glob("*_log.out"))
     assert len(logs) == 3
-    job_id = logs[0].name.split("_")[0]
-    assert slurm_cluster.sacct_state(job_id) == "COMPLETED"
+    assert {p.name.split("_")[0] for p in logs} == set(job_ids)
+    assert [slurm_cluster.sacct_state(j) for j in job_ids] == ["COMPLETED", "COMPLETED"]
     # Nothing left to do: the second launch submits nothing.
     again = run_cli("stage=download", f"run_dir={slurm}", "launcher=slurm", *FAST, *SMALL, env=slurm_cluster.env)
     assert "0 of 3 shard(s) to run" in again.stdout and "submitted" not in again.stdout
