@@ -15,6 +15,7 @@ usage:
                      [cluster=generic|a40|a100] [models=real|tiny] [retry_failed=true] [<key>=<value> ...]
   python -m pipeline status run_dir=<dir>        what is done / failed / pending per stage
   python -m pipeline verify run_dir=<dir>        check the alignment of every ingested row (exit 1 on violations)
+  python -m pipeline report run_dir=<dir>        markdown + PNG run report (<run_dir>/report/)
   python -m pipeline help                        this text
 
 Stages (in pipeline order): {stages}
@@ -142,7 +143,13 @@ def verify(overrides: list[str]) -> int:
     return cli(overrides)
 
 
-COMMANDS = {"status": show_status, "verify": verify}
+def report(overrides: list[str]) -> int:
+    from .report import cli
+
+    return cli(overrides)
+
+
+COMMANDS = {"status": show_status, "verify": verify, "report": report}
 
 
 def main(argv: list[str] | None = None) -> int:
