@@ -8,6 +8,7 @@ Runs as one process without torchrun (a one-rank process group) or under torchru
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import signal
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from pipeline.models.vpt import VPT, VPTConfig, build_vpt, lm_losses
+from pipeline.models.vpt import VPT, VPTConfig, build_vpt, lm_losses, load_exported
 from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.data import BatchSource, InputBuilder, build_source, to_device
 from pipeline.train.metrics import ActivationNorms, MetricsWriter, Throughput, count_params, grad_norms, mfu
@@ -114,6 +115,20 @@ def evaluate(model: VPT, source: BatchSource, builder: InputBuilder, device: tor
     return ce_sum / n_sum if n_sum else float("nan")  # nan: the held-out split is empty
 
 
+# the model keys an exported model fixes (its weights depend on them); the others only switch inputs and lengths
+ARCHITECTURE_KEYS = ("backbone", "d_clip", "d_audio", "projector", "time_features", "max_time_s")
+
+
+def input_overrides(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in model_cfg.items() if k not in ARCHITECTURE_KEYS}
+
+
+def load_object(spec: str) -> Any:
+    """"package.module:name" -> that object."""
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 class BatchStream:
     """Endless batches over epochs from a resumable position (epoch, step within the epoch)."""
 
@@ -137,7 +152,12 @@ class BatchStream:
 
 
 def train(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Train per `cfg` (the composed `conf/train/pretrain.yaml`, as a plain dict). Returns a summary."""
+    """Train per `cfg` (the composed `conf/train/pretrain.yaml`, as a plain dict). Returns a summary.
+
+    Optional keys for finetuning (see `conf/train/vqa.yaml`): `init_from`, an exported model directory to start
+    from (its architecture wins over `cfg["model"]`, whose input switches and lengths still apply), and
+    `model_hook`, "package.module:function" called as function(model, cfg) -> model before sharding.
+    """
     tcfg, ocfg, ccfg = cfg["train"], cfg["optim"], cfg["checkpoint"]
     run_dir = Path(cfg["run_dir"])
 
@@ -148,13 +168,19 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
 
     # ---- model (same seed on every rank: FSDP keeps each rank's shard of identical initial weights)
     torch.manual_seed(cfg["seed"])
-    model_cfg = VPTConfig.from_dict(dict(cfg["model"]))
-    texts = train_source.tokenizer_texts() if hasattr(train_source, "tokenizer_texts") else ()
-    if d.rank == 0:      # one rank builds a tiny backbone; the others then load it from the cache
-        model, tokenizer = build_vpt(model_cfg, Path(cfg["cache_dir"]), texts)
-    dist.barrier()
-    if d.rank != 0:
-        model, tokenizer = build_vpt(model_cfg, Path(cfg["cache_dir"]), texts)
+    if cfg.get("init_from"):     # finetuning: weights, tokenizer and architecture of an exported model
+        model, tokenizer = load_exported(Path(cfg["init_from"]), **input_overrides(cfg["model"]))
+        model_cfg = model.cfg
+    else:
+        model_cfg = VPTConfig.from_dict(dict(cfg["model"]))
+        texts = train_source.tokenizer_texts() if hasattr(train_source, "tokenizer_texts") else ()
+        if d.rank == 0:      # one rank builds a tiny backbone; the others then load it from the cache
+            model, tokenizer = build_vpt(model_cfg, Path(cfg["cache_dir"]), texts)
+        dist.barrier()
+        if d.rank != 0:
+            model, tokenizer = build_vpt(model_cfg, Path(cfg["cache_dir"]), texts)
+    if cfg.get("model_hook"):    # e.g. LoRA adapters; runs before sharding, so FSDP sees the final modules
+        model = load_object(cfg["model_hook"])(model, cfg)
     model.to(d.device)
     n_params = count_params(model)
     shard_model(model, d.device, tcfg["activation_checkpointing"])
