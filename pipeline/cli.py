@@ -106,7 +106,7 @@ def launch_stage(overrides: list[str]):
     print(f"{stage_cls.name}: {len(to_run)} of {len(shards)} shard(s) to run with launcher={cfg.launcher.name}")
     result = launch(cfg, to_run)
     if not result.waited:
-        if cfg.launcher.name == "slurm" and stage_cls.finish is not Stage.finish:
+        if cfg.launcher.name == "slurm" and stage_cls.finish.__func__ is not Stage.finish.__func__:
             from .launchers.slurm import submit_finish
 
             after = result.job_ids or ([cfg.launcher.dependency.split(":", 1)[1]] if cfg.launcher.dependency else [])

@@ -65,6 +65,13 @@ def main() -> int:
         return fail(str(exc))
     finally:
         httpd.shutdown()
+    metrics = run_dir / "vqa" / "vqa" / "metrics.json"
+    if metrics.exists():
+        import json
+
+        m = json.loads(metrics.read_text())
+        print(f"\nVQA accuracy {m['accuracy']:.2f}% vs majority baseline {m['majority_baseline']:.2f}% "
+              f"(always {m['majority_answer']!r}) on {m['n_eval_questions']} held-out questions")
     print(f"\nrun dir: {run_dir}")
     report = run_dir / "report" / "report.md"
     if report.exists():

@@ -45,6 +45,7 @@ class LoaderConfig:
     shuffle: bool = True
     block_rows: int = 64                # contiguous rows per read
     shuffle_buffer_rows: int = 1024     # rows mixed in memory
+    drop_last: bool = False             # False: a last, smaller batch (every rank still gets the same step count)
     d_clip: int | None = None           # None: from the data
     d_audio: int | None = None
 
@@ -75,6 +76,7 @@ class EpochPlan:
     order: list[int]                    # this rank's rows in emission order
     steps: int                          # batches every rank yields
     entered_at: dict[int, int] = field(default_factory=dict)   # row -> index of its block in `blocks`
+    rows: int = 0                       # rows every rank yields this epoch (the smallest rank's share)
 
 
 class DeepLakeSource:
@@ -126,7 +128,8 @@ class DeepLakeSource:
                 else np.arange(n_blocks))
         sizes = [sum(self.blocks[i][1] - self.blocks[i][0] for i in perm[r::self.world_size])
                  for r in range(self.world_size)]
-        steps = min(sizes) // cfg.batch_size if sizes else 0
+        per_rank = min(sizes) if sizes else 0
+        steps = per_rank // cfg.batch_size if cfg.drop_last else -(-per_rank // cfg.batch_size)
         mine = [self.blocks[i] for i in perm[self.rank::self.world_size]]
         entered = {row: k for k, (a, b) in enumerate(mine) for row in range(a, b)}
         if not cfg.shuffle:
@@ -145,7 +148,7 @@ class DeepLakeSource:
                 j = int(rng.integers(len(buf)))
                 buf[j], buf[-1] = buf[-1], buf[j]
                 order.append(buf.pop())
-        return EpochPlan(mine, order, steps, entered)
+        return EpochPlan(mine, order, steps, entered, per_rank)
 
     def steps_per_epoch(self, epoch: int = 0) -> int:
         return self.plan(epoch).steps
@@ -162,13 +165,14 @@ class DeepLakeSource:
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, Any]]:
         plan = self.plan(epoch)
         bs = self.cfg.batch_size
-        wanted = plan.order[start_step * bs: plan.steps * bs]
+        last = min(plan.steps * bs, plan.rows)
+        wanted = plan.order[start_step * bs: last]
         needed_blocks = sorted({plan.entered_at[r] for r in wanted})
         pending = iter(needed_blocks)
         loaded: dict[int, dict[str, Any]] = {}
         wanted_set = set(wanted)
         for step in range(start_step, plan.steps):
-            ids = plan.order[step * bs:(step + 1) * bs]
+            ids = plan.order[step * bs:min((step + 1) * bs, last)]
             for r in ids:
                 while r not in loaded:     # blocks load in plan order; a row appears once its block entered
                     k = next(pending)

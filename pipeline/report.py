@@ -36,7 +36,9 @@ from .status import StageStatus, stage_status
 REPORT_DIR = "report"
 REPORT_FILE = "report.md"
 PRETRAIN_DIR = "pretrain"
-VQA_METRICS = Path("vqa") / "metrics.json"
+# The VQA step's own run dir is <run_dir>/vqa and it writes its evaluation under <that>/vqa/.
+VQA_METRICS_CANDIDATES = (Path("vqa") / "vqa" / "metrics.json", Path("vqa") / "metrics.json")
+VQA_METRICS = VQA_METRICS_CANDIDATES[0]
 
 
 # --------------------------------------------------------------------------------------------- collection
@@ -526,7 +528,8 @@ class Report:
 
     def section_vqa(self) -> None:
         self.lines += ["## VQA accuracy", ""]
-        path = self.run_dir / VQA_METRICS
+        path = next((self.run_dir / p for p in VQA_METRICS_CANDIDATES if (self.run_dir / p).exists()),
+                    self.run_dir / VQA_METRICS)
         metrics = read_json(path)
         if not isinstance(metrics, dict):
             self.lines += [f"No VQA evaluation yet (`{VQA_METRICS}` not found).", ""]

@@ -18,6 +18,9 @@ Workflow file:
       download: {stage: download, overrides: ["input=${run_dir}/videos.txt"]}
       frames:   {stage: frames, after: [download]}
       pretrain: {module: pipeline.train, args: [...], after: [ingest], resources: {cpus: 2, mem_gb: 8}}
+      report:   {module: pipeline.report, args: ["run_dir=${run_dir}"], after: [pretrain], rerun: true}
+
+Command steps take `nproc: N` (run under torchrun) and `rerun: true` (run every time, no done marker skip).
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from .atomic import write_json
 from .errors import ConfigError
 
-STEP_KEYS = {"stage", "module", "args", "overrides", "after", "resources", "nproc"}
+STEP_KEYS = {"stage", "module", "args", "overrides", "after", "resources", "nproc", "rerun"}
 
 
 def load(path: str | Path, overrides: list[str]) -> DictConfig:
@@ -111,7 +114,7 @@ def run_local(wf: DictConfig) -> int:
             result = launch_stage(stage_overrides(wf, step))
             if not result.ok:
                 failed.append(name)
-        elif _marker(wf, name).exists():
+        elif _marker(wf, name).exists() and not step.get("rerun", False):
             print(f"{name}: done already ({_marker(wf, name)})")
         else:
             try:
@@ -139,7 +142,7 @@ def submit_slurm(wf: DictConfig) -> dict[str, list[str]]:
         if "stage" in step:
             result = launch_stage([*stage_overrides(wf, step), "launcher.wait=false", *dep])
             jobs[name] = list(result.job_ids)
-        elif _marker(wf, name).exists():
+        elif _marker(wf, name).exists() and not step.get("rerun", False):
             jobs[name] = []
         else:
             res = dict(step.get("resources", {}))

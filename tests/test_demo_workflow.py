@@ -22,7 +22,7 @@ def test_demo_workflow_on_slurm(tmp_path, slurm_cluster, cache_dir):
     env = {**slurm_cluster.env, "VPT_CACHE_DIR": str(cache_dir)}
     try:
         run_cli(str(REPO / "workflows" / "demo.yaml"), "launcher=slurm", f"run_dir={run}", "pretrain_steps=20",
-                      module="pipeline.workflow", env=env, timeout=1500).stdout
+                      "vqa_steps=20", module="pipeline.workflow", env=env, timeout=1500).stdout
     finally:
         httpd.shutdown()
     jobs = json.loads((run / "workflow" / "jobs.json").read_text())
@@ -44,7 +44,13 @@ def test_demo_workflow_on_slurm(tmp_path, slurm_cluster, cache_dir):
     ckpts = sorted((run / "pretrain" / "checkpoints").glob("step-*"))
     assert ckpts and ckpts[-1].name == "step-00000020"
     assert (run / "workflow" / "pretrain.done").exists()
+    metrics = json.loads((run / "vqa" / "vqa" / "metrics.json").read_text())
+    assert 0 <= metrics["accuracy"] <= 100 and "majority_baseline" in metrics
+    report = (run / "report" / "report.md").read_text()
+    assert "Cost per video-hour" in report or "cost per video-hour" in report.lower()
+    assert "VQA" in report and (run / "report" / "loss_curves.png").exists()
     # Everything is done: a second submission has nothing to run.
     again = run_cli(str(REPO / "workflows" / "demo.yaml"), "launcher=slurm", f"run_dir={run}", "pretrain_steps=20",
-                    "wait=false", module="pipeline.workflow", env=env, timeout=600).stdout
-    assert "submitted" not in again, again
+                    "vqa_steps=20", "wait=false", module="pipeline.workflow", env=env, timeout=600).stdout
+    submitted = [ln for ln in again.splitlines() if ln.startswith("submitted")]
+    assert len(submitted) == 1 and submitted[0].startswith("submitted report:"), again  # only the rerun step

@@ -97,7 +97,8 @@ def test_local_paths_and_file_urls(tmp_path, shared_media):
     assert ledger["counter"]["status"] == "ok" and ledger["fades"]["status"] == "ok"
     assert ledger["nothere"]["reason"].startswith("not_a_file:")
     videos = {r["video_id"]: r for r in _table(run, "download", "videos")}
-    assert videos["counter"]["path"] == str(shared_media / "counter.mp4") and videos["counter"]["source"] == "local"
+    assert Path(videos["counter"]["path"]) == (shared_media / "counter.mp4").resolve()
+    assert videos["counter"]["source"] == "local"
 
 
 def test_kill_9_mid_shard_then_resume_is_identical(tmp_path, media_server):

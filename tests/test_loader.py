@@ -32,7 +32,8 @@ def keys_of(batches) -> list[tuple[str, int]]:
 
 def test_batches_follow_contract_and_equal_source_rows(dataset):
     url, source = dataset
-    src = DeepLakeSource(url, LoaderConfig(batch_size=4, max_frames=64, split_fractions=ALL_TRAIN), "train")
+    src = DeepLakeSource(url, LoaderConfig(batch_size=4, max_frames=64, split_fractions=ALL_TRAIN, drop_last=True),
+                         "train")
     assert isinstance(src, BatchSource)
     batches = list(src.batches(0))
     assert len(batches) == len(source) // 4
@@ -56,6 +57,18 @@ def test_batches_follow_contract_and_equal_source_rows(dataset):
             assert torch.equal(b["audio"][i], torch.tensor(np.asarray(row["audio"], np.float16).astype(np.float32)))
     few = next(DeepLakeSource(url, LoaderConfig(batch_size=8, max_frames=2, split_fractions=ALL_TRAIN)).batches(0))
     assert few["clip"].shape[1] <= 2 and (few["frame_time"][:, 1] >= few["frame_time"][:, 0]).all()
+
+
+def test_last_partial_batch_unless_drop_last(dataset):
+    url, source = dataset
+    bs = len(source) - 1 if len(source) % 2 == 0 else len(source) - 2   # one full batch + a remainder
+    keep = list(DeepLakeSource(url, LoaderConfig(batch_size=bs, split_fractions=ALL_TRAIN)).batches(0))
+    assert [len(b["video_id"]) for b in keep] == [bs, len(source) - bs]
+    assert sorted(keys_of(keep)) == sorted(source)                 # every row exactly once
+    drop = list(DeepLakeSource(url, LoaderConfig(batch_size=bs, split_fractions=ALL_TRAIN, drop_last=True)).batches(0))
+    assert [len(b["video_id"]) for b in drop] == [bs]
+    tiny = DeepLakeSource(url, LoaderConfig(batch_size=len(source) + 5, split_fractions=ALL_TRAIN))
+    assert tiny.steps_per_epoch() == 1    # a split smaller than one batch still trains
 
 
 def test_splits_never_share_a_video(dataset):

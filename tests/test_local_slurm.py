@@ -165,11 +165,11 @@ def _wait_job_end(cluster, job_id: str, limit_s: float) -> str:
     while cluster.run("squeue", "-h", "-j", job_id, "-o", "%A", check=False).stdout.strip():
         assert time.monotonic() < deadline, f"job {job_id} still queued/running"
         time.sleep(0.3)
-    for _ in range(20):  # accounting lags the end of the job slightly
+    for _ in range(60):  # accounting lags the end of the job (an array's tasks may disagree for a moment: MIXED)
         state = cluster.sacct_state(job_id)
-        if state and state not in ("RUNNING", "PENDING", "COMPLETING"):
+        if state and state not in ("RUNNING", "PENDING", "COMPLETING", "MIXED"):
             return state
-        time.sleep(0.3)
+        time.sleep(0.5)
     return state
 
 

@@ -157,7 +157,7 @@ def test_only_download_done_reports_what_is_missing(tmp_path):
     for stage in ("frames", "asr", "clip", "audio", "scenegraph", "ingest"):
         assert f"stage `{stage}`: not run yet" in missing
     assert "pretraining: no `pretrain/metrics.jsonl`" in missing
-    assert "VQA evaluation: no `vqa/metrics.json`" in missing
+    assert "VQA evaluation: no `vqa/vqa/metrics.json`" in missing
     assert "| download | 2/2 | 4 | 1 | 0 | 0 | videos 4 |" in md
     assert "No frames-stage `videos` rows yet." in md and "No training metrics yet." in md
     assert "| download | 2 CPU (config.yaml, launcher slurm) | 20.0 | 40.0 | CPU-core-s | **30.0** |" in md
