@@ -65,6 +65,9 @@ def main() -> int:
         return fail(str(exc))
     finally:
         httpd.shutdown()
+    from .status import format_status, run_status
+
+    print("\n" + format_status(run_dir, run_status(run_dir)))
     metrics = run_dir / "vqa" / "vqa" / "metrics.json"
     if metrics.exists():
         import json
