@@ -55,8 +55,9 @@ def _text(value: Any) -> str:
 
 
 def split_of(video_id: str, fractions: tuple[float, float, float]) -> str:
-    """Stable across machines and runs: sha1 of the video id -> a point in [0, 1)."""
-    x = int.from_bytes(hashlib.sha1(video_id.encode()).digest()[:8], "big") / 2**64
+    """Stable across machines and runs: sha1 of the video id -> a point in [0, 1). Salted, so that the split does
+    not share bits with the shard assignment (also sha1 of the id)."""
+    x = int.from_bytes(hashlib.sha1(f"split:{video_id}".encode()).digest()[:8], "big") / 2**64
     total = sum(fractions)
     edge = 0.0
     for name, frac in zip(SPLITS, fractions):

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def test_demo_workflow_on_slurm(tmp_path, slurm_cluster, cache_dir):
-    paths = make_samples(tmp_path / "samples", 4, shots=3, shot_seconds=2.0)
+    paths = make_samples(tmp_path / "samples", 6, shots=2, shot_seconds=2.0)
     httpd, base = serve(tmp_path / "samples")
     run = tmp_path / "run"
     run.mkdir()

@@ -145,7 +145,8 @@ class BatchStream:
                 self.step_in_epoch += 1
                 return batch
             self._it, self.epoch, self.step_in_epoch = None, self.epoch + 1, 0
-        raise RuntimeError(f"the data source yielded no batch for epoch {self.epoch}")
+        raise RuntimeError(f"the data source yielded no batch for epoch {self.epoch}: is its split empty? "
+                           "(few videos: check the split fractions, e.g. data.loader.split_fractions)")
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "source": self.source.state_dict()}
