@@ -9,6 +9,7 @@ import fcntl
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,16 @@ class SlurmCluster:
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """Run a Slurm client command (sbatch, squeue, ...) against this cluster."""
         return subprocess.run(list(args), env=self.env, check=check, capture_output=True, text=True)
+
+    def final_state(self, job_id: str | int, timeout_s: float = 60.0) -> str:
+        """sacct_state once accounting has caught up with the end of the job (it lags: an array's tasks may show
+        COMPLETING or disagree (MIXED) for a moment after squeue has forgotten the job)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            state = self.sacct_state(job_id)
+            if state not in ("", "RUNNING", "PENDING", "COMPLETING", "MIXED", "REQUEUED") or time.monotonic() > deadline:
+                return state
+            time.sleep(0.5)
 
     def sacct_state(self, job_id: str | int) -> str:
         """Accounting state of a job ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", ...).

@@ -30,7 +30,7 @@ def test_demo_workflow_on_slurm(tmp_path, slurm_cluster, cache_dir):
     assert all(jobs[s] for s in jobs), jobs  # every step was submitted as Slurm job(s)
     for step, ids in jobs.items():
         for job_id in ids:
-            assert slurm_cluster.sacct_state(job_id) == "COMPLETED", (step, job_id)
+            assert slurm_cluster.final_state(job_id) == "COMPLETED", (step, job_id)
     # Stage arrays waited on their upstream arrays.
     deps = slurm_cluster.run("sacct", "-X", "-n", "-P", "-o", "JobID,Submit,Start", "-j", ",".join(jobs["ingest"]))
     assert deps.stdout.strip()

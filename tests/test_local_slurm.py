@@ -76,7 +76,7 @@ class CountSteps(submitit.helpers.Checkpointable):
 def test_map_array_returns_results(slurm_cluster, tmp_path):
     jobs = _executor(tmp_path).map_array(_square, [1, 2, 3, 4])
     assert [job.result() for job in jobs] == [1, 4, 9, 16]
-    assert slurm_cluster.sacct_state(jobs[0].job_id.split("_")[0]) == "COMPLETED"
+    assert slurm_cluster.final_state(jobs[0].job_id.split("_")[0]) == "COMPLETED"
 
 
 @pytest.mark.timeout(120)
@@ -87,7 +87,7 @@ def test_cancelled_job_is_reported_failed(slurm_cluster, tmp_path):
     job._results_timeout_s = 2  # submitit waits 15 s for a result file on slow shared filesystems
     with pytest.raises(submitit.core.utils.UncompletedJobError):
         job.result()
-    assert slurm_cluster.sacct_state(job.job_id) == "CANCELLED"
+    assert slurm_cluster.final_state(job.job_id) == "CANCELLED"
 
 
 @pytest.mark.slow
@@ -98,7 +98,7 @@ def test_timed_out_job_is_reported_failed(slurm_cluster, tmp_path):
     job._results_timeout_s = 2  # submitit waits 15 s for a result file on slow shared filesystems
     with pytest.raises(submitit.core.utils.UncompletedJobError):
         job.result()
-    assert slurm_cluster.sacct_state(job.job_id) == "TIMEOUT"
+    assert slurm_cluster.final_state(job.job_id) == "TIMEOUT"
 
 
 @pytest.mark.timeout(120)
@@ -125,7 +125,7 @@ def test_afterany_dependency_runs_after_failed_job(slurm_cluster, tmp_path):
     assert dependent.result() == 49
     with pytest.raises(submitit.core.utils.FailedJobError, match="bad input"):
         failing.result()
-    assert slurm_cluster.sacct_state(failing.job_id) == "FAILED"
+    assert slurm_cluster.final_state(failing.job_id) == "FAILED"
     times = slurm_cluster.run(
         "sacct", "-j", f"{failing.job_id},{dependent.job_id}", "-X", "-n", "-P", "-o", "JobID,Start,End"
     ).stdout.split()

@@ -41,7 +41,7 @@ def test_download_on_slurm_matches_local(tmp_path, media_server, slurm_cluster):
     logs = list((slurm / "download" / "logs" / "slurm").glob("*_log.out"))
     assert len(logs) == 3
     assert {p.name.split("_")[0] for p in logs} == set(job_ids)
-    assert [slurm_cluster.sacct_state(j) for j in job_ids] == ["COMPLETED", "COMPLETED"]
+    assert [slurm_cluster.final_state(j) for j in job_ids] == ["COMPLETED", "COMPLETED"]
     # Nothing left to do: the second launch submits nothing.
     again = run_cli("stage=download", f"run_dir={slurm}", "launcher=slurm", *FAST, *SMALL, env=slurm_cluster.env)
     assert "0 of 3 shard(s) to run" in again.stdout and "submitted" not in again.stdout
