@@ -84,3 +84,27 @@ def test_requeued_task_resumes_where_it_stopped(tmp_path, media_server, slurm_cl
     assert len(starts) == 2  # the first attempt and the requeued one
     resumed = [ln for ln in log.splitlines() if "already in parts" in ln][-1]
     assert " 0 already in parts" not in resumed
+
+
+def test_stage_array_template_runs_the_real_engine(tmp_path, shared_media, slurm_cluster):
+    """slurm/stage_array.sbatch, submitted by hand as a user would, runs real shards through pipeline.task."""
+    import subprocess
+    import sys
+
+    m = tmp_path / "m.txt"
+    m.write_text("".join(f"c{i} {shared_media / 'counter.mp4'}\n" for i in range(6)))
+    run = tmp_path / "run"
+    # Pin the run (and run nothing): shards=[] launches no shard.
+    run_cli("stage=download", f"run_dir={run}", f"input={m}", "num_shards=3", "shards=[]")
+    assert not list(run.glob("download/shard-*/_SUCCESS"))
+    job = subprocess.run(
+        ["sbatch", "--parsable", "--array=0-2%2", "--mem=512M", "--cpus-per-task=1", f"--chdir={Path.cwd()}",
+         f"--output={tmp_path}/%x-%A_%a.out", f"--export=ALL,STAGE=download,RUN_DIR={run},PYTHON={sys.executable}",
+         str(Path(__file__).resolve().parents[1] / "slurm" / "stage_array.sbatch")],
+        env=slurm_cluster.env, check=True, capture_output=True, text=True).stdout.strip().split(";")[0]
+    deadline = time.time() + 120
+    while slurm_cluster.run("squeue", "-h", "-j", job, check=False).stdout.strip() and time.time() < deadline:
+        time.sleep(0.5)
+    assert slurm_cluster.final_state(job) == "COMPLETED"
+    assert len(list(run.glob("download/shard-*/_SUCCESS"))) == 3
+    assert len(_rows(run, "download", "videos")) == 6
