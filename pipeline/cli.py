@@ -35,6 +35,14 @@ def fail(message: str) -> int:
     return 2
 
 
+def command_main(command, argv: list[str] | None = None) -> int:
+    """`python -m pipeline.<module> key=value ...` for a subcommand: a ConfigError is one line and exit code 2."""
+    try:
+        return command(list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as exc:
+        return fail(str(exc))
+
+
 def redacted(container: dict) -> dict:
     """Config as written to run dirs and logs: credentials (cookies, proxies, tokens) never leave memory."""
     out = {}

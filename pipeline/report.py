@@ -589,11 +589,9 @@ def cli(overrides: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return cli(list(sys.argv[1:] if argv is None else argv))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    from .cli import command_main
+
+    return command_main(cli, argv)
 
 
 if __name__ == "__main__":
