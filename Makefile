@@ -9,16 +9,18 @@ ARGS ?=
 APT_PACKAGES := ffmpeg espeak-ng sox strace slurmctld slurmd slurm-client munge slurmdbd mariadb-server-core mariadb-client-core
 STAGES := download frames asr clip audio scenegraph ingest
 
-.PHONY: install system-packages test test-fast demo status slurm-up slurm-down bench bench-metadata clean $(STAGES) help
+.PHONY: install system-packages test test-fast demo status slurm-up slurm-down bench-metadata bench-frames \
+	bench-inference bench-experts bench-ingest bench-train clean $(STAGES) help
 
 help:
-	@echo "make demo            the whole pipeline on bundled sample media with tiny models (no cluster needed)"
+	@echo "make demo            the whole pipeline on sample videos it makes itself, tiny models, no cluster"
 	@echo "make test            the whole test suite (starts a real local Slurm, Ray, ...)"
 	@echo "make install         .venv with everything (and Debian packages when run as root)"
 	@echo "make <stage> ARGS='run_dir=... [overrides]'   one stage: $(STAGES)"
 	@echo "make status RUN_DIR=runs/x                    done / failed / pending per stage"
 	@echo "make slurm-up / slurm-down                    a real Slurm (+accounting) on this machine"
-	@echo "make bench / bench-metadata                   benchmarks (results in benchmarks/results/)"
+	@echo "make bench-metadata | bench-frames | bench-inference | bench-experts | bench-ingest | bench-train"
+	@echo "                                              benchmarks (results in benchmarks/results/)"
 
 install: $(STAMP)
 
@@ -64,6 +66,21 @@ slurm-down:
 
 bench-metadata: install
 	$(PY) -m benchmarks.metadata $(ARGS)
+
+bench-frames: install
+	$(PY) benchmarks/frames_bench.py --write $(ARGS)
+
+bench-inference: install
+	$(PY) benchmarks/inference_bench.py --out benchmarks/results/inference.md $(ARGS)
+
+bench-experts: install
+	$(PY) benchmarks/experts_bench.py --write $(ARGS)
+
+bench-ingest: install
+	$(PY) -m benchmarks.ingest_bench $(ARGS)
+
+bench-train: install
+	$(PY) benchmarks/train_bench.py $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache
