@@ -13,6 +13,7 @@ pytestmark = pytest.mark.slurm
 
 def test_two_node_training_requeues_and_resumes(tmp_path, slurm_cluster, cache_dir, monkeypatch):
     from pipeline.train.__main__ import compose
+    from pipeline.train.checkpoint import complete_checkpoints
     from pipeline.train.launch import submit
 
     for k, v in {**slurm_cluster.env, "VPT_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1"}.items():
@@ -25,14 +26,14 @@ def test_two_node_training_requeues_and_resumes(tmp_path, slurm_cluster, cache_d
     job = submit(cfg)
     ckpts = run / "checkpoints"
     deadline = time.time() + 300
-    while not (ckpts / "step-00000010").exists() and time.time() < deadline:
+    while not complete_checkpoints(ckpts) and time.time() < deadline:  # the step-10 checkpoint, fully written
         time.sleep(0.5)
-    assert (ckpts / "step-00000010").exists()
+    assert complete_checkpoints(ckpts)
     job._interrupt()  # Slurm's pre-timeout / preemption signal: checkpoint (submitit) + requeue
     deadline = time.time() + 400
-    while not (run / "checkpoints" / "step-00000040").exists() and time.time() < deadline:
+    while not any(step == 40 for step, _, _ in complete_checkpoints(ckpts)) and time.time() < deadline:
         time.sleep(1)
-    assert (ckpts / "step-00000040").exists()
+    assert any(step == 40 for step, _, _ in complete_checkpoints(ckpts))
     while slurm_cluster.sacct_state(job.job_id) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
         assert time.time() < deadline
         time.sleep(1)
