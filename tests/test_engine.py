@@ -1,7 +1,10 @@
-"""Engine units: manifests, stable sharding, geometry pinning, config validation, ledger/parts/finalize."""
+"""Engine units: manifests, stable sharding, geometry pinning, config validation, ledger/parts/finalize, requeue."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 
 import pyarrow as pa
 import pytest
@@ -126,3 +129,25 @@ def test_parts_finalize_and_dedupe(tmp_path):
     stats = json.loads((store.dir / "stats.json").read_text())
     assert (stats["ok"], stats["failed"], stats["items"]) == (2, 1, 3)
     assert [r["video_id"] for r in store.read_ledger()] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_requeue_command_survives_the_steps_sigterm(checkpointed):
+    """submitit runs `scontrol requeue` right after checkpoint(); a SIGTERM sent to the whole Slurm step at that moment
+    (preemption, or the requeue's own kill) must not kill it, or the job fails instead of being requeued."""
+    script = textwrap.dedent(f"""
+        import signal, subprocess, sys, time
+        from pipeline.launchers.slurm import ShardTask
+        signal.signal(signal.SIGTERM, lambda *_: None)  # what submitit installs: a Python handler (not inherited)
+        if {checkpointed}:
+            ShardTask({{}}).checkpoint(0)
+        child = subprocess.Popen(["sleep", "30"])  # stands in for `scontrol requeue`
+        time.sleep(0.2)
+        child.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        alive = child.poll() is None
+        child.kill()
+        print("alive" if alive else "killed")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ("alive" if checkpointed else "killed")

@@ -17,6 +17,8 @@ import submitit
 
 from slurm_cluster import REPO_ROOT
 
+from pipeline.launchers.slurm import Requeueable
+
 pytestmark = pytest.mark.slurm
 
 # Jobs unpickle the functions below; this module is not importable inside a job, so ship them by value.
@@ -55,7 +57,7 @@ def _node_name() -> str:
     return os.environ["SLURMD_NODENAME"]
 
 
-class CountSteps(submitit.helpers.Checkpointable):
+class CountSteps(Requeueable):
     """Counts to `total`, one step per 0.5 s; the count survives a requeue through the checkpoint."""
 
     def __init__(self, total: int) -> None:

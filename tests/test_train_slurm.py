@@ -11,6 +11,10 @@ import pytest
 pytestmark = pytest.mark.slurm
 
 
+def _logs(run: Path, pattern: str = "*_log.*") -> str:
+    return "".join(p.read_text() for p in sorted(Path(run / "logs" / "slurm").glob(pattern)))
+
+
 def test_two_node_training_requeues_and_resumes(tmp_path, slurm_cluster, cache_dir, monkeypatch):
     from pipeline.train.__main__ import compose
     from pipeline.train.checkpoint import complete_checkpoints
@@ -29,11 +33,13 @@ def test_two_node_training_requeues_and_resumes(tmp_path, slurm_cluster, cache_d
     while not complete_checkpoints(ckpts) and time.time() < deadline:  # the step-10 checkpoint, fully written
         time.sleep(0.5)
     assert complete_checkpoints(ckpts)
-    job._interrupt()  # Slurm's pre-timeout / preemption signal: checkpoint (submitit) + requeue
+    job._interrupt()  # preemption: SIGTERM + USR2 -> checkpoint (submitit) + scontrol requeue
     deadline = time.time() + 400
+    ended = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
     while not any(step == 40 for step, _, _ in complete_checkpoints(ckpts)) and time.time() < deadline:
+        assert slurm_cluster.sacct_state(job.job_id) not in ended, _logs(run)[-3000:]  # not requeued: why
         time.sleep(1)
-    assert any(step == 40 for step, _, _ in complete_checkpoints(ckpts))
+    assert any(step == 40 for step, _, _ in complete_checkpoints(ckpts)), _logs(run)[-3000:]
     while slurm_cluster.sacct_state(job.job_id) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
         assert time.time() < deadline
         time.sleep(1)
@@ -44,6 +50,6 @@ def test_two_node_training_requeues_and_resumes(tmp_path, slurm_cluster, cache_d
     assert sorted(set(steps)) == list(range(1, 41))  # every step trained, none lost across the requeue
     attempts = slurm_cluster.run("sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", str(job.job_id)).stdout.split()
     assert attempts == ["REQUEUED", "COMPLETED"], attempts
-    out = "".join(p.read_text() for p in Path(run / "logs" / "slurm").glob("*_0_log.out"))
+    out = _logs(run, "*_0_log.out")
     resumed = [ln for ln in out.splitlines() if ln.startswith("resumed from")]
     assert resumed and not resumed[-1].endswith("at step 0"), out[-2000:]  # from a checkpoint, not scratch

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -23,8 +24,22 @@ from ..task import run_task
 from . import LaunchResult
 
 
-class ShardTask(submitit.helpers.Checkpointable):
-    """Picklable array-task body. checkpoint() (inherited) resubmits the same call: the shard resumes."""
+class Requeueable(submitit.helpers.Checkpointable):
+    """A submitit task that Slurm's pre-timeout/preemption signal requeues; the requeued call resumes the work.
+
+    submitit's signal handler calls checkpoint() and then runs `scontrol requeue`. A SIGTERM sent to the whole step at
+    that moment (preemption sends one; so does the requeue itself) would kill that `scontrol` and fail the job instead
+    of requeuing it. SIG_IGN, unlike a Python handler, is inherited by the child, so it is set here, just before the
+    requeue. Slurm still ends the step with SIGKILL.
+    """
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return super().checkpoint(*args, **kwargs)
+
+
+class ShardTask(Requeueable):
+    """Picklable array-task body. checkpoint() resubmits the same call: the shard resumes."""
 
     def __init__(self, cfg_container: dict):
         self.cfg_container = cfg_container

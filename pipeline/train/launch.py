@@ -14,9 +14,10 @@ from typing import Any
 import submitit
 
 from ..launchers.ray_cluster import _node_address
+from ..launchers.slurm import Requeueable
 
 
-class TrainTask(submitit.helpers.Checkpointable):
+class TrainTask(Requeueable):
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = cfg
 
