@@ -109,12 +109,13 @@ def probe(path: str | Path, max_pixels: int | None = None) -> VideoInfo:
     """
     with _open(path) as container:
         stream = _video_stream(container)
-        ctx = stream.codec_context
+        ctx = stream.codec_context  # None when FFmpeg does not know the codec at all
+        if ctx is None or ctx.codec is None or not ctx.codec.is_decoder:
+            name = ctx.name if ctx is not None else "unknown"
+            raise VideoError("unsupported_codec", f"no decoder for {name!r}")
         width, height = int(ctx.width or 0), int(ctx.height or 0)
         if max_pixels and width * height > max_pixels:
             raise VideoError("too_large", f"{width}x{height} > max_pixels={max_pixels}")
-        if ctx.codec is None or not ctx.codec.is_decoder:
-            raise VideoError("unsupported_codec", f"no decoder for {stream.codec_context.name!r}")
         if stream.time_base is None:
             raise VideoError("corrupt", "video stream has no time base")
         pts: list[int] = []

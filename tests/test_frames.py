@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from bad_media import bad_videos
 from conftest import run_cli
 from PIL import Image
 
@@ -112,27 +113,19 @@ def test_stage_rows_and_drop_low_cut(tmp_path, shared_media):
 
 
 def test_bad_inputs_are_recorded_failures_and_the_shard_goes_on(tmp_path, shared_media):
-    zero = tmp_path / "zero.mp4"
-    zero.write_bytes(b"")
-    noise = tmp_path / "noise.mp4"
-    noise.write_bytes(np.random.default_rng(1).integers(0, 256, 100_000, dtype=np.uint8).tobytes())
-    truncated = tmp_path / "truncated.mp4"
-    data = (shared_media / "fades.mp4").read_bytes()
-    truncated.write_bytes(data[: len(data) // 2])
     big = tmp_path / "big.mp4"
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc2=size=1280x720:rate=5:duration=1",
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc2=size=2560x1440:rate=5:duration=1",
                     "-c:v", "libx264", "-pix_fmt", "yuv420p", str(big)], check=True)
-    items = [_item("zero", zero), _item("noise", noise), _item("truncated", truncated),
-             _item("audio", shared_media / "speech_lecture.mp3"), _item("big", big), _item("nopath", None),
-             _item("good", shared_media / "delayed_start.mp4")]
-    stage = STAGE(FramesConfig(max_pixels=640 * 480), _ctx(tmp_path))
+    bad = bad_videos(tmp_path, shared_media)
+    expected = {path.stem: category for path, category in bad.items()} | {"big": "too_large", "nopath": "missing"}
+    items = [_item(path.stem, path) for path in bad]
+    items += [_item("big", big), _item("nopath", None), _item("good", shared_media / "delayed_start.mp4")]
+    stage = STAGE(FramesConfig(max_pixels=1920 * 1080), _ctx(tmp_path))
     results = {r.video_id: r for r in stage.process(items)}
     assert len(results) == len(items)
-    expected = {"zero": "corrupt: ", "noise": "corrupt: ", "truncated": "corrupt: ", "audio": "no_video_stream: ",
-                "big": "too_large: ", "nopath": "missing: "}
-    for video_id, prefix in expected.items():
+    for video_id, category in expected.items():
         assert results[video_id].status == "failed", video_id
-        assert results[video_id].reason.startswith(prefix), (video_id, results[video_id].reason)
+        assert results[video_id].reason.startswith(category + ": "), (video_id, results[video_id].reason)
     assert results["good"].status == "ok" and results["good"].rows["frames"]
 
 

@@ -1,12 +1,12 @@
 """pipeline.video: probing, PTS-exact decoding (decord and PyAV) on real files, resizing, bad input."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bad_media import bad_videos
 from PIL import Image
 
 from pipeline.video import VideoError, decode_at, decode_jpeg, encode_jpeg, probe, resize_short_side
@@ -106,20 +106,7 @@ def test_jpeg_round_trip_is_close():
 
 
 def test_bad_inputs_raise_video_error_with_category(tmp_path, shared_media):
-    zero = tmp_path / "zero.mp4"
-    zero.write_bytes(b"")
-    noise = tmp_path / "noise.mp4"
-    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint8).tobytes())
-    truncated = tmp_path / "truncated.mp4"
-    data = (shared_media / "fades.mp4").read_bytes()
-    truncated.write_bytes(data[: len(data) // 3])
-    cut_short = tmp_path / "cut_short.mp4"   # index at the front: demuxes cleanly until the data ends
-    data = (shared_media / "speech_cuts_1080p.mp4").read_bytes()
-    cut_short.write_bytes(data[: len(data) // 2])
-    audio = tmp_path / "speech.mp3"
-    shutil.copy(shared_media / "speech_lecture.mp3", audio)
-    cases = {zero: "corrupt", noise: "corrupt", truncated: "corrupt", cut_short: "corrupt", audio: "no_video_stream",
-             tmp_path / "absent.mp4": "missing"}
+    cases = bad_videos(tmp_path, shared_media)
     for path, category in cases.items():
         with pytest.raises(VideoError) as err:
             probe(path)
