@@ -129,6 +129,12 @@ def bench_clip_stage(tmp: Path, cache_dir: Path, n_videos: int = 4, frames_per_v
             "runner_wall_s": stats["runner_wall_s"], "model_load_s": stats["model_load_s"]}
 
 
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    """Markdown table lines."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache-dir", type=Path, default=Path(os.environ.get(
@@ -143,26 +149,26 @@ def main() -> None:
         tmp = Path(tmp_name)
         fake = bench_fake(args.fake_items, prep_s=0.04, model_s=0.05)
         lines += ["## Fixed-latency fake model (Ray, 1 preprocess worker, 1 model actor, batch 1)",
-                  f"preprocess 40 ms/item, model 50 ms/batch, {args.fake_items} items", "",
-                  "| case | items/s | model-busy fraction | wall s |", "|---|---|---|---|"]
-        lines += [f"| {r['case']} | {r['items_per_s']:.1f} | {r['busy']:.1%} | {r['wall_s']:.1f} |" for r in fake]
+                  f"preprocess 40 ms/item, model 50 ms/batch, {args.fake_items} items", ""]
+        lines += _table(["case", "items/s", "model-busy fraction", "wall s"],
+                        [[r["case"], f"{r['items_per_s']:.1f}", f"{r['busy']:.1%}", f"{r['wall_s']:.1f}"] for r in fake])
         asr = bench_asr_stage(tmp, args.cache_dir)
-        lines += ["", "## asr stage (tiny faster-whisper, int8 CPU, beam 1, batch 8, VAD; Ray runner)",
-                  "| items | audio s | items/s | audio s per wall s | model-busy fraction | runner wall s |",
-                  "|---|---|---|---|---|---|",
-                  f"| {asr['items']} | {asr['audio_s']:.0f} | {asr['items_per_s']:.2f} | "
-                  f"{asr['audio_s'] / asr['runner_wall_s']:.1f} | {asr['busy']:.1%} | {asr['runner_wall_s']:.1f} |"]
+        lines += ["", "## asr stage (tiny faster-whisper, int8 CPU, beam 1, batch 8, VAD; Ray runner)"]
+        lines += _table(["items", "audio s", "items/s", "audio s per wall s", "model-busy fraction", "runner wall s"],
+                        [[asr["items"], f"{asr['audio_s']:.0f}", f"{asr['items_per_s']:.2f}",
+                          f"{asr['audio_s'] / asr['runner_wall_s']:.1f}", f"{asr['busy']:.1%}",
+                          f"{asr['runner_wall_s']:.1f}"]])
         bvs = bench_asr_batched_vs_sequential(args.cache_dir)
         lines += ["", "## asr batched vs sequential (same tiny model, first 300 s of speech_lecture.mp3, "
-                  "beam 1, word timestamps, VAD)",
-                  "| case | seconds | x real time | segments |", "|---|---|---|---|"]
-        lines += [f"| {r['case']} | {r['seconds']:.2f} | {r['x_realtime']:.0f} | {r['segments']} |" for r in bvs]
+                  "beam 1, word timestamps, VAD)"]
+        lines += _table(["case", "seconds", "x real time", "segments"],
+                        [[r["case"], f"{r['seconds']:.2f}", f"{r['x_realtime']:.0f}", r["segments"]] for r in bvs])
         clip = bench_clip_stage(tmp, args.cache_dir)
-        lines += ["", "## clip stage (tiny open_clip 224 px, fp32 CPU; Ray runner, 1 video per model call)",
-                  "| videos | frames | items/s | frames/s | model-busy fraction | runner wall s | model load s |",
-                  "|---|---|---|---|---|---|---|",
-                  f"| {clip['items']} | {clip['frames']} | {clip['items_per_s']:.2f} | {clip['frames_per_s']:.1f} | "
-                  f"{clip['busy']:.1%} | {clip['runner_wall_s']:.1f} | {clip['model_load_s']:.1f} |"]
+        lines += ["", "## clip stage (tiny open_clip 224 px, fp32 CPU; Ray runner, 1 video per model call)"]
+        lines += _table(["videos", "frames", "items/s", "frames/s", "model-busy fraction", "runner wall s",
+                         "model load s"],
+                        [[clip["items"], clip["frames"], f"{clip['items_per_s']:.2f}", f"{clip['frames_per_s']:.1f}",
+                          f"{clip['busy']:.1%}", f"{clip['runner_wall_s']:.1f}", f"{clip['model_load_s']:.1f}"]])
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:

@@ -73,6 +73,19 @@ class MediaServer:
         self.httpd.server_close()
 
 
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray for a test module (the inference runner reuses a running Ray instead of starting its own)."""
+    import ray
+
+    from pipeline.inference.runner import ensure_ray
+
+    started = ensure_ray(num_cpus=2)
+    yield
+    if started:
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def media_server(tmp_path_factory, shared_media):
     """Real HTTP on 127.0.0.1 serving copies of the sample videos (v0.mp4 ... v9.mp4)."""

@@ -11,17 +11,7 @@ from pipeline.stages.asr import AsrConfig, AsrStage
 from pipeline.stages.base import RunContext, WorkItem
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    """One Ray for the module (the runner reuses a running Ray instead of starting its own)."""
-    import ray
-
-    from pipeline.inference.runner import ensure_ray
-
-    started = ensure_ray(num_cpus=2)
-    yield
-    if started:
-        ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_session")  # one Ray for the module (conftest)
 
 
 def _item(i: int, video_id: str, path: Path) -> WorkItem:
