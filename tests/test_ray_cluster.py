@@ -21,4 +21,5 @@ def test_ray_cluster_over_two_slurm_nodes(tmp_path, slurm_cluster, monkeypatch):
     assert results[1:] == [None]
     report = results[0]
     assert report["nodes"] == 2 and report["cpus"] >= 4
-    assert report["task_nodes"] >= 1
+    assert report["task_nodes"] == 2  # a task ran on each Ray node ...
+    assert len(report["slurm_nodes"]) == 2, report  # ... and they are the allocation's two Slurm nodes

@@ -120,20 +120,27 @@ def run_on_ray_cluster(work: Callable[[], Any], env, state_dir: Path, timeout_s:
 
 
 def ray_cluster_info() -> dict:
-    """Nodes and CPUs of the Ray cluster at RAY_ADDRESS, and on how many nodes a few tasks actually ran."""
+    """Nodes and CPUs of the Ray cluster at RAY_ADDRESS, and the Slurm node each Ray node ran a task on.
+
+    One task is pinned to each Ray node (hard node affinity): a node that joined but cannot run work (no worker
+    processes, broken object store) makes this fail or hang instead of passing unnoticed.
+    """
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     try:
         nodes = [n for n in ray.nodes() if n["Alive"]]
 
-        @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
-        def node_id() -> str:
-            return ray.get_runtime_context().get_node_id()
+        @ray.remote(num_cpus=1)
+        def where() -> tuple[str, str]:
+            return ray.get_runtime_context().get_node_id(), os.environ.get("SLURMD_NODENAME", socket.gethostname())
 
-        ran_on = set(ray.get([node_id.remote() for _ in range(4 * len(nodes))]))
+        ran = ray.get([where.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                       .remote() for n in nodes], timeout=120)
         return {"nodes": len(nodes), "cpus": int(sum(n["Resources"].get("CPU", 0) for n in nodes)),
-                "task_nodes": len(ran_on)}
+                "task_nodes": len({node_id for node_id, _ in ran}),
+                "slurm_nodes": sorted({slurm_node for _, slurm_node in ran})}
     finally:
         ray.shutdown()
 
