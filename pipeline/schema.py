@@ -10,9 +10,9 @@ One row = one ASR segment (or, for a video without speech, one fixed window) of 
     scene_graphs (per frame: frame_idx, pts, text, objects+relations as JSON), scene_text ("; "-joined texts)
     flags ("no_frames", "nearest_frame", "no_audio"... comma-separated), shard, provenance (JSON)
 
-Time origin: ASR/audio times are seconds from the first decoded audio sample; frame PTS are stream PTS seconds
-on the container timeline. They are used as they are: this assumes the audio stream starts at PTS 0 (true for
-ordinary uploads; the decoders in `pipeline.audio` start at the first audio sample).
+Time origin: every time is seconds on the container's timeline. Frame PTS are stream PTS; ASR/audio times index
+`pipeline.audio.load_audio` samples, which start at time 0 (an audio track that starts late is preceded by
+silence), so the two are joined as they are.
 
 Batch contract (what `pipeline.loader` yields and `pipeline.train.data` consumes), B samples per batch:
 

@@ -135,3 +135,28 @@ def test_asr_through_the_cli_and_a_rerun_does_nothing(media, cache_dir, tmp_path
     run_cli("stage=asr", "launcher=local", f"run_dir={run_dir}", "models=tiny", env=env)
     assert (shard / "_SUCCESS").stat().st_mtime_ns == before          # complete shard: nothing redone
     assert pq.read_table(shard / "segments.parquet").equals(segments)
+
+
+def test_audio_that_starts_late_keeps_its_place_on_the_frames_timeline(tmp_path, shared_media):
+    """ASR and audio times index `load_audio` samples; frames carry container PTS. An audio track that starts 2 s
+    into the video must come out 2 s later than the same audio starting at 0, not shifted onto the first frames."""
+    import numpy as np
+
+    from pipeline.audio import SAMPLE_RATE, load_audio
+
+    ff = ["ffmpeg", "-v", "error", "-y"]
+    late, on_time = tmp_path / "late.mp4", tmp_path / "on_time.m4a"
+    subprocess.run(ff + ["-f", "lavfi", "-i", "testsrc=size=64x48:rate=10", "-itsoffset", "2",
+                         "-i", str(shared_media / "speech_lecture.mp3"), "-t", "8", "-map", "0:v", "-map", "1:a",
+                         "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", str(late)], check=True)
+    subprocess.run(ff + ["-i", str(shared_media / "speech_lecture.mp3"), "-t", "6", "-c:a", "aac", str(on_time)],
+                   check=True)
+
+    def onset(audio: np.ndarray) -> float:
+        return float(np.argmax(np.abs(audio) > 0.02)) / SAMPLE_RATE
+
+    a, b = load_audio(late), load_audio(on_time)
+    assert onset(b) < 1.5  # speech within the first second and a half
+    assert abs(onset(a) - onset(b) - 2.0) < 0.01
+    assert np.abs(a[: int(1.9 * SAMPLE_RATE)]).max() < 1e-3  # what precedes the track is silence
+    assert abs(len(a) / SAMPLE_RATE - 8.0) < 0.1  # and the track still ends where the video does

@@ -5,8 +5,8 @@ segments is cut into consecutive `window_s` windows (the last one shorter). Each
 `audio`, keyed (video_id, segment_idx), with the span's start/end copied unchanged from the segment (or
 window), a 2048-d float16 embedding and the top-k AudioSet labels with their scores.
 
-Audio is decoded at 32 kHz mono from the same start as the ASR stage's decode, so segment times index the
-same samples. Padding (zeros, as PANNs itself zero-pads AudioSet clips shorter than 10 s in training): a span
+Audio is decoded at 32 kHz mono by the same `load_audio` as the ASR stage (sample 0 at the container's time 0),
+so segment times index the same samples. Padding (zeros, as PANNs itself zero-pads AudioSet clips shorter than 10 s in training): a span
 shorter than `min_span_s` (the network needs >= 32 STFT frames; 1 s keeps a margin) is padded up to it, and
 every span is padded up to a multiple of `pad_multiple_s` so that spans of equal padded length batch together
 and each span's result does not depend on which other spans share its batch. `model_seconds` records the
