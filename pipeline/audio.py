@@ -62,7 +62,7 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, max_seconds: fl
                     if first_time > MAX_LEAD_S:
                         raise AudioDecodeError(f"{path.name}: audio starts at {first_time:.1f} s "
                                                f"(over {MAX_LEAD_S:.0f} s; timeline not supported)")
-                    n += max(0, round(first_time * sample_rate))
+                    n += round(first_time * sample_rate)  # samples on the timeline, after the lead below
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray().reshape(-1))
                     n += chunks[-1].size
