@@ -146,8 +146,24 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"items_per_shard must be >= 1, got {top.items_per_shard}")
     if top.input is not None and not Path(top.input).exists():
         raise ConfigError(f"input manifest not found: {top.input}")
+    _check_model_actors(top)
     OmegaConf.set_readonly(top, True)
     return top
+
+
+def _check_model_actors(top: DictConfig) -> None:
+    """Model stages on Slurm GPUs: the runner's actors must fit in what the task asks for, else they never start."""
+    runner = top.stage.get("runner")
+    if runner is None:
+        return
+    if runner.num_model_actors < 0:
+        raise ConfigError(f"stage.runner.num_model_actors must be >= 0 (0 = one per GPU), got {runner.num_model_actors}")
+    gpus = top.stage.resources.gpus * top.stage.resources.nodes
+    if top.launcher.name == "slurm" and gpus > 0 and runner.num_model_actors * runner.num_gpus_per_actor > gpus:
+        raise ConfigError(f"stage.runner.num_model_actors={runner.num_model_actors} x num_gpus_per_actor="
+                          f"{runner.num_gpus_per_actor} needs more GPUs than the task asks for (stage.resources: "
+                          f"gpus {top.stage.resources.gpus} x nodes {top.stage.resources.nodes}); "
+                          "0 = one actor per GPU")
 
 
 def _typed(schema: type, node: Any, what: str) -> DictConfig:

@@ -84,6 +84,8 @@ def test_geometry_is_pinned(tmp_path):
     (["stage=download", "launcher=pbs"], "unknown launcher 'pbs'"),
     (["stage=download", "models=huge"], "models must be"),
     (["stage=frames"], "needs the outputs of download"),
+    (["stage=asr", "launcher=slurm", "stage.resources.gpus=2", "stage.runner.num_model_actors=4"],
+     "needs more GPUs than the task asks for"),
 ])
 def test_bad_config_fails_fast_and_writes_nothing(tmp_path, args, message):
     m = tmp_path / "m.txt"

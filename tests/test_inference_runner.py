@@ -8,7 +8,7 @@ import time
 import pytest
 
 from pipeline.inference.runner import (FixedLatencyModel, ItemFailure, RunnerConfig, ensure_ray,
-                                       fixed_latency_preprocess, run_inference)
+                                       fixed_latency_preprocess, model_actor_count, run_inference)
 from pipeline.stages.base import ItemResult, WorkItem
 
 
@@ -95,3 +95,14 @@ def test_inline_backend_same_results():
     results, stats = _run(_items(6), RunnerConfig(batch_size=2, backend="inline"), prep_s=0.0, model_s=0.0)
     assert sorted(r.video_id for r in results) == [f"v{i:03d}" for i in range(6)]
     assert stats.backend == "inline" and stats.ok == 6
+
+
+def test_model_actor_count_auto_is_one_per_gpu_and_refuses_what_cannot_be_placed():
+    assert model_actor_count(RunnerConfig(num_model_actors=0), "cpu", 0) == 1
+    assert model_actor_count(RunnerConfig(num_model_actors=3), "cpu", 0) == 3
+    assert model_actor_count(RunnerConfig(num_model_actors=0), "cuda", 8) == 8  # e.g. 2 nodes x 4 GPUs
+    assert model_actor_count(RunnerConfig(num_model_actors=0, num_gpus_per_actor=0.5), "cuda", 4) == 8
+    assert model_actor_count(RunnerConfig(num_model_actors=2), "cuda", 4) == 2
+    for cfg, gpus in [(RunnerConfig(num_model_actors=8), 4), (RunnerConfig(num_model_actors=0), 0)]:
+        with pytest.raises(ValueError, match="needs more GPUs"):
+            model_actor_count(cfg, "cuda", gpus)

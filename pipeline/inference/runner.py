@@ -44,7 +44,7 @@ from ..stages.base import ItemResult, error_reason
 @dataclass
 class RunnerConfig:
     batch_size: int = 8                 # items per predict() call
-    num_model_actors: int = 1           # model replicas; one per accelerator on GPU nodes
+    num_model_actors: int = 0           # model replicas; 0 = one per `num_gpus_per_actor` GPUs of the cluster (CPU: 1)
     num_gpus_per_actor: float = 1.0     # used only when the device is cuda
     num_cpus_preprocess: int = 1        # preprocessing tasks running at once
     max_in_flight: int = 32             # items taken but not yet consumed (the memory bound)
@@ -150,6 +150,21 @@ class _Failed:
     trace: str = ""
 
 
+def model_actor_count(cfg: RunnerConfig, device: str, cluster_gpus: float) -> int:
+    """How many model actors to start: `num_model_actors`, or for 0 ("auto") one per `num_gpus_per_actor` GPUs of
+    the cluster (1 on CPU). Asking for more GPUs than the cluster has is an error here, not a run that waits forever
+    for actors Ray cannot place."""
+    if device != "cuda":
+        return max(1, cfg.num_model_actors)
+    if cfg.num_gpus_per_actor <= 0:
+        raise ValueError("runner.num_gpus_per_actor must be > 0 on cuda")
+    n = cfg.num_model_actors if cfg.num_model_actors > 0 else int(cluster_gpus // cfg.num_gpus_per_actor + 1e-9)
+    if n < 1 or n * cfg.num_gpus_per_actor > cluster_gpus + 1e-9:
+        raise ValueError(f"runner.num_model_actors={cfg.num_model_actors} x num_gpus_per_actor={cfg.num_gpus_per_actor}"
+                         f" needs more GPUs than the {cluster_gpus:g} this job has (0 = one actor per GPU)")
+    return n
+
+
 class ModelUnavailable(RuntimeError):
     """The model could not be loaded or its actor died: a shard-level error, not an item's."""
 
@@ -158,9 +173,14 @@ class _InlineBackend:
     """Threads for preprocessing, models in-process (each on its own single thread, like an actor)."""
 
     def __init__(self, cfg: RunnerConfig, model_factory: Callable[[], Any], device: str):
+        gpus = 0
+        if device == "cuda":
+            import torch
+
+            gpus = torch.cuda.device_count()
+        self.n_actors = model_actor_count(cfg, device, gpus)
         self.prep_pool = ThreadPoolExecutor(max(1, cfg.num_cpus_preprocess), thread_name_prefix="preprocess")
-        self.model_pools = [ThreadPoolExecutor(1, thread_name_prefix=f"model{i}")
-                            for i in range(max(1, cfg.num_model_actors))]
+        self.model_pools = [ThreadPoolExecutor(1, thread_name_prefix=f"model{i}") for i in range(self.n_actors)]
         self.hosts = [pool.submit(_ModelHost, model_factory) for pool in self.model_pools]
 
     def preprocess(self, fn: Callable, item: Any) -> tuple[Future, Future]:
@@ -205,11 +225,17 @@ class _RayBackend:
         import ray
 
         self.ray = ray
+        self.actors: list = []
         self.started_ray = ensure_ray(num_cpus=max(1, cfg.num_cpus_preprocess) + max(1, cfg.num_model_actors))
+        try:
+            self.n_actors = model_actor_count(cfg, device, ray.cluster_resources().get("GPU", 0.0))
+        except ValueError:
+            self.close()
+            raise
         gpus = cfg.num_gpus_per_actor if device == "cuda" else 0
         self.prep_task = ray.remote(num_cpus=1, max_retries=0, num_returns=2)(_run_preprocess)
         host_cls = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=0)(_ModelHost)
-        self.actors = [host_cls.remote(model_factory) for _ in range(max(1, cfg.num_model_actors))]
+        self.actors = [host_cls.remote(model_factory) for _ in range(self.n_actors)]
         # both sides need the function once; put it in the object store instead of pickling it per item
         self.fn_refs: dict[int, Any] = {}
 
@@ -283,7 +309,7 @@ class InferenceRun:
         backend_cls = _RayBackend if cfg.backend == "ray" else _InlineBackend
         t0 = time.perf_counter()
         backend = backend_cls(cfg, self.model_factory, self.device)
-        n_actors = max(1, cfg.num_model_actors)
+        n_actors = backend.n_actors
         source = iter(self.items)
         exhausted = False
         preprocessing: dict[Any, tuple] = {}        # status handle -> (item, payload handle)
