@@ -410,9 +410,14 @@ def run(cfg: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def main(argv: list[str]) -> int:
-    from pipeline.train.__main__ import compose
+    from pipeline.train.__main__ import check, compose
 
-    run(compose(argv, "train/vqa"))
+    cfg = compose(argv, "train/vqa")
+    bad = check(cfg)
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
+    run(cfg)
     return 0
 
 

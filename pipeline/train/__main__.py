@@ -20,12 +20,25 @@ def compose(overrides: list[str], config_name: str = "train/pretrain") -> dict[s
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+def check(cfg: dict[str, Any]) -> str:
+    """What is wrong with a composed config that would otherwise only fail inside a (submitted) job; "" if nothing."""
+    choices = {"device": ("auto", "cpu", "cuda"), "precision": ("auto", "bf16", "fp32"), "run_on": ("local", "slurm")}
+    for key, allowed in choices.items():
+        if cfg.get(key, allowed[0]) not in allowed:
+            return f"{key} must be one of {', '.join(allowed)}, got {cfg[key]!r}"
+    return ""
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["export"]:
         from pipeline.train.checkpoint import export_hf
         print(export_hf(Path(argv[1]), Path(argv[2])))
         return 0
     cfg = compose(argv)
+    bad = check(cfg)
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
     if cfg.get("run_on") == "slurm":
         from pipeline.train.launch import submit
         job = submit(cfg)

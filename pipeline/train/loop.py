@@ -63,13 +63,26 @@ def warmup_cosine(warmup_steps: int, max_steps: int, min_lr_ratio: float):
     return factor
 
 
-def shard_model(model: VPT, device: torch.device, activation_checkpointing: bool) -> None:
-    """FSDP2: each transformer block is one sharding unit, then the root (embeddings, projectors, heads)."""
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype forward/backward run in: `auto` is bf16 on GPU and fp32 on CPU (bf16 on CPU runs, slowly)."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def shard_model(model: VPT, device: torch.device, activation_checkpointing: bool, precision: str = "auto") -> None:
+    """FSDP2: each transformer block is one sharding unit, then the root (embeddings, projectors, heads).
+
+    Mixed precision: fp32 master weights and optimizer state; blocks compute in `compute_dtype`; gradients are
+    reduced in fp32."""
     if activation_checkpointing:
         # HF's wrapper recomputes each block in backward; parameter names (and checkpoints) stay the same
         model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-          if device.type == "cuda" else MixedPrecisionPolicy())      # fp32 on CPU
+    dtype = compute_dtype(precision, device)
+    mp = (MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32
+          else MixedPrecisionPolicy())
     for _, block in model.blocks():
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -184,7 +197,7 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
         model = load_object(cfg["model_hook"])(model, cfg)
     model.to(d.device)
     n_params = count_params(model)
-    shard_model(model, d.device, tcfg["activation_checkpointing"])
+    shard_model(model, d.device, tcfg["activation_checkpointing"], cfg.get("precision", "auto"))
     builder = InputBuilder(tokenizer, model_cfg)
 
     # ---- optimizer, schedule, checkpoints
