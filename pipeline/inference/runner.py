@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import os
 import resource
+import socket
 import sys
 import time
 import traceback
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from ..stages.base import ItemResult, error_reason
@@ -79,6 +80,7 @@ class RunnerStats:
     items_started: int = 0              # live: items taken from the input so far
     peak_in_flight: int = 0             # never above RunnerConfig.max_in_flight
     backend: str = ""
+    model_nodes: list[str] = field(default_factory=list)  # the nodes the model actors ran on (Slurm names)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -123,7 +125,8 @@ class _ModelHost:
         except Exception:  # noqa: BLE001 - stats are best effort
             pass
         return {"load_s": self.load_s, "busy_s": self.busy_s, "window_s": self.t_last - self.t_ready,
-                "batches": self.batches, "rss_mb": _peak_rss_mb(), "gpu_mb": gpu_mb}
+                "batches": self.batches, "rss_mb": _peak_rss_mb(), "gpu_mb": gpu_mb,
+                "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname()}
 
     def ready(self) -> bool:
         return True
@@ -234,7 +237,8 @@ class _RayBackend:
             raise
         gpus = cfg.num_gpus_per_actor if device == "cuda" else 0
         self.prep_task = ray.remote(num_cpus=1, max_retries=0, num_returns=2)(_run_preprocess)
-        host_cls = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=0)(_ModelHost)
+        # SPREAD: replicas go to different nodes of a multi-node cluster while there are free ones
+        host_cls = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=0, scheduling_strategy="SPREAD")(_ModelHost)
         self.actors = [host_cls.remote(model_factory) for _ in range(self.n_actors)]
         # both sides need the function once; put it in the object store instead of pickling it per item
         self.fn_refs: dict[int, Any] = {}
@@ -424,6 +428,7 @@ class InferenceRun:
         s.batches = sum(a["batches"] for a in per_actor)
         s.peak_rss_mb_model = max((a["rss_mb"] for a in per_actor), default=0.0)
         s.peak_gpu_mem_mb = max((a["gpu_mb"] for a in per_actor), default=0.0)
+        s.model_nodes = sorted({a["node"] for a in per_actor})
 
 
 def _item_id(item: Any) -> str:

@@ -137,7 +137,7 @@ def launch(cfg, shards: list[int]) -> LaunchResult:
                 continue
             del pending[shard]
             try:
-                job.result()
+                job.results()  # one per task: a multi-node task's workers return None, its first task the stats
             except Exception as exc:  # noqa: BLE001 - FailedJobError, UncompletedJobError: reported per shard
                 result.failed_shards[shard] = f"{type(exc).__name__}: {str(exc).strip()[:500]}"
             bar.update(1)
