@@ -13,7 +13,8 @@ USAGE = """\
 usage:
   python -m pipeline stage=<name> run_dir=<dir> [input=<manifest>] [launcher=local|slurm]
                      [cluster=generic|a40|a100] [models=real|tiny] [retry_failed=true] [<key>=<value> ...]
-  python -m pipeline status run_dir=<dir>        what is done / failed / pending per stage
+  python -m pipeline status run_dir=<dir>        what is done / failed / pending per stage; training runs
+                                                 under <dir>: step, losses, latest checkpoint, VQA accuracy
   python -m pipeline verify run_dir=<dir>        check the alignment of every ingested row (exit 1 on violations)
   python -m pipeline report run_dir=<dir>        markdown + PNG run report (<run_dir>/report/)
   python -m pipeline help                        this text
@@ -133,7 +134,7 @@ def launch_stage(overrides: list[str]):
 
 
 def show_status(overrides: list[str]) -> int:
-    from .status import format_status, run_status
+    from .status import format_status, format_training_status, run_status
 
     args = dict(o.split("=", 1) for o in overrides if "=" in o)
     unknown = [o for o in overrides if not o.startswith("run_dir=")]
@@ -141,7 +142,11 @@ def show_status(overrides: list[str]) -> int:
         raise ConfigError("usage: python -m pipeline status run_dir=<dir>")
     if not Path(args["run_dir"]).is_dir():
         raise ConfigError(f"run_dir not found: {args['run_dir']}")
-    print(format_status(args["run_dir"], run_status(args["run_dir"])))
+    stages, training = run_status(args["run_dir"]), format_training_status(args["run_dir"])
+    if stages or not training:
+        print(format_status(args["run_dir"], stages))
+    if training:
+        print(("\n" if stages else "") + training)
     return 0
 
 

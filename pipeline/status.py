@@ -1,6 +1,12 @@
-"""What is done, failed and pending, per stage: `python -m pipeline status run_dir=<dir>`."""
+"""What is done, failed and pending, per stage: `python -m pipeline status run_dir=<dir>`.
+
+Data stages: shards and items per stage. Training runs (pretraining, VQA finetuning) found at run_dir or one level
+below it: last step and losses, the latest complete checkpoint, and VQA accuracy beside its baseline.
+"""
 from __future__ import annotations
 
+import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,3 +105,54 @@ def format_status(run_dir: str | Path, statuses: list[StageStatus]) -> str:
         lines.append(f"{st.stage:<12} {shards:<36} {st.items.get(OK, 0):>9} {st.items.get(FAILED, 0):>7} "
                      f"{st.items.get(SKIPPED, 0):>8}  {reasons}")
     return "\n".join(lines)
+
+
+def _last_records(path: Path, n_bytes: int = 1 << 16) -> list[dict]:
+    """The JSON records in the last `n_bytes` of a JSON-lines file (a long run's log is not read whole)."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - n_bytes))
+        lines = f.read().decode("utf-8", errors="replace").splitlines()
+    if size > n_bytes:
+        lines = lines[1:]  # probably cut mid-record
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a record being written right now
+    return out
+
+
+def training_runs(run_dir: str | Path) -> list[Path]:
+    """run_dir and its subdirectories that hold a training run (metrics.jsonl or checkpoints/)."""
+    run_dir = Path(run_dir)
+    candidates = [run_dir] + sorted(d for d in run_dir.iterdir() if d.is_dir())
+    return [d for d in candidates if (d / "metrics.jsonl").is_file() or (d / "checkpoints").is_dir()]
+
+
+def format_training_status(run_dir: str | Path) -> str:
+    """One line per training run under run_dir; "" if there is none."""
+    from .train.layout import complete_checkpoints
+
+    run_dir = Path(run_dir)
+    rows = []
+    for d in training_runs(run_dir):
+        records = _last_records(d / "metrics.jsonl") if (d / "metrics.jsonl").is_file() else []
+        last = next((r for r in reversed(records) if "loss" in r), {})
+        last_eval = next((r for r in reversed(records) if "eval_loss" in r), {})
+        ckpts = complete_checkpoints(d / "checkpoints")
+        ckpt = f"step {ckpts[-1][0]} ({len(ckpts)} kept)" if ckpts else "-"
+        vqa = ""
+        metrics = read_json(d / "vqa" / "metrics.json")
+        if metrics:
+            vqa = f"VQA {metrics['accuracy']:.2f}% vs {metrics['majority_baseline']:.2f}% majority baseline"
+        name = "." if d == run_dir else d.name
+        loss = f"{last['loss']:.4f}" if "loss" in last else "-"
+        eval_loss = f"{last_eval['eval_loss']:.4f}" if last_eval else "-"
+        rows.append(f"{name:<12} {str(last.get('step', '-')):>8} {loss:>10} {eval_loss:>10}  {ckpt:<22} {vqa}".rstrip())
+    if not rows:
+        return ""
+    header = f"{'training':<12} {'step':>8} {'loss':>10} {'eval loss':>10}  latest checkpoint"
+    return "\n".join([header, *rows])

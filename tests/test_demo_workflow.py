@@ -46,6 +46,11 @@ def test_demo_workflow_on_slurm(tmp_path, slurm_cluster, cache_dir):
     assert (run / "workflow" / "pretrain.done").exists()
     metrics = json.loads((run / "vqa" / "vqa" / "metrics.json").read_text())
     assert 0 <= metrics["accuracy"] <= 100 and "majority_baseline" in metrics
+    status = run_cli("status", f"run_dir={run}").stdout  # training runs are part of the status too
+    pretrain = next(ln for ln in status.splitlines() if ln.startswith("pretrain "))
+    assert pretrain.split()[1] == "20" and "step 20 (" in pretrain, status
+    vqa = next(ln for ln in status.splitlines() if ln.startswith("vqa "))
+    assert f"VQA {metrics['accuracy']:.2f}% vs {metrics['majority_baseline']:.2f}%" in vqa, status
     report = (run / "report" / "report.md").read_text()
     assert "Cost per video-hour" in report or "cost per video-hour" in report.lower()
     assert "VQA" in report and (run / "report" / "loss_curves.png").exists()

@@ -151,3 +151,16 @@ def test_requeue_command_survives_the_steps_sigterm(checkpointed):
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ("alive" if checkpointed else "killed")
+
+
+def test_status_reports_training_runs_from_their_logs_and_checkpoints(tmp_path):
+    """A long run's metrics log is read from its tail; a checkpoint counts once its meta.json exists."""
+    run = tmp_path / "pretrain"
+    (run / "checkpoints" / "step-00000010").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000010" / "meta.json").write_text('{"step": 10}')
+    (run / "checkpoints" / "step-00000020").mkdir()  # being written: not complete
+    records = [{"step": s, "loss": 100.0 / s} for s in range(1, 5001)] + [{"step": 5000, "eval_loss": 0.125}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 50')  # torn tail
+    out = run_cli("status", f"run_dir={tmp_path}").stdout
+    line = next(ln for ln in out.splitlines() if ln.startswith("pretrain "))
+    assert line.split()[1:4] == ["5000", "0.0200", "0.1250"] and "step 10 (1 kept)" in line, out

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from pipeline.models.vpt import CONFIG_FILE, VPT, VPTConfig, save_exported
 
-META = "meta.json"
+from .layout import META, complete_checkpoints, step_dir_name  # noqa: F401 - re-exported
 
 
 def rng_state() -> dict[str, Any]:
@@ -45,21 +45,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def complete_checkpoints(root: Path) -> list[tuple[int, Path, dict[str, Any]]]:
-    """(step, dir, meta) of every complete checkpoint under `root`, oldest first."""
-    out = []
-    for d in Path(root).glob("step-*"):
-        meta_file = d / META
-        if d.is_dir() and meta_file.exists():
-            meta = json.loads(meta_file.read_text())
-            out.append((int(meta["step"]), d, meta))
-    return sorted(out, key=lambda x: x[0])
 
 
 class Checkpointer:
