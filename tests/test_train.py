@@ -145,7 +145,8 @@ def test_bf16_mixed_precision_runs_on_two_gloo_ranks_with_fp32_master_weights(tm
     """The GPU default (bf16 compute, fp32 weights and gradient reduction) on CPU: same code path, so it is exercised
     without a GPU. Step 1 sees the same weights and data in both runs: close losses, but not equal ones (the bf16
     compute really ran)."""
-    args = ["train.max_steps=12", "checkpoint.every=12", "train.eval_every=0", "device=cpu"]
+    args = ["train.max_steps=12", "checkpoint.every=12", "train.eval_every=0", "device=cpu", "optim.lr=3e-3",
+            "optim.warmup_steps=2"]
     fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
     for run, precision in ((fp32, "fp32"), (bf16, "bf16")):
         r = run_train(run, cache_dir, args + [f"precision={precision}"], nproc=2)
@@ -153,7 +154,7 @@ def test_bf16_mixed_precision_runs_on_two_gloo_ranks_with_fp32_master_weights(tm
     a, b = losses(fp32), losses(bf16)
     assert sorted(b) == list(range(1, 13))
     assert a[1] != b[1] and b[1] == pytest.approx(a[1], rel=0.02)
-    assert b[12] < 0.7 * b[1]  # and it learns
+    assert b[12] < 0.3 * b[1]  # and it learns (35 -> 3 here)
     import torch.distributed.checkpoint as dcp
 
     step_dir = complete_checkpoints(bf16 / "checkpoints")[-1][1]
