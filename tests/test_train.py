@@ -161,3 +161,15 @@ def test_bf16_mixed_precision_runs_on_two_gloo_ranks_with_fp32_master_weights(tm
     saved = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
     dtypes = {(key.split(".")[0], md.properties.dtype) for key, md in saved.items() if hasattr(md, "properties")}
     assert dtypes == {("model", torch.float32), ("optim", torch.float32)}  # fp32 master weights and Adam moments
+
+
+@pytest.mark.parametrize("module,arg", [("pipeline.train", "precision=fp16"), ("pipeline.train", "run_on=pbs"),
+                                        ("pipeline.eval.vqa_finetune", "device=tpu")])
+def test_bad_training_config_fails_before_anything_runs(tmp_path, module, arg):
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", module, f"run_dir={run}", arg], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and arg.split("=")[0] in lines[0], r.stderr
+    assert not run.exists()  # nothing written, nothing submitted
