@@ -1,1 +1,2 @@
-"""VPT training: the loop (`loop.train`), checkpoints (`checkpoint`), batch -> model inputs (`data`), metrics."""
+"""VPT training: the loop (`loop.train`), checkpoints (`checkpoint`; on-disk layout in `layout`), batch -> model
+inputs (`data`), metrics."""
