@@ -164,3 +164,49 @@ def test_status_reports_training_runs_from_their_logs_and_checkpoints(tmp_path):
     out = run_cli("status", f"run_dir={tmp_path}").stdout
     line = next(ln for ln in out.splitlines() if ln.startswith("pretrain "))
     assert line.split()[1:4] == ["5000", "0.0200", "0.1250"] and "step 10 (1 kept)" in line, out
+
+
+def test_ray_ports_skip_bound_ports_and_stay_below_the_ephemeral_range():
+    import socket
+
+    from pipeline.launchers.ray_cluster import RAY_PORT_RANGE, _free_ports
+    from pipeline.train.launch import master_port
+
+    with socket.socket() as held:
+        held.bind(("", _free_ports(1, 25000)[0]))
+        taken = held.getsockname()[1]
+        ports = _free_ports(3, taken)
+        assert taken not in ports and len(set(ports)) == 3
+        assert all(RAY_PORT_RANGE[0] <= p < RAY_PORT_RANGE[1] for p in ports)
+    # the search wraps inside the range instead of running into the ephemeral ports
+    assert all(p < RAY_PORT_RANGE[1] for p in _free_ports(2, RAY_PORT_RANGE[1] - 1))
+    assert all(29000 <= master_port(str(j)) < 32768 for j in (0, 870, 3499, 123456, "77_3"))
+
+
+def test_ray_node_start_retries_with_fresh_ports_and_reports_its_log(tmp_path, monkeypatch):
+    """A node whose `ray start` dies (a port taken between probe and bind) is started again with new arguments;
+    one that never comes up fails with its log, not a hang."""
+    import time
+
+    from pipeline.launchers import ray_cluster
+
+    fake = tmp_path / "ray"
+    # exits 1 until its argument says attempt 2, then reports started and blocks like `ray start --block`
+    fake.write_text("#!/bin/sh\nfor a; do :; done\necho \"port $a in use\"\n"
+                    "[ \"$a\" = attempt2 ] || exit 1\necho 'Ray runtime started.'\nexec sleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(ray_cluster, "_ray_bin", lambda: str(fake))
+    seen = []
+
+    def args(attempt):
+        seen.append(attempt)
+        return [f"attempt{attempt}"]
+
+    node = ray_cluster._start_node(args, {}, tmp_path / "node.log", time.time() + 30)
+    try:
+        assert seen == [0, 1, 2] and node.poll() is None
+        assert "port attempt0 in use" in (tmp_path / "node.0.log").read_text()
+    finally:
+        ray_cluster._stop_node(node)
+    with pytest.raises(RuntimeError, match="failed to start 3 times(.|\n)*port never in use"):
+        ray_cluster._start_node(lambda attempt: ["never"], {}, tmp_path / "bad.log", time.time() + 30)

@@ -3,7 +3,7 @@
 Every task of the job calls `run_on_ray_cluster`; task 0 starts the head, waits for all nodes, runs the work with
 RAY_ADDRESS set (the inference runner connects to it) and then writes a done file; the other tasks start a worker,
 wait for the done file and stop their worker. Distinct temp dirs per node keep plasma sockets apart when several
-"nodes" share a host.
+"nodes" share a host. Each node's `ray start` output is kept in `<state_dir>/<job_id>/ray-node-<rank>.<attempt>.log`.
 """
 from __future__ import annotations
 
@@ -16,14 +16,34 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-RAY_PORT_BASE = 20000
+# Ports below the kernel's ephemeral range (32768+ on Linux): a port from that range can be held at any moment
+# by some outgoing connection on the node, and Ray's GCS then dies at start. Ray's own worker ports default to
+# 10002-19999; torch rendezvous ports (train/launch.py) use 29000+.
+RAY_PORT_RANGE = (20000, 29000)
+NODE_START_ATTEMPTS = 3
+STARTED_LINE = "Ray runtime started."
 
 
-def _port_block(job_id: str) -> int:
-    """A block of 40 ports per job: jobs (and emulated nodes) sharing a host must not clash on Ray's fixed
-    ports (GCS, client server, dashboard agent)."""
-    digits = "".join(ch for ch in str(job_id) if ch.isdigit()) or "0"
-    return RAY_PORT_BASE + 40 * (int(digits) % 1000)
+def _job_number(job_id: str) -> int:
+    return int("".join(ch for ch in str(job_id) if ch.isdigit()) or "0")
+
+
+def _free_ports(count: int, first: int) -> list[int]:
+    """`count` ports not bound on this host, searched from `first` (wrapping) inside RAY_PORT_RANGE. Spreading
+    the start by job id keeps jobs and emulated nodes sharing a host from probing the same ports at once."""
+    lo, hi = RAY_PORT_RANGE
+    ports: list[int] = []
+    for i in range(hi - lo):
+        port = lo + (first - lo + i) % (hi - lo)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise RuntimeError(f"no {count} free ports in {lo}-{hi} on {socket.gethostname()}")
 
 
 def _ray_bin() -> str:
@@ -47,11 +67,32 @@ def _node_address(node_name: str) -> str:
         return socket.gethostbyname(socket.gethostname())
 
 
-def _start_node(args: list[str], env: dict) -> subprocess.Popen:
-    # --block keeps the node's processes children of this one: stopping it stops exactly this node, never
-    # another Ray on the same host (emulated nodes, other jobs).
-    return subprocess.Popen([_ray_bin(), "start", "--block", "--disable-usage-stats", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _start_node(make_args: Callable[[int], list[str]], env: dict, log: Path, deadline: float) -> subprocess.Popen:
+    """Start one Ray node and return once Ray says it is up; retried with fresh ports when it dies at start.
+
+    `--block` keeps the node's processes children of this one: stopping it stops exactly this node, never another
+    Ray on the same host (emulated nodes, other jobs). Its output goes to `log` (one file per node and attempt).
+    """
+    for attempt in range(NODE_START_ATTEMPTS):
+        path = log.with_name(f"{log.stem}.{attempt}{log.suffix}")
+        with open(path, "w") as out:
+            proc = subprocess.Popen([_ray_bin(), "start", "--block", "--disable-usage-stats", *make_args(attempt)],
+                                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        while proc.poll() is None and STARTED_LINE not in path.read_text(errors="replace"):
+            if time.time() > deadline:
+                _stop_node(proc)
+                raise TimeoutError(f"Ray node did not start in time; {path}:\n{_tail(path)}")
+            time.sleep(0.5)
+        if proc.poll() is None:
+            return proc
+    raise RuntimeError(f"Ray node failed to start {NODE_START_ATTEMPTS} times; last log {path}:\n{_tail(path)}")
 
 
 def _stop_node(proc: subprocess.Popen) -> None:
@@ -67,33 +108,34 @@ def run_on_ray_cluster(work: Callable[[], Any], env, state_dir: Path, timeout_s:
     state_dir = state_dir / str(job_id)
     state_dir.mkdir(parents=True, exist_ok=True)
     head_file, done_file = state_dir / "head_address", state_dir / "done"
+    log = state_dir / f"ray-node-{rank}.log"
     temp_dir = f"/tmp/ray-{job_id}-{rank}"
     ray_env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    lo, hi = RAY_PORT_RANGE
+    first_port = lo + (40 * _job_number(job_id)) % (hi - lo)
+    deadline = time.time() + timeout_s
     if rank == 0:
         node = None
         try:
             host = _node_address(env.hostnames[0] if env.hostnames else socket.gethostname())
-            port = _port_block(job_id)
-            address = f"{host}:{port}"
-            node = _start_node(["--head", f"--port={port}", f"--node-ip-address={host}",
-                                f"--ray-client-server-port={port + 1}", f"--dashboard-port={port + 2}",
-                                f"--dashboard-agent-listen-port={port + 4}", f"--temp-dir={temp_dir}",
-                                "--include-dashboard=false"], ray_env)
+            head_ports: list[int] = []
+
+            def head_args(attempt: int) -> list[str]:
+                gcs, client, dashboard, agent = _free_ports(4, first_port + 10 * attempt)
+                head_ports[:] = [gcs]
+                return ["--head", f"--port={gcs}", f"--node-ip-address={host}", f"--ray-client-server-port={client}",
+                        f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
+                        f"--temp-dir={temp_dir}", "--include-dashboard=false"]
+
+            node = _start_node(head_args, ray_env, log, deadline)
+            address = f"{host}:{head_ports[0]}"
             import ray
 
-            deadline = time.time() + timeout_s
-            while True:
-                try:
-                    ray.init(address=address)
-                    break
-                except Exception:  # noqa: BLE001 - head still starting
-                    if time.time() > deadline or node.poll() is not None:
-                        raise
-                    time.sleep(1)
+            ray.init(address=address)
             head_file.write_text(address)
             while len([nd for nd in ray.nodes() if nd["Alive"]]) < n:
                 if time.time() > deadline:
-                    raise TimeoutError(f"only {len(ray.nodes())} of {n} Ray nodes joined")
+                    raise TimeoutError(f"only {len(ray.nodes())} of {n} Ray nodes joined; node logs in {state_dir}")
                 time.sleep(1)
             ray.shutdown()
             os.environ["RAY_ADDRESS"] = address
@@ -102,15 +144,19 @@ def run_on_ray_cluster(work: Callable[[], Any], env, state_dir: Path, timeout_s:
             done_file.write_text("done")  # also releases the workers when the head failed to start
             if node is not None:
                 _stop_node(node)
-    deadline = time.time() + timeout_s
     while not head_file.exists():
         if done_file.exists():
-            raise RuntimeError("the Ray head (task 0) failed before the cluster formed: see its log")
+            raise RuntimeError(f"the Ray head (task 0) failed before the cluster formed: see {state_dir}")
         if time.time() > deadline:
             raise TimeoutError("Ray head did not start")
         time.sleep(0.5)
-    node = _start_node([f"--address={head_file.read_text().strip()}", f"--temp-dir={temp_dir}",
-                        f"--dashboard-agent-listen-port={_port_block(job_id) + 4 + rank % 36}"], ray_env)
+    head = head_file.read_text().strip()
+
+    def worker_args(attempt: int) -> list[str]:
+        (agent,) = _free_ports(1, first_port + 4 + 10 * attempt + rank % 36)
+        return [f"--address={head}", f"--temp-dir={temp_dir}", f"--dashboard-agent-listen-port={agent}"]
+
+    node = _start_node(worker_args, ray_env, log, deadline)
     try:
         while not done_file.exists() and node.poll() is None:
             time.sleep(1)

@@ -13,8 +13,14 @@ from typing import Any
 
 import submitit
 
-from ..launchers.ray_cluster import _node_address
+from ..launchers.ray_cluster import _job_number, _node_address
 from ..launchers.slurm import Requeueable
+
+
+def master_port(job_id: str) -> int:
+    """The rendezvous port of a job: spread by job id so jobs sharing a node differ, and kept below the kernel's
+    ephemeral range (32768+), where any outgoing connection may already hold it."""
+    return 29000 + _job_number(job_id) % 3500
 
 
 class TrainTask(Requeueable):
@@ -23,11 +29,10 @@ class TrainTask(Requeueable):
 
     def __call__(self) -> dict[str, Any]:
         env = submitit.JobEnvironment()
-        digits = "".join(ch for ch in str(env.job_id) if ch.isdigit()) or "0"
         os.environ.update({
             "RANK": str(env.global_rank), "WORLD_SIZE": str(env.num_tasks), "LOCAL_RANK": str(env.local_rank),
             "LOCAL_WORLD_SIZE": str(env.num_tasks // max(1, env.num_nodes)),
-            "MASTER_ADDR": _node_address(env.hostnames[0]), "MASTER_PORT": str(29500 + int(digits) % 20000),
+            "MASTER_ADDR": _node_address(env.hostnames[0]), "MASTER_PORT": str(master_port(env.job_id)),
         })
         from .loop import train
 
