@@ -133,7 +133,16 @@ choose_ports() {
   if [[ -s $ports_file ]]; then
     # shellcheck disable=SC1090
     source "$ports_file"
-    if [[ ${PORT_NODES:-0} -eq $NODES ]]; then return 0; fi
+    if [[ ${PORT_NODES:-0} -eq $NODES ]]; then
+      # Reuse them unless the cluster is down and another program has taken one meanwhile.
+      if pid_alive "$RUN/slurmctld.pid" slurmctld || pid_alive "$DB_DIR/mariadbd.pid" mariadbd; then return 0; fi
+      ok=1
+      for ((candidate = PORT_DB; candidate <= PORT_SLURMD_LAST; candidate++)); do
+        if port_in_use "$candidate"; then ok=0; break; fi
+      done
+      if ((ok)); then return 0; fi
+      log "port $candidate from $ports_file is taken by another program; choosing new ports"
+    fi
   fi
   for ((start = PORT_BASE; start < PORT_BASE + 2000; start += need)); do
     ok=1

@@ -18,6 +18,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helper modules 
 from slurm_cluster import slurm_cluster  # noqa: E402,F401  (session fixture: a real local Slurm)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Re-arm pytest's fatal-signal traceback before every test. `ray.init` in this process replaces the
+    SIGABRT/SIGSEGV handlers with Ray's own, which prints nothing once Ray is shut down: a native crash in a later
+    test would then end the run without a word about where."""
+    import faulthandler
+
+    from _pytest.faulthandler import fault_handler_stderr_fd_key
+
+    fd = item.config.stash.get(fault_handler_stderr_fd_key, None)
+    if fd is not None:
+        faulthandler.disable()  # enable() alone is a no-op while faulthandler believes it is installed
+        faulthandler.enable(file=fd, all_threads=True)
+
+
 @pytest.fixture(scope="session")
 def shared_media() -> Path:
     if not SHARED_MEDIA.is_dir():
