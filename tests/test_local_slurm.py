@@ -235,4 +235,4 @@ def test_ray_template_builds_a_cluster_over_all_nodes(slurm_cluster, tmp_path):
     seen = json.loads((tmp_path / "probe.json").read_text())
     assert seen["nodes"] == 2
     assert seen["cpus"] == 8  # 2 nodes x 4 CPUs per task
-    assert seen["address"].endswith(f":{20000 + 40 * (int(job_id) % 1000)}")
+    assert seen["address"].endswith(f":{20000 + 40 * (int(job_id) % 225)}")

@@ -41,6 +41,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 from ..stages.base import ItemResult, error_reason
 
+PLACEMENT_TIMEOUT_S = 300  # replicas that cannot be placed by then (resources the job lacks) fail the task
+
 
 @dataclass
 class RunnerConfig:
@@ -237,11 +239,36 @@ class _RayBackend:
             raise
         gpus = cfg.num_gpus_per_actor if device == "cuda" else 0
         self.prep_task = ray.remote(num_cpus=1, max_retries=0, num_returns=2)(_run_preprocess)
-        # SPREAD: replicas go to different nodes of a multi-node cluster while there are free ones
-        host_cls = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=0, scheduling_strategy="SPREAD")(_ModelHost)
-        self.actors = [host_cls.remote(model_factory) for _ in range(self.n_actors)]
+        host_cls = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=0)(_ModelHost)
+        self.placement = self._spread_placement(gpus)
+        self.actors = [host_cls.options(scheduling_strategy=self._bundle(i)).remote(model_factory)
+                       for i in range(self.n_actors)]
         # both sides need the function once; put it in the object store instead of pickling it per item
         self.fn_refs: dict[int, Any] = {}
+
+    def _spread_placement(self, gpus: float):
+        """On a multi-node cluster, reserve one bundle per replica spread over the nodes before any preprocessing
+        task runs: a plain SPREAD hint loses to prep tasks that already fill a node, leaving replicas doubled up."""
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        if sum(1 for n in self.ray.nodes() if n["Alive"]) < 2:
+            return None
+        bundle = {"CPU": 1.0, **({"GPU": float(gpus)} if gpus else {})}
+        pg = placement_group([bundle] * self.n_actors, strategy="SPREAD")
+        ready, _ = self.ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        if not ready:
+            remove_placement_group(pg)
+            self.close()
+            raise RuntimeError(f"cannot place {self.n_actors} model replicas of {bundle} on the Ray cluster "
+                               f"({self.ray.cluster_resources()}) within {PLACEMENT_TIMEOUT_S} s")
+        return pg
+
+    def _bundle(self, index: int) -> Any:
+        if self.placement is None:
+            return "DEFAULT"
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=index)
 
     def preprocess(self, fn: Callable, item: Any) -> tuple[Any, Any]:
         ref = self.fn_refs.get(id(fn))
@@ -273,6 +300,11 @@ class _RayBackend:
         for actor in self.actors:
             self.ray.kill(actor)
         self.actors = []
+        if getattr(self, "placement", None) is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.placement)
+            self.placement = None
         if self.started_ray:
             self.ray.shutdown()
 
