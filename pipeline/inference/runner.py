@@ -22,7 +22,8 @@ instead of growing memory. Each actor gets a second batch queued behind the runn
 for the driver between batches.
 
 Ray: connects to the cluster at `RAY_ADDRESS` if set (multi-node jobs), reuses a Ray already initialised in
-this process, else starts a local one sized for this run and shuts it down afterwards. Actors are killed at
+this process, else starts a local one sized for this run and shuts it down afterwards. On a multi-node cluster the
+replicas sit in a SPREAD placement group (one bundle each, spread over the nodes). Actors are killed at
 the end either way (actors holding CPUs would starve later Ray Data work). `backend="inline"` runs the same
 scheduling with threads and in-process models, for the smallest cases.
 """
