@@ -8,7 +8,8 @@ import time
 import pytest
 
 from pipeline.inference.runner import (FixedLatencyModel, ItemFailure, RunnerConfig, ensure_ray,
-                                       fixed_latency_preprocess, model_actor_count, run_inference)
+                                       fixed_latency_preprocess, local_ray_cpus, model_actor_count,
+                                       run_inference)
 from pipeline.stages.base import ItemResult, WorkItem
 
 
@@ -106,3 +107,11 @@ def test_model_actor_count_auto_is_one_per_gpu_and_refuses_what_cannot_be_placed
     for cfg, gpus in [(RunnerConfig(num_model_actors=8), 4), (RunnerConfig(num_model_actors=0), 0)]:
         with pytest.raises(ValueError, match="needs more GPUs"):
             model_actor_count(cfg, "cuda", gpus)
+
+
+def test_a_local_ray_has_a_cpu_for_every_actor_and_the_preprocessing():
+    """Sized for one actor, 4 GPU actors (one CPU each) would take every CPU and starve preprocessing forever."""
+    assert local_ray_cpus(RunnerConfig(num_model_actors=0, num_cpus_preprocess=2), "cuda", 4) == 6
+    assert local_ray_cpus(RunnerConfig(num_model_actors=0, num_cpus_preprocess=1), "cpu", 0) == 2
+    assert local_ray_cpus(RunnerConfig(num_model_actors=3, num_cpus_preprocess=1), "cpu", 0) == 4
+    assert local_ray_cpus(RunnerConfig(num_model_actors=8), "cuda", 4) == 2  # refused later, with its message

@@ -171,6 +171,25 @@ def model_actor_count(cfg: RunnerConfig, device: str, cluster_gpus: float) -> in
     return n
 
 
+def local_ray_cpus(cfg: RunnerConfig, device: str, local_gpus: int) -> int:
+    """CPUs for a Ray started here: the preprocessing tasks plus one per model actor. The actor count must be the
+    one `model_actor_count` will choose (one per GPU by default): sized for fewer, the actors take every CPU and the
+    preprocessing tasks never run."""
+    try:
+        actors = model_actor_count(cfg, device, local_gpus)
+    except ValueError:
+        actors = 1  # refused later, with its message, once Ray reports the cluster's GPUs
+    return max(1, cfg.num_cpus_preprocess) + actors
+
+
+def _local_gpu_count(device: str) -> int:
+    if device != "cuda":
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
 class ModelUnavailable(RuntimeError):
     """The model could not be loaded or its actor died: a shard-level error, not an item's."""
 
@@ -179,12 +198,7 @@ class _InlineBackend:
     """Threads for preprocessing, models in-process (each on its own single thread, like an actor)."""
 
     def __init__(self, cfg: RunnerConfig, model_factory: Callable[[], Any], device: str):
-        gpus = 0
-        if device == "cuda":
-            import torch
-
-            gpus = torch.cuda.device_count()
-        self.n_actors = model_actor_count(cfg, device, gpus)
+        self.n_actors = model_actor_count(cfg, device, _local_gpu_count(device))
         self.prep_pool = ThreadPoolExecutor(max(1, cfg.num_cpus_preprocess), thread_name_prefix="preprocess")
         self.model_pools = [ThreadPoolExecutor(1, thread_name_prefix=f"model{i}") for i in range(self.n_actors)]
         self.hosts = [pool.submit(_ModelHost, model_factory) for pool in self.model_pools]
@@ -232,7 +246,7 @@ class _RayBackend:
 
         self.ray = ray
         self.actors: list = []
-        self.started_ray = ensure_ray(num_cpus=max(1, cfg.num_cpus_preprocess) + max(1, cfg.num_model_actors))
+        self.started_ray = ensure_ray(num_cpus=local_ray_cpus(cfg, device, _local_gpu_count(device)))
         try:
             self.n_actors = model_actor_count(cfg, device, ray.cluster_resources().get("GPU", 0.0))
         except ValueError:
