@@ -1,6 +1,8 @@
-"""The official VQAv2 accuracy: each normalisation rule, when it applies, partial credit, whole-set scoring."""
+"""The official VQAv2 accuracy: each normalisation rule, which side it applies to and when, partial credit,
+an oracle transcription of the official loop, whole-set scoring."""
 
 import json
+import random
 
 import pytest
 
@@ -79,29 +81,63 @@ def test_full_normalisation_chain():
     assert normalize_answer("\tThe Two, dogs!\n") == "2 dogs"
 
 
-# --------------------------------------------------------------------------- when normalisation applies
+# --------------------------------------------------------------------------- the prediction: always normalised
 
 
-def test_identical_answers_get_no_normalisation():
-    gts = ["yes"] * 10
-    assert vqa_accuracy("yes", gts) == 1.0
-    assert vqa_accuracy("Yes", gts) == 0.0     # not even lower-casing
-    assert vqa_accuracy("yes!", gts) == 0.0
-    assert vqa_accuracy("two", ["2"] * 10) == 0.0
-    assert vqa_accuracy(" yes\n", gts) == 1.0  # whitespace cleaning always applies
+@pytest.mark.parametrize("prediction, gt, expected", [
+    ("yes", "yes", 1.0),
+    ("Yes", "yes", 1.0),                 # lower-cased
+    ("YES", "yes", 1.0),
+    (" yes\n", "yes", 1.0),              # newlines/tabs to spaces, stripped
+    ("\tyes", "yes", 1.0),
+    ("yes!", "yes", 1.0),                # punctuation: "yes " then split/joined
+    ("yes.", "yes", 1.0),                # period strip
+    ("two", "2", 1.0),                   # number words
+    ("Ten", "10", 1.0),
+    ("the left", "left", 1.0),           # articles
+    ("A cat", "cat", 1.0),
+    ("dont know", "don't know", 1.0),    # contractions
+    ("1,000", "1000", 1.0),              # comma between digits deleted
+    ("black/white", "black white", 1.0),
+    ("eleven", "11", 0.0),               # only none/zero..ten are number words
+])
+def test_prediction_is_always_normalised(prediction, gt, expected):
+    # Ten identical answers: the ground truth is not processed at all, only the prediction is
+    assert vqa_accuracy(prediction, [gt] * 10) == expected
 
 
-def test_whitespace_is_cleaned_before_counting_distinct_answers():
-    gts = ["yes"] * 9 + ["yes \t"]  # one distinct answer once stripped
-    assert vqa_accuracy("Yes", gts) == 0.0
+# --------------------------------------------------------------------------- the ground truth: as written, or
+# punctuation only when the answers differ
 
 
-def test_distinct_answers_normalise_answers_and_prediction():
-    assert vqa_accuracy("RED!", ["Red"] * 5 + ["red."] * 5) == 1.0
-    assert vqa_accuracy("2", ["two"] * 6 + ["2"] * 4) == 1.0
-    assert vqa_accuracy("the left", ["left"] * 9 + ["right"]) == 1.0
-    assert vqa_accuracy("dont know", ["don't know"] * 9 + ["no"]) == 1.0
-    assert vqa_accuracy("1,000", ["1000"] * 9 + ["many"]) == 1.0
+def test_identical_gt_answers_are_not_processed_at_all():
+    assert vqa_accuracy("yes", ["yes."] * 10) == 0.0         # no punctuation processing
+    assert vqa_accuracy("yes.", ["yes."] * 10) == 0.0        # ...but the prediction lost its period
+    assert vqa_accuracy("Yes", ["Yes"] * 10) == 0.0          # not lower-cased (the prediction is)
+    assert vqa_accuracy("yes", [" yes"] * 10) == 0.0         # not stripped
+    assert vqa_accuracy("yes", ["yes\n"] * 10) == 0.0
+    assert vqa_accuracy("two", ["two"] * 10) == 0.0          # the prediction became "2"
+    assert vqa_accuracy("the red", ["the red"] * 10) == 0.0  # the prediction became "red"
+    assert vqa_accuracy("dont", ["dont"] * 10) == 0.0        # the prediction became "don't"
+
+
+def test_differing_gt_answers_get_punctuation_only():
+    assert vqa_accuracy("yes", ["yes."] * 9 + ["no"]) == 1.0                     # period stripped
+    assert vqa_accuracy("1000", ["1,000"] * 9 + ["many"]) == 1.0                 # comma deleted
+    assert vqa_accuracy("cat", ["Cat.", "cat"] + ["dog"] * 8) == pytest.approx(0.3)  # keeps its capital
+    assert vqa_accuracy("RED!", ["Red"] * 8 + ["red."] * 2) == pytest.approx(0.6)
+    assert vqa_accuracy("red", ["the red"] * 2 + ["blue"] * 8) == 0.0             # keeps its article
+    assert vqa_accuracy("2", ["two"] * 8 + ["2"] * 2) == pytest.approx(0.6)      # number words stay
+    assert vqa_accuracy("two", ["two"] * 5 + ["2"] * 5) == 1.0
+    assert vqa_accuracy("don't", ["dont"] * 9 + ["no"]) == 0.0                   # no contractions
+    assert vqa_accuracy("yes", ["yes!"] * 9 + ["no"]) == 0.0                     # "yes!" -> "yes "
+
+
+def test_gt_whitespace_is_neither_cleaned_nor_stripped():
+    # Raw strings decide whether the answers differ: "yes " is another answer, and punctuation keeps the space
+    assert vqa_accuracy("yes", ["yes"] * 2 + ["yes "] * 8) == pytest.approx(0.6)
+    assert vqa_accuracy("yes", ["yes"] * 9 + ["yes \t"]) == 1.0
+    assert vqa_accuracy("yes", ["yes\n"] * 9 + ["yes"]) == pytest.approx(0.3)  # only the last one matches
 
 
 # --------------------------------------------------------------------------- min(1, n/3) averaged over 10 choose 9
@@ -124,9 +160,66 @@ def test_partial_credit(n_matching, expected):
     assert vqa_accuracy("cat", gts) == pytest.approx(expected)
 
 
-def test_partial_credit_counts_normalised_matches():
-    # "Cat." and "cat" both normalise to "cat": 2 matches -> 0.6
-    assert vqa_accuracy("cat", ["Cat.", "cat"] + ["dog"] * 8) == pytest.approx(0.6)
+def test_partial_credit_counts_punctuation_matches_only():
+    # "cat." -> "cat" matches, "Cat" does not (no lower-casing), "a cat" does not (no article removal)
+    assert vqa_accuracy("cat", ["cat", "cat.", "Cat", "a cat"] + ["dog"] * 6) == pytest.approx(0.6)
+    assert vqa_accuracy("cat", ["cat", "cat.", "cat!"] + ["dog"] * 7) == pytest.approx(0.6)  # "cat!" -> "cat "
+
+
+# --------------------------------------------------------------------------- reference oracle
+
+
+def _official_per_question(prediction, answer_dicts):
+    """A straight transcription of the official per-question loop, kept independent of `vqa_accuracy`.
+
+    Works on annotation dicts and drops the held-out annotator by dict inequality, as the official code does.
+    """
+    answer = prediction.replace("\n", " ")
+    answer = answer.replace("\t", " ")
+    answer = answer.strip()
+    answer = process_punctuation(answer)
+    answer = process_digit_article(answer)
+    answer_dicts = [dict(d) for d in answer_dicts]
+    raw = [d["answer"] for d in answer_dicts]
+    if len(set(raw)) > 1:
+        for d in answer_dicts:
+            d["answer"] = process_punctuation(d["answer"])
+    scores = []
+    for left_out in answer_dicts:
+        others = [d for d in answer_dicts if d != left_out]
+        matching = [d for d in others if d["answer"] == answer]
+        scores.append(min(1, float(len(matching)) / 3))
+    return float(sum(scores)) / len(scores)
+
+
+_POOL = ["yes", "Yes", "YES", "yes.", "yes!", "yes ", " yes", "yes\n", "no", "No.",
+         "2", "two", "Two", "2.", "2.5", "1,000", "1000", "10", "ten",
+         "red", "Red", "the red", "The red.", "red/blue", "red blue", "red, blue",
+         "left", "the left", "on the left", "dont", "don't", "Im", "a", "", "cat", "Cat.", "cat!", "a cat"]
+
+
+def _random_case(rng):
+    values = rng.sample(_POOL, rng.choice([1, 1, 2, 2, 3, 4]))  # few distinct values -> many matches
+    answers = [rng.choice(values) for _ in range(rng.choice([10, 10, 10, 3, 1]))]
+    if rng.random() < 0.5:
+        prediction = rng.choice(values)
+    else:
+        prediction = rng.choice(_POOL)
+    if rng.random() < 0.3:
+        prediction = rng.choice(["", " ", "\t", "\n"]) + prediction + rng.choice(["", " ", "\t", "\n"])
+    return prediction, answers
+
+
+def test_matches_a_transcription_of_the_official_loop():
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(3000):
+        prediction, answers = _random_case(rng)
+        dicts = [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)]
+        expected = _official_per_question(prediction, dicts)
+        assert vqa_accuracy(prediction, answers) == expected, (prediction, answers)
+        seen.add(round(expected, 6))
+    assert {0.0, 0.3, 0.6, 0.9, 1.0} <= seen  # the generated cases reach every partial-credit level
 
 
 def test_empty_ground_truth_is_an_error():
@@ -161,18 +254,18 @@ def tiny_vqa(tmp_path):
 
 def test_evaluate_tiny_set(tiny_vqa, tmp_path):
     questions_path, annotations_path = tiny_vqa
-    results_path = write_results(tmp_path / "results.json", [(10, "Yes"), (20, "2"), (30, "red")])
+    results_path = write_results(tmp_path / "results.json", [(10, "Yes"), (20, "2"), (30, "The red.")])
     scores = evaluate(results_path, questions_path, annotations_path)
-    # q10: one distinct gt answer, "Yes" is not lower-cased -> 0; q20: 2 matches -> 60; q30: 1 match -> 30
-    assert scores["per_question"] == {10: 0.0, 20: 60.0, 30: 30.0}
-    assert scores["overall"] == 30.0
-    assert scores["per_answer_type"] == {"number": 60.0, "other": 30.0, "yes/no": 0.0}
+    # q10: "Yes" is lower-cased -> 100; q20: 2 matches -> 60; q30: "The red." -> "red", 1 match -> 30
+    assert scores["per_question"] == {10: 100.0, 20: 60.0, 30: 30.0}
+    assert scores["overall"] == pytest.approx(63.33)
+    assert scores["per_answer_type"] == {"number": 60.0, "other": 30.0, "yes/no": 100.0}
     assert scores["per_question_type"]["how many"] == 60.0
     assert scores["n_questions"] == 3
 
-    scores = evaluate([{"question_id": 10, "answer": "yes"}, {"question_id": 20, "answer": "three"},
+    scores = evaluate([{"question_id": 10, "answer": "yes!"}, {"question_id": 20, "answer": "three"},
                        {"question_id": 30, "answer": "blue"}], questions_path, annotations_path)
-    # q20 has 2 distinct gt answers, so "three" -> "3" with 8 matches -> 100
+    # the prediction is always normalised: "yes!" -> "yes", "three" -> "3" with 8 matches
     assert scores["overall"] == 100.0
 
 

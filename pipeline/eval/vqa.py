@@ -1,25 +1,32 @@
 """The official VQAv2 accuracy metric, the majority-answer baselines and the results file format.
 
-`vqa_accuracy` reproduces `VQAEval.evaluate` of the official evaluation script
+`vqa_accuracy` reproduces the per-question loop of `VQAEval.evaluate` in the official evaluation script
 (GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py, current master), including its quirks,
-because published VQAv2 numbers are computed with exactly that code:
+because published VQAv2 numbers are computed with exactly that code. The two sides are treated differently:
 
-1. The prediction and every ground-truth answer get ``.replace('\\n', ' ').replace('\\t', ' ').strip()``.
-2. ONLY when the ground-truth answers contain more than one distinct string, the ground-truth answers AND the
-   prediction go through `process_punctuation` then `process_digit_article`. When all ten annotators wrote
-   the same string, nothing is normalised, not even case: "Yes" scores 0 against ten "yes".
-3. For each of the ten annotators, the accuracy against the other nine is ``min(1, matches / 3)``; the
-   question's accuracy is the mean of these ten values (the "10 choose 9" average). So 1 match scores 0.3,
+1. The prediction, ALWAYS: ``.replace('\\n', ' ').replace('\\t', ' ').strip()``, then `process_punctuation`,
+   then `process_digit_article` (lower-casing, number words to digits, articles dropped, contractions);
+   this whole chain is `normalize_answer`.
+2. The ground-truth answers are taken as written: no whitespace cleaning, no lower-casing, never
+   `process_digit_article`. ONLY when the raw answers contain more than one distinct string does each of
+   them go through `process_punctuation` (and nothing else). So "Yes" scores 1.0 against ten "yes" and
+   "two" against ten "2" (the prediction is normalised), but "cat" against ["Cat.", "cat"] + 8 x "dog"
+   scores 0.3 ("Cat." only loses its period and keeps its capital), "red" against 2 x "the red" + 8 x "blue"
+   scores 0 (the article stays), "yes" against ten "yes." scores 0 (identical answers are not even
+   punctuation-processed), and "two" against ten "two" scores 0 (the prediction became "2").
+3. For each of the annotators (ten in VQAv2), the accuracy against the others is ``min(1, matches / 3)``;
+   the question's accuracy is the mean of these values (the "10 choose 9" average). So 1 match scores 0.3,
    2 matches 0.6, 3 matches 0.9 and 4 or more 1.0.
 
-Quirks kept on purpose (changing them changes the score):
+Quirks of `process_punctuation` kept on purpose (changing them changes the score):
 - the period regex ``(?!<=\\d)(\\.)(?!\\d)`` was meant as a look-behind but is a look-ahead for the text
   "<=digit", so it strips every period NOT FOLLOWED by a digit: "3." -> "3", "2.5" stays, "mr.x" -> "mrx".
   The script also passes ``re.UNICODE`` (= 32) as the positional `count` of ``sub``, so at most 32 periods go.
 - one comma between two digits anywhere in the text ("1,000") turns replacement-by-space into deletion for
   EVERY punctuation mark of that text; so does a mark followed or preceded by a space in the text.
-- ``'`` and ``:`` are not punctuation (contractions like "don't" survive); contraction keys with capitals
-  ("Im") can never match because the text is lower-cased first.
+- ``'`` and ``:`` are not punctuation (contractions like "don't" survive); it never strips or lower-cases,
+  so a ground-truth answer keeps its case and its surrounding whitespace ("yes " never matches).
+- contraction keys with capitals ("Im") can never match because the text is lower-cased first.
 
 The official script removes the held-out annotator by dict inequality (answers have distinct answer_ids);
 here the held-out annotator is removed by position, which is the same thing.
@@ -79,7 +86,7 @@ ANSWER_TYPES = ("yes/no", "number", "other")
 
 
 def clean_whitespace(text: str) -> str:
-    """Newlines and tabs to spaces, then strip: applied to every answer before anything else."""
+    """Newlines and tabs to spaces, then strip: the first step for the prediction (never for ground truth)."""
     return text.replace("\n", " ").replace("\t", " ").strip()
 
 
@@ -104,19 +111,24 @@ def process_digit_article(text: str) -> str:
 
 
 def normalize_answer(text: str) -> str:
-    """Whitespace cleaning + punctuation + digits/articles/contractions: the full official normalisation."""
+    """Whitespace cleaning + punctuation + digits/articles/contractions: what the official script does to
+    the PREDICTION. Ground-truth answers get only `process_punctuation`, and only when they differ."""
     return process_digit_article(process_punctuation(clean_whitespace(text)))
 
 
 def vqa_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
-    """Official VQA accuracy of one prediction against the annotators' answers (10 in VQAv2), in [0, 1]."""
+    """Official VQA accuracy of one prediction against the annotators' answers (10 in VQAv2), in [0, 1].
+
+    The prediction is always fully normalised (`normalize_answer`); the ground-truth answers are compared
+    as written, except that each goes through `process_punctuation` when the raw answers are not all the
+    same string (see the module docstring).
+    """
     if not gt_answers:
         raise ValueError("vqa_accuracy needs at least one ground-truth answer")
-    gts = [clean_whitespace(answer) for answer in gt_answers]
-    pred = clean_whitespace(prediction)
+    pred = normalize_answer(prediction)
+    gts = list(gt_answers)
     if len(set(gts)) > 1:
-        gts = [process_digit_article(process_punctuation(answer)) for answer in gts]
-        pred = process_digit_article(process_punctuation(pred))
+        gts = [process_punctuation(answer) for answer in gts]
     matches_total = sum(answer == pred for answer in gts)
     per_annotator = []
     for held_out in gts:
