@@ -20,12 +20,14 @@ inside a patch and "count" needs several objects kept apart; pooled tiny feature
 near-chance accuracy there. The default `DEFAULT_QUESTION_TYPES` is therefore color + position + yesno.
 Measured on 300 images (900 questions, 20 % of the images held out): always answering the global training
 majority ("yes") scores 16.0 %, the per-answer-type majority 30.8 %, the per-question-type majority 38.1 %,
-and the canonical answers 100 %, leaving room for a tiny model to beat the baselines by 30+ points.
+and the canonical answers 99.98 %, leaving room for a tiny model to beat the baselines by 30+ points.
 
-Annotator noise makes the official normalisation matter: about `noise` of the answers are written
-differently but normalise to the same answer ("Red", "red.", "the left", "two" for "2", "Yes!"), and about
-`wrong_rate` are different answers (another colour, "on the left", "yeah"). The
-`multiple_choice_answer` is the most frequent normalised answer, as in VQAv2.
+Annotator noise makes the official normalisation matter: about `noise` of the answers are spelled
+differently ("Red", "red.", "the left", "two" for "2", "Yes!"), and about `wrong_rate` are different answers
+(another colour, "on the left", "yeah"). The official metric strips only punctuation from ground-truth answers
+(and only when they differ), so "red." still counts for "red" while "Red" and "the left" do not: a correct
+prediction needs the majority spelling, as with real annotators. The `multiple_choice_answer` is the most
+frequent normalised answer.
 
 Layout written under `out_dir`: ``images/<image_id>.png``, ``questions.json``, ``annotations.json``.
 Each image's content and questions depend only on (seed, image_id), so a bigger set extends a smaller one.
