@@ -26,6 +26,13 @@ def check(cfg: dict[str, Any]) -> str:
     for key, allowed in choices.items():
         if cfg.get(key, allowed[0]) not in allowed:
             return f"{key} must be one of {', '.join(allowed)}, got {cfg[key]!r}"
+    if cfg.get("run_on") == "slurm":
+        from pipeline.train.launch import executor_parameters
+
+        try:
+            executor_parameters(cfg["slurm"])
+        except (ValueError, TypeError) as exc:
+            return str(exc)
     return ""
 
 

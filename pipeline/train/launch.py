@@ -1,6 +1,8 @@
 """Training on Slurm: `python -m pipeline.train run_on=slurm slurm.nodes=2 slurm.tasks_per_node=4 ...`.
 
-One Slurm task per rank (per GPU; per node on CPU). Each task sets the torch.distributed variables from Slurm's
+One Slurm task per rank (per GPU; per node on CPU). `slurm.cluster=a40` takes the partition, account, QoS,
+constraint, setup lines and GPUs per node (= ranks per node) from that profile in conf/cluster, the same profiles
+the stages use; explicit `slurm.*` values win. Each task sets the torch.distributed variables from Slurm's
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and runs the same training loop as torchrun. The task is
 checkpointable: on the pre-timeout signal or preemption submitit requeues the job, and the loop resumes from the
 latest complete DCP checkpoint (`train.resume=true`).
@@ -15,6 +17,8 @@ import submitit
 
 from ..launchers.ray_cluster import _job_number, _node_address
 from ..launchers.slurm import Requeueable
+
+CLUSTER_DIR = Path(__file__).resolve().parents[2] / "conf" / "cluster"
 
 
 def master_port(job_id: str) -> int:
@@ -39,19 +43,55 @@ class TrainTask(Requeueable):
         return train(self.cfg)
 
 
+def cluster_profile(name: str | None) -> dict[str, Any]:
+    """conf/cluster/<name>.yaml (or a yaml path) as a dict; {} for none."""
+    if not name:
+        return {}
+    from omegaconf import OmegaConf
+
+    path = Path(name) if str(name).endswith(".yaml") else CLUSTER_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CLUSTER_DIR.glob("*.yaml")))
+        raise ValueError(f"slurm.cluster={name!r}: no profile {path} (known: {known})")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def executor_parameters(sl: dict[str, Any]) -> dict[str, Any]:
+    """submitit parameters of a training job: the explicit `slurm.*` values, every null one from the profile."""
+    prof = cluster_profile(sl.get("cluster"))
+    gpus = int(sl["gpus_per_node"] if sl.get("gpus_per_node") is not None else prof.get("gpus_per_node", 0))
+    tasks = int(sl["tasks_per_node"] if sl.get("tasks_per_node") is not None else max(1, gpus))
+    cpus = sl.get("cpus_per_task")
+    cpus = int(cpus if cpus is not None else (prof.get("cpus_per_gpu", 2) if gpus else 2))
+    mem = sl.get("mem_gb")
+    mem = float(mem if mem is not None else (prof.get("mem_gb_per_gpu", 8) * gpus if gpus else 8))
+    timeout = int(sl["timeout_min"])
+    if prof.get("max_timeout_min"):
+        timeout = min(timeout, int(prof["max_timeout_min"]))
+    params: dict[str, Any] = {"name": "vpt-train", "nodes": int(sl["nodes"]), "tasks_per_node": tasks,
+                              "cpus_per_task": cpus, "mem_gb": mem, "timeout_min": timeout}
+    if gpus:
+        params["gpus_per_node"] = gpus
+    partition = sl.get("partition") or ((prof.get("gpu_partition") or prof.get("partition")) if gpus
+                                        else prof.get("partition"))
+    if partition:
+        params["slurm_partition"] = partition
+    for key in ("account", "qos", "constraint"):
+        value = sl.get(key) or prof.get(key)
+        if value:
+            params[f"slurm_{key}"] = value
+    if prof.get("setup"):
+        params["slurm_setup"] = list(prof["setup"])
+    if prof.get("additional"):
+        params["slurm_additional_parameters"] = dict(prof["additional"])
+    return params
+
+
 def submit(cfg: dict[str, Any]) -> submitit.Job:
-    sl = cfg["slurm"]
+    params = executor_parameters(cfg["slurm"])
     ex = submitit.AutoExecutor(folder=str(Path(cfg["run_dir"]) / "logs" / "slurm"), cluster="slurm")
-    params: dict[str, Any] = {"name": "vpt-train", "nodes": int(sl["nodes"]), "tasks_per_node": int(sl["tasks_per_node"]),
-                              "cpus_per_task": int(sl["cpus_per_task"]), "mem_gb": float(sl["mem_gb"]),
-                              "timeout_min": int(sl["timeout_min"])}
-    if sl.get("gpus_per_node"):
-        params["gpus_per_node"] = int(sl["gpus_per_node"])
-    for key in ("partition", "account", "qos"):
-        if sl.get(key):
-            params[f"slurm_{key}"] = sl[key]
     ex.update_parameters(**params)
     job = ex.submit(TrainTask(cfg))
-    print(f"submitted training: job {job.job_id} ({sl['nodes']} node(s) x {sl['tasks_per_node']} rank(s)); "
+    print(f"submitted training: job {job.job_id} ({params['nodes']} node(s) x {params['tasks_per_node']} rank(s)); "
           f"logs in {Path(cfg['run_dir']) / 'logs' / 'slurm'}", flush=True)
     return job
