@@ -95,7 +95,9 @@ def read_manifest(path: str | Path) -> list[Item]:
     if not pairs:
         raise ConfigError(f"input manifest {path} lists no videos")
     seen: dict[str, str] = {}
-    for vid, url in pairs:
+    for row, (vid, url) in enumerate(pairs, 1):
+        if not isinstance(vid, str) or not vid or not isinstance(url, str) or not url:
+            raise ConfigError(f"entry {row} of {path} has an empty video id or url ({vid!r}, {url!r})")
         if SAFE_ID.search(vid):
             raise ConfigError(f"video id {vid!r} in {path} has characters other than letters, digits, '-', '_', '.'")
         if vid in seen and seen[vid] != url:
