@@ -94,6 +94,61 @@ def test_join_rows_are_keyed_and_verified(run):
     assert verify_run(run) == []
 
 
+def test_join_does_not_depend_on_upstream_row_order(upstream_template, tmp_path):
+    """Every upstream table's rows shuffled (keys intact): the joined rows are exactly the unshuffled join."""
+    import numpy as np
+
+    from pipeline.stages.ingest import IngestStage
+
+    plain, shuffled = tmp_path / "plain", tmp_path / "shuffled"
+    shutil.copytree(upstream_template, plain)
+    shutil.copytree(upstream_template, shuffled)
+    rng = np.random.default_rng(7)
+    moved = 0
+    for stage, tables in IngestStage.upstream.items():
+        for name in tables:
+            for s in range(SHARDS):
+                store = ShardStore(shuffled, stage, s)
+                t = store.read_table(name)
+                if t is None or t.num_rows < 2:
+                    continue
+                order = rng.permutation(t.num_rows)
+                moved += int((order != np.arange(t.num_rows)).sum())
+                write_parquet(store.table_path(name), t.take(pa.array(order)))
+    assert moved
+    run_ingest_shards(ingest_config(plain))
+    run_ingest_shards(ingest_config(shuffled))
+    want, got = all_rows(plain).to_pylist(), all_rows(shuffled).to_pylist()
+    assert len(got) == len(want) > 0
+    assert got == want
+    assert verify_run(shuffled, check_dataset=False) == []
+
+
+def test_scenegraph_backend_must_return_one_graph_per_frame():
+    """Graphs are paired with frames by position: a backend returning a different count is refused."""
+    import numpy as np
+
+    from pipeline.scenegraph.relations import SceneGraph
+    from pipeline.stages.scenegraph import SceneGraphModel
+
+    class Backend:
+        def __init__(self, short: bool):
+            self.short = short
+
+        def predict_frames(self, images):
+            return [SceneGraph() for _ in images[: len(images) - self.short]]
+
+    images = [np.zeros((4, 4, 3), np.uint8)] * 3
+    payloads = [{"frames": [(0, 0.25), (1, 1.25)], "images": images[:2]},
+                {"frames": [(0, 0.25)], "images": images[2:]}]
+    model = SceneGraphModel.__new__(SceneGraphModel)     # skip loading a real backend
+    model.backend = Backend(short=False)
+    assert [len(out["graphs"]) for out in model.predict(payloads)] == [2, 1]
+    model.backend = Backend(short=True)
+    with pytest.raises(RuntimeError, match="returned 2 graphs for 3 frames"):
+        model.predict(payloads)
+
+
 def _shuffle_audio(run):
     shard, t = upstream_table(run, "audio", "audio")
     vid = speech_video(run, shard)
@@ -131,10 +186,34 @@ def _shuffle_scenegraph(run):
     return vid, "scene graph pts"
 
 
-@pytest.mark.parametrize("corrupt", [_shuffle_audio, _drop_clip, _shuffle_scenegraph],
-                         ids=["shuffled-audio", "dropped-clip-row", "shuffled-scenegraph"])
+def _drop_audio(run):
+    shard, t = upstream_table(run, "audio", "audio")
+    vid = speech_video(run, shard)
+    rows = t.to_pylist()
+    victim = next(i for i, r in enumerate(rows) if r["video_id"] == vid and r["segment_idx"] == 1)
+    write_parquet(ShardStore(run, "audio", shard).table_path("audio"), pa.concat_tables([t.slice(0, victim),
+                                                                                        t.slice(victim + 1)]))
+    return vid, "no audio row", 1
+
+
+def _drop_scenegraph(run):
+    shard, t = upstream_table(run, "scenegraph", "scenegraph")
+    vid = speech_video(run, shard)
+    segments = [r for r in ShardStore(run, "asr", shard).read_table("segments").to_pylist() if r["video_id"] == vid]
+    rows = t.to_pylist()
+    # a frame inside a speech segment, so that segment's row is the one named
+    victim, seg = next((i, s["segment_idx"]) for s in segments for i, r in enumerate(rows)
+                       if r["video_id"] == vid and s["start"] <= r["pts"] < s["end"])
+    write_parquet(ShardStore(run, "scenegraph", shard).table_path("scenegraph"),
+                  pa.concat_tables([t.slice(0, victim), t.slice(victim + 1)]))
+    return vid, "scene graph frame_idx", seg
+
+
+@pytest.mark.parametrize("corrupt", [_shuffle_audio, _drop_clip, _shuffle_scenegraph, _drop_audio, _drop_scenegraph],
+                         ids=["shuffled-audio", "dropped-clip-row", "shuffled-scenegraph", "dropped-audio-row",
+                              "dropped-scenegraph-row"])
 def test_verifier_names_bad_rows_and_ingest_refuses(run, corrupt):
-    vid, what = corrupt(run)
+    vid, what, *segment = corrupt(run)       # segment: the row the verifier must name, where the test knows it
     run_ingest_shards(ingest_config(run))
     ledger = {r["video_id"]: r for s in range(SHARDS) for r in ShardStore(run, "ingest", s).read_ledger()}
     bad = ledger[vid]
@@ -146,6 +225,8 @@ def test_verifier_names_bad_rows_and_ingest_refuses(run, corrupt):
     violations = verify_run(run, check_dataset=False)
     assert violations and {v.video_id for v in violations} == {vid}
     assert any(what in v.what and v.segment_idx is not None for v in violations), violations
+    if segment:
+        assert any(what in v.what and v.segment_idx == segment[0] for v in violations), violations
     # the CLI exits non-zero and lists (video_id segment_idx: what)
     proc = run_cli(f"run_dir={run}", "dataset=false", module="pipeline.verify", check=False)
     assert proc.returncode == 1 and vid in proc.stdout, proc.stdout + proc.stderr

@@ -5,30 +5,42 @@ table `rows` keyed (video_id, segment_idx), schema `pipeline.schema.ROW_SCHEMA`.
 video's rows (`pipeline.verify`); a video with any violation fails as "misaligned: <first violations>" and
 none of its rows are written.
 
-After every shard is joined, `write_dataset(cfg)` (the stage's `finish`, one writer) appends each complete
-shard's rows to ONE Deep Lake dataset at `stage.dataset_path` (default `<run_dir>/dataset`; any URL Deep Lake
-supports) in batches of `append_batch_rows`, with a commit per `shards_per_commit` shards. The commit message
-and `ds.metadata["ingested_shards"]` (set in the same commit) say which shards the dataset holds, so a re-run
-appends only the others. Deep Lake drops uncommitted appends when a writer dies, so after a crash the dataset
-holds exactly the committed shards and a re-run completes it without duplicates; readers
-(`deeplake.open_read_only`) see committed rows only. A run that leaves every shard ingested is tagged.
+After every shard is joined, `write_dataset(cfg)` (the stage's `finish`) brings ONE Deep Lake dataset at
+`stage.dataset_path` (default `<run_dir>/dataset`; any URL Deep Lake supports) up to date with the complete
+shards, appending in batches of `append_batch_rows` with a commit per `shards_per_commit` shards. In the same
+commit as the rows, `ds.metadata["ingested_shards"]` lists the shards the dataset holds and
+`ds.metadata["ingested_fingerprints"]` records per shard the sha256 of its `_SUCCESS` marker (rewritten by every
+finalize) and of the `rows.parquet` bytes that were ingested. A re-run appends the shards not yet listed, and a
+shard re-finalized since (retry_failed, upstream catch-up) whose rows digest changed has its old rows deleted
+(`ds.delete`) and the new ones appended in one commit; unchanged markers cost no read of the rows. Deep Lake
+drops uncommitted changes when a writer dies, so after a crash the dataset holds exactly the committed state
+(old rows or new, never both) and a re-run completes it without duplicates; readers (`deeplake.open_read_only`)
+see committed rows only. Writers of one run are serialised by a file lock, `<run_dir>/ingest/dataset.lock`
+(metadata is re-read once it is held). Whenever every shard is complete and ingested and the current version
+has no tag, it is tagged `<tag_prefix>-<time>-<n>rows` (so a crash before the tag is repaired by a re-run).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..atomic import read_json
 from ..join import JoinParams, join_video, plan_segments
 from ..schema import KEY, ROW_SCHEMA, TABLE, deeplake_columns, to_deeplake_columns
-from ..shards import ShardStore
+from ..shards import MARKER, ShardStore
 from ..verify import DROPPED_NOTE, Tolerances, check_keys, check_video
 from .base import ItemResult, Resources, Stage, StageConfig, WorkItem
 
 MODEL_KEYS = ("model", "pretrained", "checkpoint", "backend", "detector")
+FINGERPRINTS = "ingested_fingerprints"     # dataset metadata: per shard, what of it the dataset holds
 
 
 @dataclass
@@ -133,6 +145,7 @@ def open_or_create(url: str):
     for name, dtype in deeplake_columns().items():
         ds.add_column(name, dtype)
     ds.metadata["ingested_shards"] = []
+    ds.metadata[FINGERPRINTS] = {}
     ds.commit("create: empty dataset with the row schema")
     return ds
 
@@ -142,10 +155,67 @@ def ingested_shards(ds) -> list[int]:
         else []
 
 
+def ingested_fingerprints(ds) -> dict[str, dict[str, Any]]:
+    """shard (as str) -> {"marker", "rows", "num_rows"} of what the dataset holds; {} on datasets made before."""
+    return {str(k): dict(v) for k, v in dict(ds.metadata[FINGERPRINTS]).items()} \
+        if FINGERPRINTS in ds.metadata.keys() else {}
+
+
+def marker_digest(store: ShardStore) -> str:
+    """sha256 of the shard's completion marker, which every finalize rewrites (it carries the finalize time)."""
+    path = store.dir / MARKER
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""
+
+
+def read_rows(store: ShardStore) -> tuple[pa.Table | None, str]:
+    """The shard's rows table and the sha256 of the very bytes it was parsed from."""
+    path = store.table_path(TABLE)
+    if not path.exists():
+        return None, "absent"
+    buf = pa.memory_map(str(path)).read_buffer()   # finalize replaces the file by rename: this inode stays whole
+    return pq.read_table(pa.BufferReader(buf)), hashlib.sha256(buf).hexdigest()
+
+
+def delete_shard_rows(ds, shard: int) -> int:
+    """Delete (uncommitted) every dataset row of `shard`; returns how many."""
+    n = len(ds)
+    shards = ds["shard"][0:n] if n else []
+    doomed = [i for i in range(n) if int(shards[i]) == shard]
+    for i in reversed(doomed):          # from the end: earlier offsets stay valid
+        ds.delete(i)
+    return len(doomed)
+
+
+@contextmanager
+def writer_lock(run_dir: Path, log: Callable[[str], None]) -> Iterator[None]:
+    """One dataset writer per run at a time (two would both append the shards neither had committed yet)."""
+    from filelock import FileLock, Timeout
+
+    path = run_dir / "ingest" / "dataset.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log(f"ingest: another dataset writer holds {path}; waiting for it")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def current_version_tagged(ds) -> bool:
+    version = ds.version
+    return any(ds.tags[name].version == version for name in ds.tags.names())
+
+
 def write_dataset(cfg: Any, log: Callable[[str], None] = print,
                   after_append: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Append every complete, not yet ingested ingest shard to the dataset; commit per `shards_per_commit`.
+    """Bring the dataset up to date with every complete ingest shard; commit per `shards_per_commit` shards.
 
+    A shard not yet in the dataset is appended; one whose rows changed since it was ingested (re-finalized by
+    retry_failed or upstream catch-up) has its old rows deleted and the new ones appended in the same commit.
     `cfg` is the run config (run_dir + stage). Returns what was done. `after_append(shard)` is a test hook.
     """
     run_dir = Path(cfg.run_dir)
@@ -153,33 +223,57 @@ def write_dataset(cfg: Any, log: Callable[[str], None] = print,
     url = dataset_url(stage, run_dir)
     geometry = read_json(run_dir / "geometry.json") or {}
     num_shards = int(geometry.get("num_shards", 0))
-    ds = open_or_create(url)
-    done = set(ingested_shards(ds))
-    todo = [s for s in range(num_shards) if s not in done and ShardStore(run_dir, "ingest", s).is_complete()]
-    t0, rows_written, commits = time.perf_counter(), 0, 0
     per_commit = max(1, int(stage.shards_per_commit))
     batch = max(1, int(stage.append_batch_rows))
-    for g in range(0, len(todo), per_commit):
-        group = todo[g:g + per_commit]
-        for shard in group:
-            table = ShardStore(run_dir, "ingest", shard).read_table(TABLE)
-            if table is not None:
-                table = table.select(list(ROW_SCHEMA.names)).cast(ROW_SCHEMA)
-                for start in range(0, table.num_rows, batch):
-                    ds.append(to_deeplake_columns(table.slice(start, batch)))
-                rows_written += table.num_rows
-            if after_append is not None:
-                after_append(shard)
-        done |= set(group)
-        ds.metadata["ingested_shards"] = sorted(done)       # lands in the same commit as the rows
-        ds.commit(f"ingest shards {json.dumps(group)}")
-        commits += 1
-        log(f"ingest: committed shards {group} to {url}")
-    tag = None
-    if num_shards and len(done) == num_shards and todo:
-        tag = f"{stage.tag_prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{len(ds)}rows"
-        ds.tag(tag)
-        log(f"ingest: tagged {tag} ({len(ds)} rows, shards 0..{num_shards - 1})")
+    t0, rows_written, rows_deleted, commits = time.perf_counter(), 0, 0, 0
+    written: list[int] = []
+    replaced: list[int] = []
+    with writer_lock(run_dir, log):
+        ds = open_or_create(url)        # (re)read under the lock: another writer may have just committed
+        done = set(ingested_shards(ds))
+        prints = ingested_fingerprints(ds)
+        complete = [s for s in range(num_shards) if ShardStore(run_dir, "ingest", s).is_complete()]
+        # Markers are read before any rows table: a finalize racing us then leaves a stale marker digest, which
+        # only makes the next run re-check the rows, never a fresh marker digest recorded over stale rows.
+        markers = {s: marker_digest(ShardStore(run_dir, "ingest", s)) for s in complete}
+        todo = [s for s in complete if s not in done or prints.get(str(s), {}).get("marker") != markers[s]]
+        for g in range(0, len(todo), per_commit):
+            group = todo[g:g + per_commit]
+            for shard in group:
+                table, digest = read_rows(ShardStore(run_dir, "ingest", shard))
+                num_rows = table.num_rows if table is not None else 0
+                # Re-finalized with identical rows (e.g. a retry that failed again): only the marker is new.
+                if shard not in done or prints.get(str(shard), {}).get("rows") != digest:
+                    if shard in done:
+                        rows_deleted += delete_shard_rows(ds, shard)
+                        replaced.append(shard)
+                    if table is not None:
+                        table = table.select(list(ROW_SCHEMA.names)).cast(ROW_SCHEMA)
+                        for start in range(0, num_rows, batch):
+                            ds.append(to_deeplake_columns(table.slice(start, batch)))
+                        rows_written += num_rows
+                    written.append(shard)
+                prints[str(shard)] = {"marker": markers[shard], "rows": digest, "num_rows": num_rows}
+                if after_append is not None:
+                    after_append(shard)
+            done |= set(group)
+            # Deletes, appends and metadata land in one commit: a crash leaves the old rows or the new, not both.
+            ds.metadata["ingested_shards"] = sorted(done)
+            ds.metadata[FINGERPRINTS] = prints
+            ds.commit(f"ingest shards {json.dumps(group)}")
+            commits += 1
+            log(f"ingest: committed shards {group} to {url}")
+        tag = None
+        # Tagged whenever complete and untagged, so a crash between the last commit and the tag is repaired.
+        if num_shards and len(complete) == num_shards and not current_version_tagged(ds):
+            base = tag = f"{stage.tag_prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{len(ds)}rows"
+            taken, n = set(ds.tags.names()), 1
+            while tag in taken:         # a replace within the same second can give the same name
+                n += 1
+                tag = f"{base}-{n}"
+            ds.tag(tag)
+            log(f"ingest: tagged {tag} ({len(ds)} rows, shards 0..{num_shards - 1})")
+        rows = len(ds)
     seconds = time.perf_counter() - t0
-    return {"dataset": url, "shards_written": todo, "rows_written": rows_written, "commits": commits,
-            "tag": tag, "rows": len(ds), "seconds": seconds}
+    return {"dataset": url, "shards_written": written, "shards_replaced": replaced, "rows_written": rows_written,
+            "rows_deleted": rows_deleted, "commits": commits, "tag": tag, "rows": rows, "seconds": seconds}

@@ -86,8 +86,14 @@ class SceneGraphModel:
         from ..scenegraph.serialize import to_columns
 
         images = [im for p in payloads for im in p["images"]]
-        graphs = iter(self.backend.predict_frames(images))
-        return [{"frames": p["frames"], "graphs": [to_columns(next(graphs)) for _ in p["images"]]}
+        graphs = list(self.backend.predict_frames(images))
+        # Graphs are paired with frames by position: a backend returning more or fewer would shift every
+        # later frame's graph onto the wrong footage.
+        if len(graphs) != len(images):
+            raise RuntimeError(f"scene-graph backend {type(self.backend).__name__} returned {len(graphs)} graphs "
+                               f"for {len(images)} frames (it must return one per frame, in order)")
+        it = iter(graphs)
+        return [{"frames": p["frames"], "graphs": [to_columns(next(it)) for _ in p["images"]]}
                 for p in payloads]
 
 

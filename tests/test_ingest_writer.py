@@ -1,0 +1,223 @@
+"""The Deep Lake writer of ingest: re-done shards replace their rows, empty shards, one writer at a time, the tag.
+
+Upstream outputs are built in the engine's own shard layout (`benchmarks.ingest_bench.make_upstream`); the
+engine, the verifier and Deep Lake are the real ones.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import deeplake
+import pyarrow as pa
+import pytest
+from conftest import REPO
+
+from benchmarks.ingest_bench import ingest_config, make_upstream, run_ingest_shards
+from pipeline.atomic import write_parquet
+from pipeline.engine import run_shard
+from pipeline.schema import TABLE
+from pipeline.shards import LEDGER, LEDGER_SCHEMA, ShardStore, concat_tables
+from pipeline.stages.ingest import dataset_url, write_dataset
+from pipeline.verify import verify_run
+
+SHARDS = 3
+QUIET = {"log": lambda s: None}
+
+
+@pytest.fixture(scope="module")
+def upstream_template(tmp_path_factory) -> Path:
+    return make_upstream(tmp_path_factory.mktemp("upstream") / "run", n_videos=9, num_shards=SHARDS)
+
+
+@pytest.fixture
+def run(upstream_template, tmp_path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(upstream_template, dst)
+    return dst
+
+
+def shard_keys(run: Path) -> list[tuple[str, int]]:
+    t = concat_tables(ShardStore(run, "ingest", s).read_table(TABLE) for s in range(SHARDS))
+    return [(r["video_id"], r["segment_idx"]) for r in t.select(["video_id", "segment_idx"]).to_pylist()]
+
+
+def dataset_keys(url: str) -> list[tuple[str, int]]:
+    ds = deeplake.open_read_only(url)
+    n = len(ds)
+    return list(zip(ds["video_id"][0:n], [int(x) for x in ds["segment_idx"][0:n]])) if n else []
+
+
+def assert_dataset_is_shards(run: Path, url: str) -> None:
+    keys = dataset_keys(url)
+    assert len(keys) == len(set(keys)), "duplicate rows in the dataset"
+    assert sorted(keys) == sorted(shard_keys(run))
+
+
+def test_redone_shard_replaces_its_rows_in_one_commit(run):
+    """A shard re-finalized with more rows (retry_failed after upstream was repaired) is re-ingested."""
+    cfg = ingest_config(run, "stage.shards_per_commit=1")
+    # clip loses one row of a video: ingest refuses that video, its shard is ingested without it
+    store = ShardStore(run, "clip", 1)
+    clip = store.read_table("clip")
+    vid = clip.column("video_id")[0].as_py()
+    write_parquet(store.table_path("clip"), clip.slice(1))
+    run_ingest_shards(cfg)
+    first = write_dataset(cfg, **QUIET)
+    url = first["dataset"]
+    assert first["shards_written"] == [0, 1, 2] and first["tag"]
+    assert vid not in {k[0] for k in dataset_keys(url)}
+    # upstream repaired, the failed video re-done the way the engine does it: its shard gains rows
+    write_parquet(store.table_path("clip"), clip)
+    retry = ingest_config(run, "stage.shards_per_commit=1", "retry_failed=true")
+    run_shard(retry, 1)
+    added = [k for k in shard_keys(run) if k[0] == vid]
+    assert added
+    second = write_dataset(cfg, **QUIET)
+    assert second["shards_written"] == [1] and second["shards_replaced"] == [1] and second["commits"] == 1
+    assert second["rows_deleted"] == first["rows"] - sum(
+        ShardStore(run, "ingest", s).read_table(TABLE).num_rows for s in (0, 2))
+    assert_dataset_is_shards(run, url)
+    assert set(added) <= set(dataset_keys(url))
+    assert second["tag"] and second["tag"] != first["tag"]         # the new content is tagged too
+    ds = deeplake.open_read_only(url)
+    assert [h.message for h in ds.history][-1] == "ingest shards [1]"
+    assert verify_run(run) == []
+    # nothing changed since: no read of the rows, nothing written, no commit
+    third = write_dataset(cfg, **QUIET)
+    assert (third["shards_written"], third["commits"], third["tag"]) == ([], 0, None)
+
+
+def test_refinalized_shard_with_same_rows_is_not_rewritten(run):
+    """retry_failed re-finalizes a shard whose failed video fails again: the marker is new, the rows are not."""
+    cfg = ingest_config(run)
+    store = ShardStore(run, "clip", 1)
+    clip = store.read_table("clip")
+    write_parquet(store.table_path("clip"), clip.slice(1))
+    run_ingest_shards(cfg)
+    first = write_dataset(cfg, **QUIET)
+    run_shard(ingest_config(run, "retry_failed=true"), 1)
+    again = write_dataset(cfg, **QUIET)
+    assert again["shards_written"] == [] and again["rows_deleted"] == 0 and again["rows"] == first["rows"]
+    assert_dataset_is_shards(run, first["dataset"])
+    # the new marker is recorded: the next run has nothing to check
+    assert write_dataset(cfg, **QUIET)["commits"] == 0
+
+
+def test_crash_during_replace_leaves_the_old_rows(run):
+    cfg = ingest_config(run, "stage.shards_per_commit=1")
+    run_ingest_shards(cfg)
+    url = write_dataset(cfg, **QUIET)["dataset"]
+    before = sorted(dataset_keys(url))
+    # rewrite shard 0's rows + marker (one row fewer) and die after deleting/appending, before the commit
+    s0 = ShardStore(run, "ingest", 0)
+    rows = s0.read_table(TABLE)
+    s0.finalize(s0.read_ledger(), {TABLE: rows.slice(1)}, {}, s0.marker())
+    script = KILL_AFTER_APPEND.format(repo=str(REPO), run=str(run), shard=0)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    assert sorted(dataset_keys(url)) == before                     # the old rows, not both, not neither
+    result = write_dataset(cfg, **QUIET)
+    assert result["shards_replaced"] == [0]
+    assert_dataset_is_shards(run, url)
+
+
+def test_empty_shard_is_listed_and_verifies(run):
+    """Every video of shard 2 failed upstream: ingest shard 2 has no rows, the dataset lists it, all clean."""
+    store = ShardStore(run, "download", 2)
+    failed = [{**r, "status": "failed", "reason": "download: 404"} for r in store.read_ledger()]
+    assert failed
+    write_parquet(store.table_path(LEDGER), pa.Table.from_pylist(failed, schema=LEDGER_SCHEMA))
+    cfg = ingest_config(run)
+    run_ingest_shards(cfg)
+    assert ShardStore(run, "ingest", 2).read_table(TABLE).num_rows == 0
+    result = write_dataset(cfg, **QUIET)
+    ds = deeplake.open_read_only(result["dataset"])
+    assert sorted(int(s) for s in ds.metadata["ingested_shards"]) == [0, 1, 2] and result["tag"]
+    assert 2 not in {int(s) for s in ds["shard"][0:len(ds)]}
+    assert verify_run(run) == []
+
+
+KILL_AFTER_APPEND = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {repo!r})
+    from benchmarks.ingest_bench import ingest_config
+    from pipeline.stages.ingest import write_dataset
+    cfg = ingest_config({run!r}, "stage.shards_per_commit=1")
+    def die(shard):
+        if shard == {shard}:
+            os.kill(os.getpid(), 9)
+    write_dataset(cfg, log=lambda s: None, after_append=die)
+""")
+
+KILL_BEFORE_TAG = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {repo!r})
+    from benchmarks.ingest_bench import ingest_config
+    from pipeline.stages.ingest import write_dataset
+    cfg = ingest_config({run!r}, "stage.shards_per_commit=1")
+    def log(line):
+        if line.startswith("ingest: committed shards [2]"):   # the last commit is done, the tag is next
+            os.kill(os.getpid(), 9)
+    write_dataset(cfg, log=log)
+""")
+
+
+def test_tag_is_made_by_a_rerun_after_a_crash_before_it(run):
+    cfg = ingest_config(run, "stage.shards_per_commit=1")
+    run_ingest_shards(cfg)
+    proc = subprocess.run([sys.executable, "-c", KILL_BEFORE_TAG.format(repo=str(REPO), run=str(run))],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    url = dataset_url(cfg.stage, run)
+    ds = deeplake.open_read_only(url)
+    assert sorted(int(s) for s in ds.metadata["ingested_shards"]) == [0, 1, 2]
+    assert list(ds.tags.names()) == []
+    result = write_dataset(cfg, **QUIET)
+    assert result["shards_written"] == [] and result["tag"]
+    ds = deeplake.open_read_only(url)
+    assert list(ds.tags.names()) == [result["tag"]] and ds.tags[result["tag"]].version == ds.version
+    assert write_dataset(cfg, **QUIET)["tag"] is None                # tagged already: no second tag
+
+
+WRITER = textwrap.dedent("""
+    import json, os, sys, time
+    sys.path.insert(0, {repo!r})
+    from benchmarks.ingest_bench import ingest_config
+    from pipeline.stages.ingest import write_dataset
+    cfg = ingest_config({run!r}, "stage.shards_per_commit=1")
+    open({ready!r}, "w").close()
+    while not os.path.exists({go!r}):
+        time.sleep(0.01)
+    # slow appends keep the first writer busy while the second one starts
+    result = write_dataset(cfg, log=lambda s: None, after_append=lambda shard: time.sleep(0.3))
+    print(json.dumps({{"shards_written": result["shards_written"], "rows": result["rows"]}}))
+""")
+
+
+def test_two_concurrent_writers_write_each_row_once(run, tmp_path):
+    cfg = ingest_config(run)
+    run_ingest_shards(cfg)
+    go = tmp_path / "go"
+    procs = []
+    for n in range(2):
+        ready = tmp_path / f"ready{n}"
+        script = WRITER.format(repo=str(REPO), run=str(run), ready=str(ready), go=str(go))
+        procs.append((ready, subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                              stderr=subprocess.PIPE, text=True)))
+    deadline = time.time() + 120
+    while not all(ready.exists() for ready, _ in procs) and time.time() < deadline:
+        time.sleep(0.05)
+    go.touch()
+    results = []
+    for _, proc in procs:
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert sorted(r["shards_written"] for r in results) == [[], [0, 1, 2]], results
+    assert_dataset_is_shards(run, dataset_url(cfg.stage, run))
