@@ -44,13 +44,18 @@ def command_main(command, argv: list[str] | None = None) -> int:
         return fail(str(exc))
 
 
+def is_secret(key, value) -> bool:
+    """A config value that must not be written anywhere (cookies, proxies, tokens, passwords)."""
+    return bool(SECRET_KEY.search(str(key))) and not isinstance(value, dict) and value not in (None, "", [], {})
+
+
 def redacted(container: dict) -> dict:
     """Config as written to run dirs and logs: credentials (cookies, proxies, tokens) never leave memory."""
     out = {}
     for k, v in container.items():
         if isinstance(v, dict):
             out[k] = redacted(v)
-        elif SECRET_KEY.search(str(k)) and v not in (None, "", [], {}):
+        elif is_secret(k, v):
             out[k] = "***"
         else:
             out[k] = v
@@ -81,6 +86,10 @@ def launch_stage(overrides: list[str]):
     from .status import format_status, stage_status, write_summary
 
     cfg = compose(overrides)
+    if cfg.launcher.name == "slurm":
+        from .launchers.slurm import require_sbatch
+
+        require_sbatch()  # before anything is written to run_dir
     run_dir = Path(cfg.run_dir)
     geo, items, is_new = plan_geometry(run_dir, cfg.input, cfg.num_shards, cfg.items_per_shard)
     shards = list(cfg.shards) if cfg.shards is not None else list(range(geo.num_shards))

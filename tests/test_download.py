@@ -12,9 +12,10 @@ import psutil
 import pyarrow.parquet as pq
 from conftest import REPO, run_cli
 
-from pipeline.stages.download import classify
+from pipeline.stages.download import DownloadConfig, DownloadStage, _Guard, _private_copy, _scrubber, classify
 
-FAST = ["stage.socket_timeout_s=1.5", "stage.max_attempts=2", "stage.backoff_s=0.1", "stage.retries=0"]
+FAST = ["stage.socket_timeout_s=1.5", "stage.max_attempts=2", "stage.backoff_s=0.1", "stage.retries=0",
+        "stage.rate_limited_backoff_s=0.1"]
 
 
 def _manifest(path: Path, server, good=range(7), missing=("gone1", "gone2"), slow=("v9",)) -> Path:
@@ -139,3 +140,144 @@ def test_kill_9_mid_shard_then_resume_is_identical(tmp_path, media_server):
     for a, b in zip(gv, wv):
         assert Path(a["path"]).read_bytes() == Path(b["path"]).read_bytes()
         assert {k: v for k, v in a.items() if k != "path"} == {k: v for k, v in b.items() if k != "path"}
+
+
+def _stage(tmp_path, **cfg):
+    from omegaconf import OmegaConf
+
+    from pipeline.stages.base import RunContext
+
+    conf = OmegaConf.merge(OmegaConf.structured(DownloadConfig), cfg)
+    ctx = RunContext(run_dir=tmp_path, shard=0, models="tiny", cache_dir=tmp_path, device="cpu", log=lambda m: None)
+    return DownloadStage(conf, ctx)
+
+
+def test_http_status_reasons_recorded(tmp_path, media_server):
+    """403 / 429 / 500 from a real server: the ledger reason, attempts and the backoff a 429 costs."""
+    run = tmp_path / "run"
+    m = tmp_path / "m.txt"
+    m.write_text("".join(f"s{code} {media_server.url(f'status/{code}.mp4')}\n" for code in (403, 429, 500)))
+    run_cli("stage=download", f"run_dir={run}", f"input={m}", "num_shards=1", "stage.max_attempts=2",
+            "stage.retries=0", "stage.backoff_s=0.05", "stage.rate_limited_backoff_s=0.2", "stage.jitter=0")
+    ledger = {r["video_id"]: r for r in _table(run, "download", "ledger")}
+    assert ledger["s403"]["status"] == ledger["s429"]["status"] == ledger["s500"]["status"] == "failed"
+    assert ledger["s403"]["reason"].startswith("forbidden:"), ledger["s403"]
+    assert ledger["s429"]["reason"].startswith("rate_limited:"), ledger["s429"]
+    assert ledger["s500"]["reason"].startswith("server_error:"), ledger["s500"]
+    # Two 429s in a row: 0.2 s, then 0.4 s of backoff (the second applies although no retry is left).
+    assert ledger["s429"]["seconds"] >= 0.6
+    assert all(r["attempts"] == 1 for r in ledger.values())  # attempts counts runs of the item, not retries
+
+
+def test_pacing_after_every_attempt(tmp_path, monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr("pipeline.stages.download.time.sleep", slept.append)
+    stage = _stage(tmp_path, sleep_between_s=0.5, backoff_s=1.0, rate_limited_backoff_s=10.0, max_backoff_s=35.0,
+                   jitter=0.0)
+    stage._pause("ok", None)
+    stage._pause("not_found", None)
+    stage._pause("timeout", 0)           # before retry 1
+    stage._pause("timeout", 1)           # before retry 2
+    stage._pause("rate_limited", 0)
+    stage._pause("rate_limited", None)   # consecutive 429s keep doubling, retry or not
+    stage._pause("rate_limited", None)
+    stage._pause("ok", None)             # a normal answer resets the 429 streak
+    stage._pause("rate_limited", None)
+    assert slept == [0.5, 0.5, 1.5, 2.5, 10.5, 20.5, 35.5, 0.5, 10.5]
+    slept.clear()
+    stage.cfg.jitter = 0.5
+    for _ in range(20):
+        stage._pause("ok", None)
+    assert all(0.5 <= s <= 0.75 for s in slept) and len(set(slept)) > 1
+
+
+def test_guards_refuse_live_long_and_large():
+    guard = _Guard(max_duration_s=3600, max_bytes=1000)
+    assert guard.match_filter({"duration": 60, "filesize": 999}) is None and guard.refused is None
+    assert guard.match_filter({"duration": 60, "filesize": 5000}, incomplete={"filesize"}) is None  # not selected
+    for info, category in [({"is_live": True}, "live"), ({"live_status": "is_upcoming"}, "live"),
+                           ({"duration": 7200.0}, "too_long"), ({"filesize_approx": 5000}, "too_large")]:
+        g = _Guard(max_duration_s=3600, max_bytes=1000)
+        assert g.match_filter(info).startswith(category + ": ") and g.refused[0] == category
+    g = _Guard(max_duration_s=None, max_bytes=1000)
+    g.progress({"filename": "a.f1.mp4", "downloaded_bytes": 600})
+    try:
+        g.progress({"filename": "a.f2.m4a", "downloaded_bytes": 100, "total_bytes": 500})
+        raise AssertionError("no refusal")
+    except Exception as exc:  # noqa: BLE001 - _Refused
+        assert type(exc).__name__ == "_Refused" and g.refused[0] == "too_large"
+    assert _Guard(None, None).match_filter({"duration": 10 ** 6, "filesize": 10 ** 12}) is None
+
+
+def test_too_large_over_http(tmp_path, media_server):
+    run = tmp_path / "run"
+    m = tmp_path / "m.txt"
+    m.write_text(f"v0 {media_server.url('v0.mp4')}\n")
+    run_cli("stage=download", f"run_dir={run}", f"input={m}", "num_shards=1", "stage.max_filesize=10K", *FAST)
+    (row,) = _table(run, "download", "ledger")
+    assert row["status"] == "failed" and row["reason"].startswith("too_large:"), row
+    assert not list((run / "media").rglob("*.mp4"))
+
+
+def test_stale_temp_dirs_of_killed_workers_removed(tmp_path, media_server):
+    run = tmp_path / "run"
+    m = tmp_path / "m.txt"
+    m.write_text(f"v0 {media_server.url('v0.mp4')}\nv0-x {media_server.url('v1.mp4')}\n")
+    bucket = run / "media" / "videos" / "shard-00000" / "000"
+    planted = [bucket / ".tmp-v0-4242424", bucket / ".tmp-v0-x-77"]   # partial downloads of dead pids
+    for d in planted:
+        d.mkdir(parents=True)
+        (d / "video.mp4.part").write_bytes(b"partial")
+    other = bucket / ".tmp-notanitem-1"
+    other.mkdir()
+    run_cli("stage=download", f"run_dir={run}", f"input={m}", "num_shards=1", *FAST)
+    assert {r["status"] for r in _table(run, "download", "ledger")} == {"ok"}
+    assert not any(d.exists() for d in planted)
+    assert other.exists()  # only the temp dirs of the items being started are touched
+    assert sorted(p.name for p in bucket.iterdir() if not p.name.startswith(".")) == ["v0-x.mp4", "v0.mp4"]
+
+
+def test_cookies_file_left_byte_identical(tmp_path, media_server):
+    """yt-dlp rewrites the cookie file it is given on every close: the stage gives it a private copy."""
+    cookies = tmp_path / "cookies.txt"
+    original = (b"# Netscape HTTP Cookie File\n# exported by hand: yt-dlp would rewrite this header\n"
+                b"127.0.0.1\tFALSE\t/\tFALSE\t2147483647\tsid\tuservalue123\n")
+    cookies.write_bytes(original)
+    cookies.chmod(0o644)
+    before = cookies.stat()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    run = tmp_path / "run"
+    m = _manifest(tmp_path / "m.txt", media_server, good=range(3), missing=("gone1",), slow=())
+    run_cli("stage=download", f"run_dir={run}", f"input={m}", "num_shards=2", f"stage.cookies_file={cookies}",
+            *FAST, env={"TMPDIR": str(tmp)})
+    assert sum(r["status"] == "ok" for r in _table(run, "download", "ledger")) == 3
+    assert cookies.read_bytes() == original and cookies.stat().st_mtime_ns == before.st_mtime_ns
+    assert list(tmp.glob("vpt-cookies-*")) == []  # the private copies are removed with their task
+
+
+def test_private_cookie_copy_is_0600(tmp_path, monkeypatch):
+    import pytest
+
+    from pipeline.errors import ConfigError
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    src = tmp_path / "c.txt"
+    src.write_text("# Netscape HTTP Cookie File\n")
+    src.chmod(0o644)
+    copy = Path(_private_copy(str(src)))
+    assert copy.read_bytes() == src.read_bytes() and (copy.stat().st_mode & 0o777) == 0o600
+    with pytest.raises(ConfigError) as err:
+        _private_copy(str(tmp_path / "missing.txt"))
+    assert "missing" not in str(err.value)  # the path is a secret too
+    assert list(tmp_path.glob("vpt-cookies-*")) == [copy]
+
+
+def test_proxy_scrubbed_from_text():
+    scrub = _scrubber("http://someuser:p%40ss%2Fw0rd@proxy.example:3128")
+    text = ("Unable to connect to proxy http://someuser:p%40ss%2Fw0rd@proxy.example:3128 (auth someuser:p%40ss%2Fw0rd"
+            ", p@ss/w0rd)")
+    out = scrub(text)
+    assert "p%40ss%2Fw0rd" not in out and "p@ss/w0rd" not in out and "proxy.example:3128" not in out, out
+    assert out.startswith("Unable to connect to proxy ***")
+    assert _scrubber(None)("http://a:b@c") == "http://a:b@c"

@@ -5,9 +5,14 @@
 - Timeouts and preemption: the task is `Checkpointable`, so submitit requeues it on the pre-timeout signal; the
   requeued task resumes from the shard's parts (see pipeline.engine).
 - `resources.nodes > 1`: each array task is a multi-node job that starts a Ray cluster over its allocation.
+- Credentials (anything `cli.redacted` masks: proxy, cookies file, tokens) are not pickled into the job folder: the
+  pickled config holds `${oc.env:VPT_SECRET_...}` in their place, the values travel in the environment `sbatch`
+  passes to the job (its default --export=ALL), and the task resolves them when it rebuilds the config.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
 import signal
@@ -18,6 +23,7 @@ from pathlib import Path
 import submitit
 from tqdm import tqdm
 
+from ..cli import is_secret
 from ..engine import container
 from ..errors import ConfigError
 from ..task import run_task
@@ -98,10 +104,56 @@ def executor_parameters(cfg) -> dict:
     return params
 
 
-def make_executor(cfg) -> submitit.AutoExecutor:
+SECRET_ENV_PREFIX = "VPT_SECRET_"
+
+
+def require_sbatch() -> None:
     if shutil.which("sbatch") is None:
         raise ConfigError("launcher=slurm but sbatch is not on PATH (start a cluster: make slurm-up, and "
                           "source its env.sh, or run on a login node)")
+
+
+def secretless(plain: dict, _path: tuple[str, ...] = ()) -> tuple[dict, dict[str, str]]:
+    """(payload to pickle for Slurm, environment for sbatch): each secret becomes a reference to an env var."""
+    payload, env = {}, {}
+    for k, v in plain.items():
+        path = (*_path, str(k))
+        if isinstance(v, dict):
+            payload[k], sub = secretless(v, path)
+            env.update(sub)
+        elif is_secret(k, v):
+            payload[k] = _env_ref(SECRET_ENV_PREFIX + "_".join(re.sub(r"\W", "_", p).upper() for p in path), v, env)
+        else:
+            payload[k] = v
+    return payload, env
+
+
+def _env_ref(name: str, value, env: dict[str, str]):
+    """`${oc.env:NAME}` for a scalar (the task's typed schema converts the string back), one per item of a list.
+    No default in the reference: a task that did not get the variable fails instead of running without it."""
+    if isinstance(value, (list, tuple)):
+        return [_env_ref(f"{name}_{i}", v, env) for i, v in enumerate(value)]
+    env[name] = str(value)
+    return "${oc.env:%s}" % name
+
+
+@contextlib.contextmanager
+def secrets_in_environ(env: dict[str, str]):
+    """The secrets in os.environ while sbatch runs (it copies the environment into the job), then gone again."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def make_executor(cfg) -> submitit.AutoExecutor:
+    require_sbatch()
     folder = Path(cfg.run_dir) / cfg.stage.name / "logs" / "slurm"
     executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
     executor.update_parameters(**executor_parameters(cfg))
@@ -111,12 +163,14 @@ def make_executor(cfg) -> submitit.AutoExecutor:
 def submit(cfg, shards: list[int]) -> list[tuple[int, submitit.Job]]:
     executor = make_executor(cfg)
     max_size = cfg.launcher.max_array_size or cluster_max_array_size()
-    task = ShardTask(container(cfg))
+    payload, secrets = secretless(container(cfg))
+    task = ShardTask(payload)
     submitted: list[tuple[int, submitit.Job]] = []
-    for start in range(0, len(shards), max_size):
-        chunk = shards[start:start + max_size]
-        jobs = executor.map_array(task, chunk)
-        submitted.extend(zip(chunk, jobs))
+    with secrets_in_environ(secrets):
+        for start in range(0, len(shards), max_size):
+            chunk = shards[start:start + max_size]
+            jobs = executor.map_array(task, chunk)
+            submitted.extend(zip(chunk, jobs))
     return submitted
 
 
@@ -172,6 +226,8 @@ def submit_finish(cfg, after_job_ids: list[str]) -> str:
         extra["dependency"] = "afterany:" + ":".join(after_job_ids)
     executor.update_parameters(name=f"vpt-{cfg.stage.name}-finish", slurm_array_parallelism=1, nodes=1,
                                slurm_additional_parameters=extra)
-    job = executor.submit(finish_stage, container(cfg))
+    payload, secrets = secretless(container(cfg))
+    with secrets_in_environ(secrets):
+        job = executor.submit(finish_stage, payload)
     print(f"submitted {cfg.stage.name} finish step: job {job.job_id}")
     return job.job_id
