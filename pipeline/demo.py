@@ -13,20 +13,55 @@ import sys
 import threading
 from functools import partial
 from pathlib import Path
+from urllib.parse import urlparse
 
 from .samples import make_samples
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def serve(directory: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
+def serve(directory: Path, port: int = 0) -> tuple[http.server.ThreadingHTTPServer, str]:
+    """Serve `directory` on 127.0.0.1:`port` (0: any free port). Returns the server and its base URL."""
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args) -> None:
             pass
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(directory)))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), partial(Quiet, directory=str(directory)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
+def pinned_port(run_dir: Path) -> int:
+    """The server port named by the URLs of the manifest pinned in `run_dir` (0: none pinned, or no such URL)."""
+    from .manifest import GEOMETRY_FILE, load_items
+
+    if not (run_dir / GEOMETRY_FILE).exists():
+        return 0
+    for item in load_items(run_dir):
+        url = urlparse(item.url)
+        if url.scheme == "http" and url.hostname == "127.0.0.1" and url.port:
+            return url.port
+    return 0
+
+
+def start_server(run_dir: Path, samples: Path, paths: list[Path]) -> tuple[http.server.ThreadingHTTPServer, bool]:
+    """Serve the samples; before the manifest is pinned, write it with this server's URLs. Returns (server, pinned).
+
+    A pinned manifest keeps the URLs of the run that pinned it, so a re-run serves on the port they name: videos an
+    interrupted download had not fetched yet still download."""
+    from .errors import ConfigError
+    from .manifest import GEOMETRY_FILE
+
+    pinned = (run_dir / GEOMETRY_FILE).exists()
+    port = pinned_port(run_dir)
+    try:
+        httpd, base = serve(samples, port)
+    except OSError as exc:
+        raise ConfigError(f"port {port}, which the manifest pinned in {run_dir} names, is not free ({exc}): stop "
+                          "what holds it (another demo on this run dir?) or use a new --run-dir") from None
+    if not pinned:
+        write_manifest(run_dir, paths, base)
+    return httpd, pinned
 
 
 def write_manifest(run_dir: Path, paths: list[Path], base_url: str) -> Path:
@@ -52,13 +87,13 @@ def main() -> int:
     samples = run_dir / "samples"
     print(f"making {args.videos} sample videos in {samples} (ffmpeg + espeak-ng)", flush=True)
     paths = make_samples(samples, args.videos)
-    httpd, base = serve(samples)
     try:
-        write_manifest(run_dir, paths, base)
-        # The manifest names this run's server port: pin it only on the first run (later runs reuse the pin).
-        pinned = (run_dir / "geometry.json").exists()
+        httpd, pinned = start_server(run_dir, samples, paths)
+    except ConfigError as exc:
+        return fail(str(exc))
+    try:
         wf = load(args.workflow, [f"run_dir={run_dir}", "launcher=local"])
-        if pinned:
+        if pinned:  # the pinned manifest is the input now; videos.txt may list more videos (--videos)
             wf.steps.download.overrides = [o for o in wf.steps.download.overrides if not o.startswith("input=")]
         rc = run_local(wf)
     except ConfigError as exc:

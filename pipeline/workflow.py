@@ -20,10 +20,16 @@ Workflow file:
       pretrain: {module: pipeline.train, args: [...], after: [ingest], resources: {cpus: 2, mem_gb: 8}}
       report:   {module: pipeline.report, args: ["run_dir=${run_dir}"], after: [pretrain], rerun: true}
 
-Command steps take `nproc: N` (run under torchrun) and `rerun: true` (run every time, no done marker skip).
+Command steps take `nproc: N` (run under torchrun) and `rerun: true` (run every time, no done marker skip); on
+Slurm they get the cluster profile's partition, account, QoS, constraint and setup lines, like stage arrays.
+
+Every step is composed and validated before anything runs, is submitted or written. The exit code is 1 when a
+stage ended with shards that did not complete (a task died or was refused) or a command step failed; failed items
+(a video that would not download) are recorded outcomes, not workflow failures.
 """
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import time
@@ -36,6 +42,11 @@ from .atomic import write_json
 from .errors import ConfigError
 
 STEP_KEYS = {"stage", "module", "args", "overrides", "after", "resources", "nproc", "rerun"}
+RESOURCE_KEYS = {"cpus", "gpus", "mem_gb", "timeout_min", "partition"}
+
+
+class WaitError(RuntimeError):
+    """Waiting on the workflow's Slurm jobs gave up (squeue kept failing)."""
 
 
 def load(path: str | Path, overrides: list[str]) -> DictConfig:
@@ -87,6 +98,75 @@ def stage_overrides(wf: DictConfig, step: DictConfig) -> list[str]:
             *wf.overrides, *step.get("overrides", [])]
 
 
+def check_steps(wf: DictConfig) -> dict[str, DictConfig]:
+    """Compose and validate every step up front, so a typo in the last step fails before the first one runs or is
+    queued. Returns each stage step's composed config."""
+    from .config import compose
+
+    cluster = None
+    if wf.launcher == "slurm":
+        from .launchers.slurm import require_sbatch
+
+        require_sbatch()
+        cluster = command_cluster(wf)
+    cfgs: dict[str, DictConfig] = {}
+    for name in order(wf):
+        step = wf.steps[name]
+        try:
+            if "stage" in step:
+                cfgs[name] = compose(stage_overrides(wf, step))
+            else:
+                _check_command(name, step, cluster)
+        except ConfigError as exc:
+            raise ConfigError(f"step {name}: {exc}") from None
+    return cfgs
+
+
+def _check_command(name: str, step: DictConfig, cluster: DictConfig | None) -> None:
+    try:
+        found = importlib.util.find_spec(step.module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ConfigError(f"module {step.module!r} not found")
+    unknown = set(step.get("resources", {})) - RESOURCE_KEYS
+    if unknown:
+        raise ConfigError(f"unknown resources {sorted(unknown)}; known: {sorted(RESOURCE_KEYS)}")
+    if cluster is not None:
+        try:
+            command_parameters(name, step, cluster, [])
+        except (ValueError, TypeError) as exc:  # e.g. resources: {cpus: two}
+            raise ConfigError(f"bad resources: {exc}") from None
+
+
+def command_cluster(wf: DictConfig) -> DictConfig:
+    """The cluster profile the stage steps get: conf/cluster/<cluster>.yaml plus the workflow's cluster.* overrides."""
+    from .config import compose
+
+    ovs = [o for o in wf.overrides if o.lstrip("+~").startswith("cluster.")]
+    return compose([f"run_dir={wf.run_dir}", "launcher=slurm", f"cluster={wf.cluster}", *ovs]).cluster
+
+
+def command_parameters(name: str, step: DictConfig, cluster: DictConfig, upstream: list[str]) -> dict[str, Any]:
+    """submitit parameters of a command step: the stage launcher's own (partition, account, QoS, constraint, setup
+    lines, extra sbatch options, time limit cap), sized by the step's resources."""
+    from .launchers.slurm import executor_parameters
+
+    res = step.get("resources", {})
+    cfg = OmegaConf.create({
+        "stage": {"name": name, "resources": {"cpus": res.get("cpus", 2), "gpus": res.get("gpus", 0),
+                                              "mem_gb": res.get("mem_gb", 8),
+                                              "timeout_min": res.get("timeout_min", 240), "nodes": 1}},
+        "cluster": cluster,
+        "launcher": {"array_parallelism": 1, "dependency": f"afterany:{':'.join(upstream)}" if upstream else None},
+    })
+    params = executor_parameters(cfg)
+    del params["slurm_array_parallelism"]  # one job, not an array
+    if res.get("partition"):
+        params["slurm_partition"] = res.partition
+    return params
+
+
 def _marker(wf: DictConfig, name: str) -> Path:
     return Path(wf.run_dir) / "workflow" / f"{name}.done"
 
@@ -99,21 +179,24 @@ def run_command_step(module: str, args: list[str], marker: str, nproc: int = 1) 
     write_json(marker, {"module": module, "args": list(args), "time": time.time()})
 
 
-def run_local(wf: DictConfig) -> int:
+def run_local(wf: DictConfig, cfgs: dict[str, DictConfig] | None = None) -> int:
+    """Steps one after another; `cfgs` is check_steps' result when the caller has validated already."""
     from .cli import launch_stage
 
-    failed: list[str] = []
+    if cfgs is None:
+        check_steps(wf)
+    failed: dict[str, list[int]] = {}  # step -> its shards that did not complete ([] for a command step)
     for name in order(wf):
         step = wf.steps[name]
         if any(d in failed for d in step.get("after", [])):
             print(f"\n== {name}: skipped (upstream step failed)")
-            failed.append(name)
+            failed[name] = []
             continue
         print(f"\n== {name}", flush=True)
         if "stage" in step:
             result = launch_stage(stage_overrides(wf, step))
             if not result.ok:
-                failed.append(name)
+                failed[name] = sorted(result.failed_shards)
         elif _marker(wf, name).exists() and not step.get("rerun", False):
             print(f"{name}: done already ({_marker(wf, name)})")
         else:
@@ -122,18 +205,50 @@ def run_local(wf: DictConfig) -> int:
                                  int(step.get("nproc", 1)))
             except subprocess.CalledProcessError as exc:
                 print(f"{name} failed: {exc}", file=sys.stderr)
-                failed.append(name)
-    if failed:
-        print(f"\nworkflow {wf.get('name', '')}: steps with failures: {', '.join(failed)}", file=sys.stderr)
-    return 1 if failed else 0
+                failed[name] = []
+    return report_failures(wf, failed)
 
 
-def submit_slurm(wf: DictConfig) -> dict[str, list[str]]:
-    """Submit every step with afterany dependencies on its upstream steps' jobs. Returns step -> job ids."""
+def report_failures(wf: DictConfig, failed: dict[str, list[int]]) -> int:
+    """One line naming the failed steps (and a stage's incomplete shards); the workflow's exit code."""
+    if not failed:
+        return 0
+    parts = [f"{n} (shards {', '.join(map(str, s))})" if s else n for n, s in failed.items()]
+    print(f"\nworkflow {wf.get('name', '')}: steps with failures: {'; '.join(parts)}", file=sys.stderr)
+    return 1
+
+
+def slurm_failures(wf: DictConfig, cfgs: dict[str, DictConfig]) -> dict[str, list[int]]:
+    """After every job ended: stage shards with no completion marker (the task died, timed out or was refused
+    because an upstream shard was missing) and command steps with no done marker."""
+    from .atomic import read_json
+    from .manifest import GEOMETRY_FILE
+    from .shards import ShardStore
+
+    geo = read_json(Path(wf.run_dir) / GEOMETRY_FILE) or {"num_shards": 0}
+    failed: dict[str, list[int]] = {}
+    for name in order(wf):
+        if name in cfgs:
+            cfg = cfgs[name]
+            shards = list(cfg.shards) if cfg.shards is not None else range(int(geo["num_shards"]))
+            bad = [s for s in shards if not ShardStore(wf.run_dir, cfg.stage.name, s).is_complete()]
+            if bad:
+                failed[name] = bad
+        elif not _marker(wf, name).exists():
+            failed[name] = []
+    return failed
+
+
+def submit_slurm(wf: DictConfig, cfgs: dict[str, DictConfig] | None = None) -> dict[str, list[str]]:
+    """Submit every step with afterany dependencies on its upstream steps' jobs. Returns step -> job ids.
+    `cfgs` is check_steps' result when the caller has validated already."""
     import submitit
 
     from .cli import launch_stage
 
+    if cfgs is None:
+        check_steps(wf)
+    cluster = command_cluster(wf)
     jobs: dict[str, list[str]] = {}
     for name in order(wf):
         step = wf.steps[name]
@@ -145,19 +260,9 @@ def submit_slurm(wf: DictConfig) -> dict[str, list[str]]:
         elif _marker(wf, name).exists() and not step.get("rerun", False):
             jobs[name] = []
         else:
-            res = dict(step.get("resources", {}))
+            _marker(wf, name).unlink(missing_ok=True)  # a rerun step's old marker must not vouch for this run
             ex = submitit.AutoExecutor(folder=str(Path(wf.run_dir) / "workflow" / "logs"), cluster="slurm")
-            params: dict[str, Any] = {"name": f"vpt-{name}", "timeout_min": int(res.get("timeout_min", 240)),
-                                      "cpus_per_task": int(res.get("cpus", 2)),
-                                      "mem_gb": float(res.get("mem_gb", 8)), "nodes": 1, "tasks_per_node": 1}
-            if res.get("gpus"):
-                params["gpus_per_node"] = int(res["gpus"])
-            partition = res.get("partition")
-            if partition:
-                params["slurm_partition"] = partition
-            if upstream:
-                params["slurm_additional_parameters"] = {"dependency": f"afterany:{':'.join(upstream)}"}
-            ex.update_parameters(**params)
+            ex.update_parameters(**command_parameters(name, step, cluster, upstream))
             job = ex.submit(run_command_step, step.module, list(step.get("args", [])), str(_marker(wf, name)),
                             int(step.get("nproc", 1)))
             print(f"submitted {name}: job {job.job_id}")
@@ -166,11 +271,29 @@ def submit_slurm(wf: DictConfig) -> dict[str, list[str]]:
     return jobs
 
 
-def wait_for(job_ids: list[str], poll_s: float = 3.0) -> None:
+def wait_for(job_ids: list[str], poll_s: float = 3.0, max_failures: int = 20) -> None:
+    """Until none of the jobs is queued or running. Gives up after `max_failures` squeue failures in a row (the
+    controller is down or unreachable) instead of polling forever."""
+    failures = 0
     while job_ids:
-        out = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(job_ids)], capture_output=True, text=True)
-        if out.returncode == 0 and not out.stdout.strip():
-            return
+        try:
+            out = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(job_ids)], capture_output=True,
+                                 text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        else:
+            if out.returncode == 0:
+                if not out.stdout.strip():
+                    return
+                error = None
+            elif "Invalid job id" in out.stderr:
+                return  # every job has ended and slurmctld has already forgotten them
+            else:
+                error = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[0]
+        failures = failures + 1 if error else 0
+        if failures >= max_failures:
+            raise WaitError(f"squeue failed {failures} times in a row (last: {error}); the jobs may still run: "
+                            "check squeue, then re-run the workflow (it does only what is missing)")
         time.sleep(poll_s)
 
 
@@ -184,18 +307,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     try:
         wf = load(argv[0], argv[1:])
+        cfgs = check_steps(wf)  # all of them before anything runs, is submitted or written
         if wf.launcher == "local":
-            rc = run_local(wf)
+            rc = run_local(wf, cfgs)
         else:
-            jobs = submit_slurm(wf)
+            jobs = submit_slurm(wf, cfgs)
             rc = 0
             if wf.wait:
                 print("waiting for the workflow's jobs ...", flush=True)
                 wait_for([j for ids in jobs.values() for j in ids])
-                missing = [n for n, s in wf.steps.items() if "module" in s and not _marker(wf, n).exists()]
-                rc = 1 if missing else 0
+                rc = report_failures(wf, slurm_failures(wf, cfgs))
     except ConfigError as exc:
         return fail(str(exc))
+    except WaitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print()
     print(format_status(wf.run_dir, run_status(wf.run_dir)))
     return rc

@@ -8,6 +8,7 @@ import pytest
 from conftest import REPO, run_cli
 
 from pipeline.demo import serve, write_manifest
+from pipeline.workflow import load
 from pipeline.samples import make_samples
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -31,9 +32,25 @@ def test_demo_workflow_on_slurm(tmp_path, slurm_cluster, cache_dir):
     for step, ids in jobs.items():
         for job_id in ids:
             assert slurm_cluster.final_state(job_id) == "COMPLETED", (step, job_id)
-    # Stage arrays waited on their upstream arrays.
-    deps = slurm_cluster.run("sacct", "-X", "-n", "-P", "-o", "JobID,Submit,Start", "-j", ",".join(jobs["ingest"]))
-    assert deps.stdout.strip()
+    # Every job (array task) started only after all jobs of its upstream steps had ended: the afterany chains held.
+    times = slurm_cluster.run("sacct", "-X", "-n", "-P", "-o", "JobID,Start,End", "-j",
+                              ",".join(j for ids in jobs.values() for j in ids)).stdout
+    start: dict[str, str] = {}
+    end: dict[str, str] = {}
+    for line in times.splitlines():
+        task, started, ended = line.strip().split("|")
+        job = task.split("_")[0]  # an array's tasks: the array starts with its first task, ends with its last
+        start[job] = min(start.get(job, started), started)
+        end[job] = max(end.get(job, ended), ended)
+    steps = load(REPO / "workflows" / "demo.yaml", [f"run_dir={run}"]).steps
+    checked = 0
+    for step, ids in jobs.items():
+        for up in steps[step].get("after", []):
+            for job in ids:
+                for up_job in jobs[up]:
+                    assert start[job] >= end[up_job], f"{step} job {job} started before {up} job {up_job} ended"
+                    checked += 1
+    assert checked >= 8, times
     status = run_cli("status", f"run_dir={run}").stdout
     for stage in ("download", "frames", "asr", "clip", "audio", "scenegraph", "ingest"):
         line = next(ln for ln in status.splitlines() if ln.startswith(stage))
