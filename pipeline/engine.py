@@ -7,6 +7,10 @@ Resumption falls out of the layout: a killed or requeued task leaves complete pa
 ledger file exists), and the next attempt skips every item a part already holds. A complete shard is skipped,
 unless `retry_failed=true` and it has failed items, or an upstream stage has since completed items that were
 skipped here for want of upstream output.
+
+An item that kills the worker itself (native crash, OOM kill, time-out) must not block its shard forever: the items
+in flight are kept on disk (`shards.InFlight`); the next attempt runs those suspects one at a time, first, and
+records an item failed with reason `crashed` once it has died alone in flight `stage.max_item_crashes` times.
 """
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ from .stages import get_stage
 from .stages.base import ItemResult, RunContext, Stage, WorkItem
 
 log = logging.getLogger("pipeline.engine")
+
+MAX_ITEM_CRASHES = 2  # default of `stage.max_item_crashes`
 
 
 class UpstreamIncomplete(RuntimeError):
@@ -134,6 +140,8 @@ def run_shard(cfg: DictConfig, shard: int, logger: logging.Logger | None = None)
     stage_cls = get_stage(cfg.stage.name)
     run_dir = Path(cfg.run_dir)
     store = ShardStore(run_dir, stage_cls.name, shard)
+    if store.resume_finalize():
+        lg.info(f"{stage_cls.name} shard {shard}: finished installing the outputs a killed attempt had staged")
     items = load_items(run_dir, shard)
     pending, kept_ledger = plan_pending(cfg, store, items, stage_cls.upstream)
     if store.is_complete() and not pending:
@@ -176,6 +184,8 @@ def run_shard(cfg: DictConfig, shard: int, logger: logging.Logger | None = None)
                          {n: _to_table(stage_cls, n, rs) for n, rs in rows.items()})
         buffer_results.clear()
 
+    inflight = store.in_flight()  # before the stage starts: it counts the crashes of the previous attempt
+    max_crashes = int(getattr(cfg.stage, "max_item_crashes", MAX_ITEM_CRASHES))
     stage = stage_cls(cfg.stage, make_context(cfg, shard, lg))
     try:
         runnable: list[WorkItem] = []
@@ -186,28 +196,50 @@ def run_shard(cfg: DictConfig, shard: int, logger: logging.Logger | None = None)
             if problem:
                 buffer_results.append((ItemResult(item.video_id, status=SKIPPED, reason=problem), attempts))
                 continue
+            crashes = inflight.crashes.get(item.video_id, 0)
+            if crashes >= max_crashes:
+                lg.info(f"{item.video_id}: failed: crashed the worker {crashes} times")
+                buffer_results.append((ItemResult.failed(item.video_id, (
+                    f"crashed: the worker process died {crashes} times while processing this item alone "
+                    "(native crash, out of memory or time-out)")), attempts + 1))
+                continue
             runnable.append(WorkItem(item.video_id, item.url, position[item.video_id], attempts=attempts))
 
-        def with_inputs() -> Iterator[WorkItem]:
-            for w in runnable:  # read upstream rows lazily: a shard of frames can be large
+        def with_inputs(work: list[WorkItem]) -> Iterator[WorkItem]:
+            for w in work:  # read upstream rows lazily: a shard of frames can be large
                 w.inputs = upstream.rows_for(w.video_id)
+                inflight.start(w.video_id)
                 yield w
 
         expected = {w.video_id for w in runnable}
-        for res in stage.process(with_inputs()):
-            if res.video_id not in expected:
-                raise RuntimeError(f"stage {stage_cls.name} returned a result for unexpected item {res.video_id!r}")
-            expected.discard(res.video_id)
-            buffer_results.append((res, previous_attempts.get(res.video_id, 0) + 1))
-            processed += 1
-            if res.status == FAILED:
-                lg.info(f"{res.video_id}: failed: {res.reason}")
-            if len(buffer_results) >= cfg.stage.flush_every:
-                flush()
+
+        def consume(work: list[WorkItem]) -> None:
+            nonlocal processed
+            for res in stage.process(with_inputs(work)):
+                if res.video_id not in expected:
+                    raise RuntimeError(f"stage {stage_cls.name} returned a result for unexpected item {res.video_id!r}")
+                expected.discard(res.video_id)
+                inflight.done(res.video_id)
+                buffer_results.append((res, previous_attempts.get(res.video_id, 0) + 1))
+                processed += 1
+                if res.status == FAILED:
+                    lg.info(f"{res.video_id}: failed: {res.reason}")
+                if len(buffer_results) >= cfg.stage.flush_every:
+                    flush()
+
+        # Suspects of an earlier crash run alone, so that a crash is pinned on its item and on no other.
+        suspects = [w for w in runnable if w.video_id in inflight.crashes]
+        for w in suspects:
+            consume([w])
+            flush()
+        consume([w for w in runnable if w.video_id not in inflight.crashes])
         if expected:
             raise RuntimeError(f"stage {stage_cls.name} returned no result for {sorted(expected)[:5]}")
         flush()
         extra = stage.shard_stats()
+    except Exception:
+        inflight.clear()  # the process lives on: the items in flight did not crash it
+        raise
     finally:
         stage.close()
 

@@ -32,6 +32,7 @@ class StageConfig:
     name: str = ""
     resources: Resources = field(default_factory=Resources)
     flush_every: int = 16   # items per part: at most this much work is redone after a kill -9
+    max_item_crashes: int = 2  # worker deaths with this item alone in flight before it is recorded failed (crashed)
 
 
 @dataclass

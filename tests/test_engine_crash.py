@@ -1,0 +1,210 @@
+"""Engine under process death: an item that kills its worker, parts torn by a kill, a re-finalize killed midway,
+a local pool that loses a worker. The test stage `crashy` lives here; subprocesses and pool workers import it."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from omegaconf import OmegaConf
+
+from pipeline import stages
+from pipeline.config import validate
+from pipeline.engine import container, run_shard
+from pipeline.manifest import pin_geometry, plan_geometry, shard_of
+from pipeline.shards import STAGING, ShardStore
+from pipeline.stages.base import ItemResult, Stage, StageConfig
+from pipeline.task import run_task
+
+TESTS = Path(__file__).resolve().parent
+
+
+@dataclass
+class CrashyConfig(StageConfig):
+    crash_on: str = ""      # this video kills the worker process (SIGKILL: no Python cleanup runs)
+    fail_once: str = ""     # this video fails on its first attempt (a recorded failure, for retry_failed)
+    raise_on: str = ""      # this video raises out of process(): a shard error, the process lives on
+    batch: int = 1          # items taken before any result is returned (a stage with several in flight)
+    max_item_crashes: int = 2
+
+
+class CrashyStage(Stage):
+    name = "crashy"
+    Config = CrashyConfig
+    tables = {"rows": ("video_id",)}
+
+    def process(self, items):
+        batch = []
+        for w in items:
+            batch.append(w)
+            if len(batch) >= self.cfg.batch:
+                yield from self._run(batch)
+                batch = []
+        yield from self._run(batch)
+
+    def _run(self, batch):
+        for w in batch:
+            if w.video_id == self.cfg.crash_on:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if w.video_id == self.cfg.raise_on:
+                raise RuntimeError("shard-level error")
+        for w in batch:
+            if w.video_id == self.cfg.fail_once and w.attempts == 0:
+                yield ItemResult.failed(w.video_id, "flaky: first attempt")
+            else:
+                yield ItemResult(w.video_id, rows={"rows": [{"video_id": w.video_id, "attempts_before": w.attempts}]})
+
+
+STAGE = CrashyStage
+
+
+def _task(plain: dict, shard: int) -> dict:
+    """A launcher task in a fresh worker process: registers the test stage there first."""
+    stages.STAGES["crashy"] = __name__
+    return run_task(plain, shard)
+
+
+@pytest.fixture(autouse=True)
+def crashy_registered(monkeypatch):
+    monkeypatch.setitem(stages.STAGES, "crashy", __name__)
+
+
+def _run_dir(tmp_path: Path, n: int, num_shards: int = 1) -> Path:
+    m = tmp_path / "m.txt"
+    m.write_text("".join(f"v{i} /x/v{i}.mp4\n" for i in range(n)))
+    run = tmp_path / "run"
+    geo, items, _ = plan_geometry(run, str(m), num_shards, 64)
+    pin_geometry(run, geo, items)
+    return run
+
+
+def _cfg(run: Path, retry_failed: bool = False, workers: int = 1, **stage):
+    return validate(OmegaConf.create({
+        "stage": {"name": "crashy", **stage}, "launcher": {"name": "local", "workers": workers}, "cluster": {},
+        "run_dir": str(run), "cache_dir": str(run / "cache"), "device": "cpu", "retry_failed": retry_failed}))
+
+
+def _run_in_subprocess(cfg) -> int:
+    script = (f"import sys, json; sys.path.insert(0, {str(TESTS)!r})\n"
+              "import test_engine_crash as t\n"
+              "t._task(json.loads(sys.argv[1]), 0)\n")
+    return subprocess.run([sys.executable, "-c", script, json.dumps(container(cfg))], cwd=TESTS.parent,
+                          capture_output=True, timeout=120).returncode
+
+
+@pytest.mark.parametrize("batch,expected_rcs", [
+    (1, [-9, -9, 0]),       # one item in flight: each death counts against it
+    (3, [-9, -9, -9, 0]),   # three in flight: the first death makes suspects; alone, only v2 dies again
+])
+def test_item_that_kills_its_worker_is_recorded_crashed(tmp_path, batch, expected_rcs):
+    run = _run_dir(tmp_path, 6)
+    cfg = _cfg(run, crash_on="v2", batch=batch, flush_every=1 if batch == 1 else 16)
+    store = ShardStore(run, "crashy", 0)
+    rcs = []
+    while len(rcs) < len(expected_rcs) + 2 and (not rcs or rcs[-1] != 0):
+        assert not store.is_complete()
+        rcs.append(_run_in_subprocess(cfg))
+    assert rcs == expected_rcs
+    assert store.is_complete()
+    ledger = {r["video_id"]: r for r in store.read_ledger()}
+    assert sorted(ledger) == [f"v{i}" for i in range(6)] and len(store.read_ledger()) == 6
+    assert ledger["v2"]["status"] == "failed" and ledger["v2"]["reason"].startswith("crashed: ")
+    assert all(r["status"] == "ok" and r["attempts"] == 1 for v, r in ledger.items() if v != "v2")
+    rows = store.read_table("rows").column("video_id").to_pylist()
+    assert rows == ["v0", "v1", "v3", "v4", "v5"]
+    assert not store.parts_dir.exists()
+
+
+def test_shard_error_does_not_count_as_a_crash(tmp_path):
+    """A Python error ends the attempt with the process alive: the items in flight are not suspects."""
+    run = _run_dir(tmp_path, 4)
+    store = ShardStore(run, "crashy", 0)
+    with pytest.raises(RuntimeError, match="shard-level"):
+        run_shard(_cfg(run, raise_on="v1", batch=4, max_item_crashes=1), 0)
+    assert store.in_flight().crashes == {}
+    run_shard(_cfg(run, batch=4, max_item_crashes=1), 0)
+    assert [r["status"] for r in store.read_ledger()] == ["ok"] * 4
+
+
+def test_orphan_part_tables_are_not_adopted(tmp_path):
+    """A kill between a part's tables and its ledger leaves tables; the next part must not take them over."""
+    store = ShardStore(tmp_path, "toy", 0)
+    def row(v):
+        return {"video_id": v, "status": "ok", "reason": "", "attempts": 1, "seconds": 0.0, "note": ""}
+
+    store.write_part([row("a")], {"t": pa.table({"video_id": ["a"]})})
+    pq.write_table(pa.table({"video_id": ["stale"]}), store.parts_dir / "part-000002.t.parquet")  # torn part 2
+    store.write_part([row("b")], {})  # no rows for t
+    ledger, tables = store.read_parts()
+    assert sorted(r["video_id"] for r in ledger) == ["a", "b"]
+    assert [t.column("video_id").to_pylist() for t in tables["t"]] == [["a"]]
+
+
+def test_refinalize_replaces_outputs_whole(tmp_path):
+    store = ShardStore(tmp_path, "toy", 0)
+    store.finalize([], {"t": pa.table({"x": [1]}), "u": pa.table({"x": [2]})}, {}, {"stage": "toy"})
+    # a staging torn by a kill (no staged marker) is dropped: the shard keeps its outputs
+    (store.dir / STAGING).mkdir()
+    pq.write_table(pa.table({"x": [9]}), store.dir / STAGING / "t.parquet")
+    assert store.resume_finalize() is False and not (store.dir / STAGING).exists()
+    assert store.is_complete() and store.read_table("t").column("x").to_pylist() == [1]
+    store.finalize([], {"t": pa.table({"x": [3]})}, {}, {"stage": "toy"})
+    assert store.read_table("t").column("x").to_pylist() == [3]
+    assert store.read_table("u") is None and store.marker()["tables"] == ["t"]  # no table left from before
+
+
+def test_refinalize_killed_midway_then_rerun_completes(tmp_path, monkeypatch):
+    """retry_failed re-finalizes a complete shard: a kill while the new outputs replace the old must leave no
+    marker (never a marker beside mixed outputs), and the next run finishes the install without redoing work."""
+    run = _run_dir(tmp_path, 4)
+    store = ShardStore(run, "crashy", 0)
+    run_shard(_cfg(run, fail_once="v1"), 0)
+    assert [r["status"] for r in store.read_ledger()] == ["ok", "failed", "ok", "ok"]
+
+    real_replace, installed = os.replace, []
+
+    def dies_after_one_install(src, dst):
+        if Path(src).parent.name == STAGING and Path(dst).parent == store.dir:
+            if installed:
+                raise OSError("killed")
+            installed.append(dst)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dies_after_one_install)
+    with pytest.raises(OSError, match="killed"):
+        run_shard(_cfg(run, fail_once="v1", retry_failed=True), 0)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert installed and not store.is_complete()
+
+    stats = run_shard(_cfg(run, fail_once="v1"), 0)
+    assert stats.get("skipped_shard") and store.is_complete()
+    ledger = store.read_ledger()
+    assert [(r["video_id"], r["status"], r["attempts"]) for r in ledger] == [
+        ("v0", "ok", 1), ("v1", "ok", 2), ("v2", "ok", 1), ("v3", "ok", 1)]
+    assert store.read_table("rows").to_pylist() == [
+        {"video_id": "v0", "attempts_before": 0}, {"video_id": "v1", "attempts_before": 1},
+        {"video_id": "v2", "attempts_before": 0}, {"video_id": "v3", "attempts_before": 0}]
+    assert store.stats()["ok"] == 4 and not (store.dir / STAGING).exists()
+
+
+def test_local_launcher_survives_a_dead_worker(tmp_path):
+    """The worker of one shard dies: that shard fails, the shards not yet started still run in a fresh pool;
+    re-running the failed shard gets past its bad item."""
+    from pipeline.launchers.local import launch
+
+    run = _run_dir(tmp_path, 12, num_shards=3)
+    bad = min(f"v{i}" for i in range(12) if shard_of(f"v{i}", 3) == 0)  # the first item of the first shard
+    cfg = _cfg(run, crash_on=bad, max_item_crashes=1)
+    result = launch(cfg, [0, 1, 2], task=_task)
+    assert list(result.failed_shards) == [0] and "worker process died" in result.failed_shards[0]
+    assert [ShardStore(run, "crashy", s).is_complete() for s in range(3)] == [False, True, True]
+    assert launch(cfg, [0], task=_task).ok
+    ledger = {r["video_id"]: r for r in ShardStore(run, "crashy", 0).read_ledger()}
+    assert ledger[bad]["reason"].startswith("crashed") and ledger[bad]["status"] == "failed"
