@@ -6,7 +6,9 @@ timestamps of one file are comparable. Frame times always come from the demuxed 
 (`VideoInfo.frame_pts`), never from `index / avg_fps`, so variable-frame-rate video stays exact.
 
 Decoding picks frames by their PTS: decord (batch reads) is the fast path; PyAV seek + decode is the fallback
-when decord cannot open the file or its frame index disagrees with ours.
+when decord cannot open the file or its frame index disagrees with ours. Both hold at most `DECODE_CHUNK`
+full-resolution frames at a time and resize each right after decoding, so a request for hundreds of 4K frames
+does not hold them all at full resolution.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ log = logging.getLogger(__name__)
 
 # PTS differences below this are the same frame (float rounding of rational timestamps).
 PTS_EPS = 1e-6
+# Full-resolution frames held at once while decoding (a 3840x2160 RGB frame is 25 MB).
+DECODE_CHUNK = 16
 
 
 class VideoError(Exception):
@@ -77,6 +81,11 @@ class VideoInfo:
     def index_at(self, t: float) -> int:
         """Index of the frame shown at time t: the last frame with pts <= t (clamped to the stream)."""
         i = int(np.searchsorted(self.frame_pts, t + PTS_EPS, side="right")) - 1
+        return min(max(i, 0), self.n_frames - 1)
+
+    def index_before(self, t: float) -> int:
+        """Index of the last frame with pts < t, i.e. the last frame of a span ending at t (clamped)."""
+        i = int(np.searchsorted(self.frame_pts, t - PTS_EPS, side="right")) - 1
         return min(max(i, 0), self.n_frames - 1)
 
 
@@ -176,42 +185,46 @@ def decode_at(info: VideoInfo, times: Sequence[float], short_side: int | None = 
     indices = sorted({info.index_at(t) for t in times})
     if not indices:
         return []
+    images = None
     if backend in ("auto", "decord"):
         try:
-            images = _decode_decord(info, indices)
+            images = _decode_decord(info, indices, short_side)
         except Exception as exc:  # noqa: BLE001 - decord failures of any kind mean: use PyAV
             if backend == "decord":
                 raise
             log.info("decord failed on %s (%s); using PyAV", info.path, exc)
-        else:
-            return [(float(info.frame_pts[i]), resize_short_side(img, short_side))
-                    for i, img in zip(indices, images)]
-    images = _decode_pyav(info, indices)
-    return [(float(info.frame_pts[i]), resize_short_side(img, short_side)) for i, img in zip(indices, images)]
+    if images is None:
+        images = _decode_pyav(info, indices, short_side)
+    return [(float(info.frame_pts[i]), img) for i, img in zip(indices, images)]
 
 
-def _decode_decord(info: VideoInfo, indices: list[int]) -> list[np.ndarray]:
+def _decode_decord(info: VideoInfo, indices: list[int], short_side: int | None) -> list[np.ndarray]:
     import decord
 
     reader = decord.VideoReader(info.path, ctx=decord.cpu(0), num_threads=0)
     if len(reader) != info.n_frames:
         raise RuntimeError(f"decord indexes {len(reader)} frames, the demuxer {info.n_frames}")
-    # decord's frame i is the packet with the i-th smallest PTS; its timestamps are relative to the stream's
-    # start_time. Check they line up with our absolute index before trusting its indices.
+    # decord's frame i is the packet with the i-th smallest PTS, timed from the stream's start_time (the first
+    # frame's PTS; where they differ the check fails and PyAV decodes). Compare absolute times: differences from
+    # the first requested frame would hide an index shifted as a whole. The tolerance covers decord's float32.
     ts = reader.get_frame_timestamp(indices)[:, 0].astype(np.float64)
-    rel = info.frame_pts[indices] - info.frame_pts[indices[0]]
-    if np.abs((ts - ts[0]) - rel).max() > 2e-3:
+    if np.abs(ts - (info.frame_pts[indices] - info.first_pts)).max() > 2e-3:
         raise RuntimeError("decord timestamps disagree with the demuxed PTS")
-    batch = reader.get_batch(indices).asnumpy()
-    return [np.ascontiguousarray(batch[k]) for k in range(len(indices))]
+    out = []
+    for k in range(0, len(indices), DECODE_CHUNK):
+        batch = reader.get_batch(indices[k:k + DECODE_CHUNK]).asnumpy()
+        out += [resize_short_side(np.ascontiguousarray(image), short_side) for image in batch]
+        del batch   # free this chunk before decoding the next
+    return out
 
 
 # Decode forward instead of seeking when the next wanted frame is at most this far ahead.
 _SEEK_GAP_S = 2.0
 
 
-def _decode_pyav(info: VideoInfo, indices: list[int]) -> list[np.ndarray]:
-    """Exact fallback: seek to the keyframe before each target and decode until its PTS."""
+def _decode_pyav(info: VideoInfo, indices: list[int], short_side: int | None) -> list[np.ndarray]:
+    """Exact fallback: seek to the keyframe before each target and decode until its PTS; each kept frame is
+    resized at once, so one full-resolution RGB frame exists at a time."""
     wanted = [float(info.frame_pts[i]) for i in indices]
     out: dict[int, np.ndarray] = {}
     with av.open(info.path) as container:
@@ -235,12 +248,12 @@ def _decode_pyav(info: VideoInfo, indices: list[int]) -> list[np.ndarray]:
                 continue
             last_time = float(frame.pts * info.time_base)
             while k < len(wanted) and abs(last_time - wanted[k]) < PTS_EPS:
-                out[k] = frame.to_ndarray(format="rgb24")
+                out[k] = resize_short_side(frame.to_ndarray(format="rgb24"), short_side)
                 k += 1
             if k < len(wanted) and last_time > wanted[k] + PTS_EPS:
                 # Passed a target without seeing it (should not happen with an exact index): take this frame.
                 log.warning("%s: frame at %.4f missing, using %.4f", info.path, wanted[k], last_time)
-                out[k] = frame.to_ndarray(format="rgb24")
+                out[k] = resize_short_side(frame.to_ndarray(format="rgb24"), short_side)
                 k += 1
     if len(out) < len(wanted):
         raise VideoError("corrupt", f"{len(wanted) - len(out)} wanted frames do not decode")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import subprocess
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +14,41 @@ from conftest import run_cli
 from PIL import Image
 
 from pipeline.stages.base import RunContext, WorkItem
-from pipeline.stages.frames import STAGE, FramesConfig, sample_video
-from pipeline.video import decode_jpeg
+from pipeline.stages.frames import STAGE, FramesConfig, plan_times, sample_video
+from pipeline.video import VideoInfo, decode_jpeg, probe
 
 
 @pytest.fixture(scope="module")
 def speech(shared_media):
     """The 122 s 1080p video, sampled once for the whole module."""
     return sample_video(shared_media / "speech_cuts_1080p.mp4")
+
+
+@pytest.fixture(scope="module")
+def short_shot_clip(tmp_path_factory) -> Path:
+    """Three hard-cut shots at 10 fps: 2 s, then 0.5 s (exactly after_cut_offset, the shortest shot
+    min_shot_len allows), then 2 s."""
+    path = tmp_path_factory.mktemp("short_shot") / "short_shot.mp4"
+    sources = ["testsrc2=size=160x120:rate=10:duration=2", "smptebars=size=160x120:rate=10:duration=0.5",
+               "color=c=red:size=160x120:rate=10:duration=2"]
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *[a for src in sources for a in ("-f", "lavfi", "-i", src)],
+                    "-filter_complex", "[0:v][1:v][2:v]concat=n=3:v=1[v]", "-map", "[v]", "-c:v", "libx264",
+                    "-g", "10", "-pix_fmt", "yuv420p", str(path)], check=True)
+    return path
+
+
+def _synthetic_info(n_frames: int, fps: int) -> VideoInfo:
+    """A frame index with no file behind it; PTS are float seconds of a 1/15360 time base, as probe() makes."""
+    tb = Fraction(1, 15360)
+    return VideoInfo(path="synthetic", width=64, height=36, codec="h264", stream_index=0, time_base=tb,
+                     frame_pts=np.arange(n_frames) * (15360 // fps) * float(tb), avg_fps=float(fps),
+                     has_audio=False)
+
+
+def _assert_inside_shots(plan: list[tuple[float, str, int]], info: VideoInfo, cuts: list[float]) -> None:
+    bounds = [info.first_pts, *cuts, info.end_pts]
+    for pts, kind, shot in plan:
+        assert bounds[shot] <= pts < bounds[shot + 1], (pts, kind, shot, bounds[shot:shot + 2])
 
 
 def _ctx(tmp_path: Path) -> RunContext:
@@ -62,6 +90,71 @@ def test_speech_sampling_policy(speech):
         assert mine["midpoint"].pts == pytest.approx((start + end) / 2, abs=1 / 30 + 1e-6)
     for f in speech.frames:
         assert f.image.dtype == np.uint8 and f.image.shape == (336, 597, 3)  # 16:9 kept, short side 336
+
+
+def test_speech_every_frame_lies_inside_its_shot(speech, shared_media):
+    info = probe(shared_media / "speech_cuts_1080p.mp4")
+    _assert_inside_shots([(f.pts, f.kind, f.shot) for f in speech.frames], info, speech.cuts)
+    # An offset longer than the 2.9 s shot: that shot's after-cut frame is its own last frame (the frame just
+    # before the next cut), not the next shot's first frame.
+    plan = plan_times(info, speech.cuts, FramesConfig(after_cut_offset=5.0), uniform=False)
+    _assert_inside_shots(plan, info, speech.cuts)
+    bounds = [info.first_pts, *speech.cuts, info.end_pts]
+    short = [s for s in range(len(bounds) - 1) if bounds[s + 1] - bounds[s] < 5.0]
+    assert short
+    for s in short:
+        after = [t for t, k, shot in plan if k == "after_cut" and shot == s]
+        assert after == [info.frame_pts[info.index_at(bounds[s + 1]) - 1]]
+
+
+def test_shot_shorter_than_after_cut_offset_gets_its_own_last_frame():
+    info = _synthetic_info(90, fps=30)
+    pts = info.frame_pts
+    cuts = [float(pts[30]), float(pts[36]), float(pts[51])]   # shot 1 lasts 0.2 s, shot 2 exactly 0.5 s
+    plan = plan_times(info, cuts, FramesConfig(after_cut_offset=0.5), uniform=False)
+    _assert_inside_shots(plan, info, cuts)
+    after = {shot: t for t, k, shot in plan if k == "after_cut"}
+    assert after == {0: pts[15], 1: pts[35], 2: pts[50], 3: pts[66]}
+
+
+@pytest.mark.parametrize("detector", ["content", "adaptive"])
+def test_short_shot_clip_both_detectors(short_shot_clip, detector):
+    sampled = sample_video(short_shot_clip, FramesConfig(detector=detector))
+    assert sampled.cuts == pytest.approx([2.0, 2.5], abs=1e-6)
+    info = probe(short_shot_clip)
+    _assert_inside_shots([(f.pts, f.kind, f.shot) for f in sampled.frames], info, sampled.cuts)
+    mine = {f.kind: f.pts for f in sampled.frames if f.shot == 1}
+    assert mine == pytest.approx({"after_cut": 2.4, "midpoint": 2.2}, abs=1e-6)
+
+
+def test_cap_keeps_after_cut_frames_first_then_evenly_spaced_midpoints():
+    info = _synthetic_info(2000, fps=10)                   # 200 s
+    cuts = [float(t) for t in info.frame_pts[20::20]]      # a cut every 2 s: 100 shots
+    plan = lambda cap: plan_times(info, cuts, FramesConfig(max_frames_per_video=cap), uniform=False)  # noqa: E731
+    full = plan(1000)
+    assert len(full) == 200 and len({t for t, _, _ in full}) == 200
+    _assert_inside_shots(full, info, cuts)
+    # Room for every after-cut frame and 50 midpoints: the midpoints of 50 evenly spaced shots.
+    capped = plan(150)
+    assert len(capped) == 150 and capped == sorted(capped) and set(capped) <= set(full)
+    assert [s for _, k, s in capped if k == "after_cut"] == list(range(100))
+    mid_shots = [s for _, k, s in capped if k == "midpoint"]
+    assert len(mid_shots) == 50 and mid_shots[0] == 0 and mid_shots[-1] == 99
+    assert set(np.diff(mid_shots)) <= {2, 3}
+    # Exactly room for the after-cut frames: no midpoint.
+    assert plan(100) == [x for x in full if x[1] == "after_cut"]
+    # Fewer than the shots: after-cut frames of evenly spaced shots, first and last included, no midpoint.
+    thin = plan(40)
+    assert len(thin) == 40 and set(thin) <= set(full) and {k for _, k, _ in thin} == {"after_cut"}
+    shots = [s for _, _, s in thin]
+    assert shots[0] == 0 and shots[-1] == 99 and set(np.diff(shots)) <= {2, 3}
+    assert len(plan(1)) == 1
+
+
+def test_cap_on_a_real_video(shared_media):
+    sampled = sample_video(shared_media / "counter.mp4", FramesConfig(max_frames_per_video=2))
+    assert len(sampled.cuts) >= 2
+    assert [(f.kind, f.shot) for f in sampled.frames] == [("after_cut", 0), ("after_cut", len(sampled.cuts))]
 
 
 def test_counter_sampled_frames_are_the_frames_at_their_pts(shared_media):

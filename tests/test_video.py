@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import subprocess
+import tracemalloc
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 from bad_media import bad_videos
 from PIL import Image
 
+from pipeline import video
 from pipeline.video import VideoError, decode_at, decode_jpeg, encode_jpeg, probe, resize_short_side
 
 
@@ -57,6 +60,60 @@ def test_counter_frames_at_known_times_match_reference_pngs(shared_media, counte
         best, mean_diff = _best_match(image, counter_frames)
         assert best == n - 1, f"t={wanted[n]}: decoded frame matches frame{best + 1:03d}, not frame{n:03d}"
         assert mean_diff < 2.5  # colour conversion rounding only; the neighbouring frames differ by more
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_decoding_holds_one_chunk_at_full_resolution(shared_media, counter_frames, backend, monkeypatch):
+    import decord
+
+    monkeypatch.setattr(video, "DECODE_CHUNK", 4)
+    batches = []
+    get_batch = decord.VideoReader.get_batch
+    monkeypatch.setattr(decord.VideoReader, "get_batch",
+                        lambda self, indices: batches.append(len(indices)) or get_batch(self, indices))
+    # Full-resolution frames still alive when one is resized. Weak references see PyAV's arrays, which
+    # wrap FFmpeg memory that tracemalloc cannot see.
+    alive, most_alive = [], 0
+    resize = video.resize_short_side
+
+    def counting_resize(image, short_side):
+        nonlocal most_alive
+        alive.append(weakref.ref(image))
+        most_alive = max(most_alive, sum(ref() is not None for ref in alive))
+        return resize(image, short_side)
+
+    info = probe(shared_media / "counter.mp4")
+    monkeypatch.setattr(video, "resize_short_side", counting_resize)
+    tracemalloc.start()
+    try:
+        got = decode_at(info, list(info.frame_pts), short_side=336, backend=backend)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # All 30 frames at full resolution would be 30 * 6.2 MB; a chunk of 4 plus the small outputs is far less.
+    assert peak < 8 * 1920 * 1080 * 3, f"peak {peak / (1920 * 1080 * 3):.1f} full frames"
+    assert len(alive) == 30 and most_alive <= 4
+    assert batches == ([4] * 7 + [2] if backend == "decord" else [])
+    assert np.allclose([p for p, _ in got], info.frame_pts)
+    for (_, image), ref in zip(got, counter_frames):
+        assert image.shape == (336, 597, 3)
+        assert np.abs(image.astype(np.int16) - resize(ref, 336)).mean() < 2.5
+
+
+def test_decord_index_shifted_as_a_whole_falls_back_to_pyav(shared_media, counter_frames, monkeypatch):
+    import decord
+
+    # decord's frame i claims the time of our frame i + 1: every gap between requested frames still matches
+    timestamps = decord.VideoReader.get_frame_timestamp
+    monkeypatch.setattr(decord.VideoReader, "get_frame_timestamp",
+                        lambda self, idx: timestamps(self, [i + 1 for i in idx]))
+    info = probe(shared_media / "counter.mp4")
+    times = [0.2, 1.0, 2.0]
+    with pytest.raises(RuntimeError, match="disagree"):
+        decode_at(info, times, backend="decord")
+    got = decode_at(info, times, backend="auto")
+    assert [round(p, 6) for p, _ in got] == times
+    assert [_best_match(image, counter_frames)[0] for _, image in got] == [2, 10, 20]
 
 
 def test_delayed_start_pts_come_from_the_stream(shared_media):

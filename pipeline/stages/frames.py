@@ -6,7 +6,8 @@ gradually, so soft transitions are not cuts and a video made only of fades is lo
 shot then gives one frame `after_cut_offset` seconds after its start (clamped inside the shot; shot 0 starts
 at the first frame) and one at its midpoint. A video with fewer than `min_cuts_per_minute` cuts is flagged
 low-cut: it is skipped (`drop_low_cut=true`, status "skipped", reason "low_cut: ...") or sampled uniformly at
-`fallback_fps` (note "low_cut_fallback"). At most `max_frames_per_video` frames are kept.
+`fallback_fps` (note "low_cut_fallback"). At most `max_frames_per_video` frames are kept: all after-cut
+frames and evenly spaced midpoints when those fit, else after-cut frames of evenly spaced shots only.
 
 Times (`pts`, `cuts`, `first_pts`) are presentation timestamps of the video stream in seconds on the container
 timeline, so they line up with audio timestamps of the same file; a stream delayed by an edit list starts at
@@ -127,7 +128,8 @@ def plan_times(info: VideoInfo, cuts: list[float], cfg: FramesConfig, uniform: b
         return sorted((t, k, s) for t, (k, s) in planned.items())
     after, mid = {}, {}
     for shot, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        last_in_shot = float(info.frame_pts[info.index_at(end - 1e-6)])
+        # A shot shorter than the offset gives its own last frame (pts < end), not the next shot's first.
+        last_in_shot = float(info.frame_pts[info.index_before(end)])
         after.setdefault(min(frame(start + cfg.after_cut_offset), last_in_shot), shot)
         t_mid = frame((start + end) / 2)
         if t_mid not in after:
