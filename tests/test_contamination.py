@@ -1,6 +1,8 @@
-"""Perceptual-hash contamination check: real duplicates are found, different images are not matched."""
+"""Perceptual-hash contamination check: real duplicates are found, different images are not matched; a VQA run
+reports its eval images found among the pretraining frames in metrics.json."""
 
 import io
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -110,3 +112,67 @@ def test_eval_images_given_as_paths(images, tmp_path):
     assert [(eval_id, key) for eval_id, key, _ in matches] == [("e", "k")]
     with pytest.raises(ValueError):
         find_near_duplicates({"e": path}, [], method="sha")
+
+
+# ------------------------------------------------------------------------------------------ in the VQA run
+
+
+def _frames_parquet(path, jpegs: list[tuple[str, int, bytes]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"video_id": [v for v, _, _ in jpegs], "frame_idx": [i for _, i, _ in jpegs],
+                             "jpeg": [j for _, _, j in jpegs]}), path)
+
+
+def test_vqa_run_finds_the_pretraining_frames(tmp_path):
+    from pipeline.eval.vqa_finetune import contamination_frames
+
+    run = tmp_path / "r1" / "pretrain"
+    step = run / "checkpoints" / "step-00000004"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text('{"step": 4}')
+    cfg = {"vqa": {"contamination": {"frames": "auto"}}}
+    for init_from in (run, run / "checkpoints", step):          # a run dir, a checkpoint root, a step dir
+        assert contamination_frames(cfg | {"init_from": str(init_from)})[0] is None    # no frames yet
+    _frames_parquet(tmp_path / "r1" / "frames" / "shard-00000" / "frames.parquet", [("v", 0, b"x")])
+    for init_from in (run, run / "checkpoints", step):          # a pipeline run: <run>/pretrain beside <run>/frames
+        assert contamination_frames(cfg | {"init_from": str(init_from)})[0] == tmp_path / "r1" / "frames"
+    _frames_parquet(run / "frames" / "shard-00000" / "frames.parquet", [("v", 0, b"x")])
+    assert contamination_frames(cfg | {"init_from": str(step)})[0] == run / "frames"    # the run's own first
+    assert contamination_frames(cfg | {"init_from": None})[0] is None
+    assert contamination_frames({"vqa": {"contamination": {"frames": "none"}}, "init_from": str(run)})[0] is None
+    explicit = {"vqa": {"contamination": {"frames": str(tmp_path / "r1" / "frames")}}, "init_from": None}
+    assert contamination_frames(explicit)[0] == tmp_path / "r1" / "frames"
+    with pytest.raises(FileNotFoundError, match="no frames.parquet"):
+        contamination_frames({"vqa": {"contamination": {"frames": str(tmp_path / "nothing")}}, "init_from": None})
+
+
+def test_vqa_metrics_report_eval_images_seen_in_pretraining_frames(tmp_path, cache_dir):
+    """A pipeline run (r1/frames, r1/pretrain) whose frames hold two of the VQA eval images (resized to 16:9 and
+    recompressed) and three training images: metrics.json names exactly those two eval images."""
+    from pipeline.eval.vqa_data import load_vqa, split_examples
+    from test_vqa_finetune import run_module
+
+    data = make_synthetic_vqa(tmp_path / "data", n_images=30, seed=0)
+    train, evaluation = split_examples(load_vqa(data.questions_json, data.annotations_json, data.image_dir), 0.2, 0)
+    eval_ids = sorted({e.image_id for e in evaluation})
+    seen, train_ids = eval_ids[:2], sorted({e.image_id for e in train})[:3]
+    image = lambda i: Image.open(data.image_dir / f"{i}.png").convert("RGB")   # noqa: E731
+    _frames_parquet(tmp_path / "r1" / "frames" / "shard-00000" / "frames.parquet",
+                    [("vidA", k, _jpeg(image(i), quality=80, size=(320, 180))) for k, i in enumerate(seen + train_ids)]
+                    + [("vidB", 0, b"not a jpeg")])
+    pretrain = tmp_path / "r1" / "pretrain"
+    run_module("pipeline.train", [f"run_dir={pretrain}", "train.max_steps=2", "checkpoint.every=2",
+                                  "train.eval_every=0", "data.batch_size=4"], cache_dir)
+    vqa = tmp_path / "r1" / "vqa"
+    r = run_module("pipeline.eval.vqa_finetune", [
+        f"run_dir={vqa}", f"init_from={pretrain}", f"dataset={data.root}", "models=tiny", "train.max_steps=2",
+        "train.eval_every=0", "checkpoint.every=2"], cache_dir)
+    report = json.loads((vqa / "vqa" / "metrics.json").read_text())["contamination"]
+    assert report["checked"] and report["frames"] == str(tmp_path / "r1" / "frames")
+    assert report["n_eval_images"] == len(eval_ids) and report["n_frames"] == 6
+    assert report["contaminated_eval_ids"] == seen and report["n_contaminated_eval_images"] == 2
+    assert {p["eval_id"] for p in report["pairs"]} == set(seen)
+    assert {tuple(p["frame_key"]) for p in report["pairs"]} == {("vidA", 0), ("vidA", 1)}
+    assert report["n_eval_questions_affected"] == sum(e.image_id in seen for e in evaluation)
+    assert report["accuracy_without_contaminated"] is not None
+    assert f"contamination: 2 of {len(eval_ids)} eval images" in r.stdout

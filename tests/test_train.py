@@ -1,6 +1,7 @@
 """Training end to end (CPU, gloo, tiny model): the loss falls on a learnable signal, a SIGKILLed 2-process run
 resumes onto the uninterrupted loss curve, checkpoints export to a reloadable Hugging Face-format model, and the
-bf16 mixed-precision path (the GPU default) runs."""
+bf16 mixed-precision path (the GPU default) runs. Plus the checkpoint manager (keep last N + best, rollback with
+`train.resume_from`) and the MFU formula."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 from pipeline.models.vpt import VPT, VPTConfig, lm_losses, load_exported
-from pipeline.train.checkpoint import complete_checkpoints, export_hf
+from pipeline.train import metrics
+from pipeline.train.checkpoint import Checkpointer, complete_checkpoints, export_hf
 from pipeline.train.data import InputBuilder, SyntheticConfig, SyntheticSource
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,12 +39,13 @@ def run_train(run_dir: Path, cache_dir: Path, overrides: list[str], nproc: int =
                           capture_output=True, text=True, timeout=600)
 
 
-def losses(run_dir: Path) -> dict[int, float]:
+def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
     """step -> training loss (the last record of a step wins: a resumed run rewrites the steps it redoes)."""
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        out[rec["step"]] = rec["loss"]
+        if key in rec:
+            out[rec["step"]] = rec[key]
     return out
 
 
@@ -101,9 +104,11 @@ def test_two_process_kill_and_resume_matches_the_uninterrupted_run(tmp_path, cac
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), (step, a[step], b[step])
     assert a[16] != a[9]      # the comparison covers a moving curve
 
-    # keep last 2 + best by eval loss
+    # keep last 2 + best by eval loss (evals at 8 and 16; test_keep_last_n_plus_the_best has an older best)
     kept = [s for s, _, _ in complete_checkpoints(whole / "checkpoints")]
-    assert kept[-2:] == [12, 16] and len(kept) <= 3
+    evals = losses(whole, "eval_loss")
+    assert sorted(evals) == [8, 16]
+    assert kept == sorted({12, 16, min(evals, key=evals.get)})
 
     # a checkpoint sharded over 2 ranks exports and reloads with identical logits
     exported, tokenizer = load_exported(export_hf(whole / "checkpoints", tmp_path / "export"))
@@ -126,6 +131,64 @@ def test_two_process_kill_and_resume_matches_the_uninterrupted_run(tmp_path, cac
     fresh = VPT(cfg, T5ForConditionalGeneration(AutoConfig.from_pretrained(root / "backbone"))).eval()
     with torch.no_grad():
         assert not torch.allclose(exported(inputs), fresh(inputs))
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_keep_last_n_plus_the_best(tmp_path):
+    """The best checkpoint survives when it is older than the last N, and goes once a newer one beats it."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    ckpt = Checkpointer(tmp_path, keep_last=2, rank=0, world_size=1)
+    for step, loss in [(1, 3.0), (2, 1.0), (3, None), (4, 2.0), (5, 2.5)]:
+        ckpt.save(step, model, optimizer, {"step": step}, eval_loss=loss)
+    assert [s for s, _, _ in complete_checkpoints(tmp_path)] == [2, 4, 5]
+    assert ckpt.best() == tmp_path / "step-00000002" and ckpt.latest() == tmp_path / "step-00000005"
+    ckpt.save(6, model, optimizer, {"step": 6}, eval_loss=0.5)
+    assert [s for s, _, _ in complete_checkpoints(tmp_path)] == [5, 6]
+
+
+def _fake_checkpoints(root: Path, steps: list[int]) -> None:
+    for step in steps:
+        (root / f"step-{step:08d}").mkdir(parents=True)
+        (root / f"step-{step:08d}" / "meta.json").write_text(json.dumps({"step": step, "eval_loss": None}))
+
+
+def test_rollback_moves_newer_checkpoints_aside_once(tmp_path):
+    root = tmp_path / "checkpoints"
+    _fake_checkpoints(root, [2, 4, 6, 8])
+    ckpt = Checkpointer(root, keep_last=10, rank=0, world_size=1)
+    assert ckpt.find(4) == ckpt.find("step-00000004") == ckpt.find(str(root / "step-00000004"))
+    with pytest.raises(ValueError, match=r"resume_from=5: not a complete checkpoint .*complete: 2, 4, 6, 8"):
+        ckpt.find(5)
+    assert ckpt.roll_back(4, 1e-5) == root / "step-00000004"
+    assert ckpt.latest() == root / "step-00000004"
+    (aside,) = (root / "rolled_back").iterdir()
+    assert aside.name.startswith("to-step-00000004-")
+    assert sorted(d.name for d in aside.iterdir()) == ["step-00000006", "step-00000008"]
+    # the rolled-back run saves 6 again; a relaunch with the same settings (a requeue) keeps that progress
+    _fake_checkpoints(root, [6])
+    assert ckpt.roll_back(4, 1e-5) == root / "step-00000006"
+    assert [s for s, _, _ in complete_checkpoints(root)] == [2, 4, 6]
+    # a new rollback (another LR) is applied again
+    assert ckpt.roll_back(2, 1e-6) == root / "step-00000002" and ckpt.latest() == root / "step-00000002"
+
+
+def test_resume_from_an_earlier_checkpoint_with_a_lower_lr(tmp_path, cache_dir):
+    """Rolling back past a (pretend) loss spike: resume at step 4 of 8 with a lower LR; 6 and 8 move aside."""
+    run = tmp_path / "run"
+    base = ["train.max_steps=8", "checkpoint.every=2", "checkpoint.keep_last=10", "train.eval_every=0",
+            "optim.warmup_steps=1"]
+    r = run_train(run, cache_dir, base)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    first = losses(run, "lr")
+    r = run_train(run, cache_dir, base + ["train.resume_from=4", "train.resume_lr=1e-5"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints' / 'step-00000004'} at step 4" in r.stdout
+    (aside,) = (run / "checkpoints" / "rolled_back").iterdir()
+    assert sorted(d.name for d in aside.iterdir()) == ["step-00000006", "step-00000008"]
+    assert [s for s, _, _ in complete_checkpoints(run / "checkpoints")] == [2, 4, 6, 8]   # saved anew
+    lrs = losses(run, "lr")
+    assert lrs[4] == first[4] > 1e-4 and all(lrs[s] <= 1e-5 < first[s] for s in (5, 6, 7, 8))
 
 
 def test_resume_can_override_the_learning_rate(tmp_path, cache_dir):
@@ -164,7 +227,9 @@ def test_bf16_mixed_precision_runs_on_two_gloo_ranks_with_fp32_master_weights(tm
 
 
 @pytest.mark.parametrize("module,arg", [("pipeline.train", "precision=fp16"), ("pipeline.train", "run_on=pbs"),
-                                        ("pipeline.eval.vqa_finetune", "device=tpu")])
+                                        ("pipeline.eval.vqa_finetune", "device=tpu"),
+                                        ("pipeline.eval.vqa_finetune", "checkpoint.every=0"),
+                                        ("pipeline.eval.vqa_finetune", "vqa.contamination.frames=/nonexistent")])
 def test_bad_training_config_fails_before_anything_runs(tmp_path, module, arg):
     run = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", module, f"run_dir={run}", arg], cwd=REPO, capture_output=True,
@@ -173,3 +238,35 @@ def test_bad_training_config_fails_before_anything_runs(tmp_path, module, arg):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and arg.split("=")[0] in lines[0], r.stderr
     assert not run.exists()  # nothing written, nothing submitted
+
+
+def test_mfu_counts_encoder_and_decoder_weights_at_their_own_tokens():
+    """A T5 small enough to count by hand: d_model 8, 2 heads x d_kv 4, d_ff 16 (relu), 1 + 1 layers, vocab 10."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=10, d_model=8, d_kv=4, num_heads=2, d_ff=16, num_layers=1,
+                                             num_decoder_layers=1, feed_forward_proj="relu",
+                                             tie_word_embeddings=False))
+    model = VPT(VPTConfig(backbone="x", d_clip=4, d_audio=3, time_features=2), t5)
+    attention, ff = 4 * 8 * 8, 2 * 8 * 16                     # q, k, v, o; wi, wo
+    p = metrics.flop_params(model)
+    assert p == metrics.FlopParams(encoder=attention + ff, decoder=2 * attention + ff + 10 * 8,   # + cross, lm_head
+                                   frames=4 * 8 + 2 * 8, audio=3 * 8)
+    counts = {"encoder": 100, "frames": 5, "audio": 1, "decoder": 10}
+    flops = metrics.train_flops(p, counts)
+    assert flops == 6 * (512 * 100 + 848 * 10 + 48 * 5 + 24 * 1)
+    old = 6 * metrics.count_params(model) * (counts["encoder"] + counts["decoder"])    # 6 * N_total * all tokens
+    assert old > 1.9 * flops
+    assert metrics.mfu(flops, peak_flops_per_device=flops / 4, world_size=2) == pytest.approx(2.0)
+
+
+def test_tokens_per_s_leaves_out_paused_time(monkeypatch):
+    clock = iter([0.0, 1.0, 9.0, 10.0, 12.0])      # start, pause, resume, rate; the next window's rate
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    meter = metrics.Throughput()
+    meter.add(100, 1e6)
+    with meter.paused():     # 8 s of eval / checkpointing
+        pass
+    assert meter.rate() == (50.0, 5e5)        # 100 tokens over the 2 s of training
+    meter.add(10)
+    assert meter.rate() == (5.0, 0.0)

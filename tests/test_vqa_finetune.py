@@ -1,11 +1,12 @@
 """VQA finetuning end to end on CPU (tiny random CLIP + tiny VPT, synthetic shapes set): full finetuning from the
 plain backbone beats the majority baseline by 30+ points on held-out images; LoRA finetuning from a pretraining
-checkpoint runs and trains only adapters + projections; results are in the official format. Plus the batch source
-contract and `init_from` resolution."""
+checkpoint runs and trains only adapters + projections; results are in the official format; two ranks with an
+uneven eval split finish. Plus the batch source contract and `init_from` resolution."""
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,10 +23,22 @@ REPO = Path(__file__).resolve().parents[1]
 QUIET = ["logging.tensorboard=false", "train.log_every=50"]
 
 
-def run_module(module: str, args: list[str], cache_dir: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, VPT_CACHE_DIR=str(cache_dir), OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
-    r = subprocess.run([sys.executable, "-m", module, *args, *QUIET], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=600, check=False)
+def run_module(module: str, args: list[str], cache_dir: Path, nproc: int = 0,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m module` (nproc=0) or `torchrun --standalone --nproc_per_node=nproc -m module`."""
+    env = dict(os.environ, VPT_CACHE_DIR=str(cache_dir), OMP_NUM_THREADS="1" if nproc else "2",
+               TOKENIZERS_PARALLELISM="false")
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+    cmd = [sys.executable, *launcher, "-m", module, *args, *QUIET]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)      # torchrun's workers too: a hung rank must not outlive the test
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s (a hung rank?)\n{out[-3000:]}{err[-3000:]}")
+    r = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
@@ -143,8 +156,72 @@ def test_batches_follow_the_training_contract(small_set):
               for q in b["question_id"].tolist()] for r in (0, 1)]
     assert not set(ranks[0]) & set(ranks[1])
     evaluated = [q for r in (0, 1) for b in VQASource(examples, embeddings, "eval", 4, r, 2, d_audio=8).batches(0)
-                 for q in b["question_id"].tolist()]
+                 for q, real in zip(b["question_id"].tolist(), b["sample_mask"].tolist()) if real]
     assert sorted(evaluated) == sorted(by_question)
+
+
+@pytest.mark.parametrize("n,world,batch", [(9, 2, 4), (9, 2, 5), (5, 4, 1), (2, 3, 2), (0, 2, 3)])
+def test_eval_batches_are_even_over_ranks_and_padding_is_masked(small_set, n, world, batch):
+    """Every rank yields the same number of eval batches (FSDP forwards run in lockstep); padding rows repeat a
+    question, carry no label and give no prediction; the real rows cover every question exactly once."""
+    from pipeline.eval.vqa_finetune import predict
+
+    examples, embeddings = small_set
+    sources = [VQASource(examples[:n], embeddings, "eval", batch, r, world, d_audio=8) for r in range(world)]
+    per_rank = [list(s.batches(0)) for s in sources]
+    assert len({len(b) for b in per_rank}) == 1
+    real = [q for bs in per_rank for b in bs for q, m in zip(b["question_id"].tolist(), b["sample_mask"].tolist())
+            if m]
+    assert sorted(real) == sorted(e.question_id for e in examples[:n])
+
+    from pipeline.models.t5 import train_tokenizer
+    from pipeline.models.vpt import VPTConfig
+    from pipeline.train.data import InputBuilder
+
+    tokenizer = train_tokenizer([e.question for e in examples] + ["red blue left right yes no"], vocab_size=120)
+    builder = InputBuilder(tokenizer, VPTConfig(d_clip=16, d_audio=8))
+    for b in (b for bs in per_rank for b in bs):
+        labels = builder(b)["labels"]
+        assert (labels[~b["sample_mask"]] == -100).all() and (labels[b["sample_mask"]] != -100).any(1).all()
+
+    class Echo:             # a stand-in model: "generates" the first prompt token
+        cfg = builder.cfg
+
+        def eval(self):
+            return self
+
+        def to(self, device):
+            return self
+
+        def generate(self, inputs, **kw):
+            return inputs["prompt_ids"][:, :1]
+
+    predicted = [q for r in range(world) for q, _ in predict(Echo(), tokenizer, sources[r], torch.device("cpu"), 2)]
+    assert sorted(predicted) == sorted(real)
+
+
+def test_two_ranks_with_an_uneven_eval_split_finish_and_predict_every_question_once(tmp_path, cache_dir):
+    """An odd number of eval questions, a batch size at which rank 0 had one eval batch more than rank 1: that
+    extra FSDP forward used to wait forever on an all-gather rank 1 never joined."""
+    data = make_synthetic_vqa(tmp_path / "data", n_images=40, seed=0)
+    _, evaluation = split_examples(load_vqa(data.questions_json, data.annotations_json, data.image_dir), 0.2, 0)
+    if len(evaluation) % 2 == 0:      # drop one eval question: an odd count
+        drop = evaluation.pop().question_id
+        for f, key in ((data.questions_json, "questions"), (data.annotations_json, "annotations")):
+            d = json.loads(f.read_text())
+            d[key] = [x for x in d[key] if x["question_id"] != drop]
+            f.write_text(json.dumps(d))
+    n, batch = len(evaluation), len(evaluation) // 2
+    assert -(-((n + 1) // 2) // batch) == 2 and -(-(n // 2) // batch) == 1     # 2 vs 1 eval batches per rank
+    run = tmp_path / "vqa"
+    run_module("pipeline.eval.vqa_finetune", [
+        f"run_dir={run}", f"dataset={data.root}", "models=tiny", "device=cpu", f"data.batch_size={batch}",
+        "train.max_steps=4", "train.eval_every=2", "train.eval_steps=0", "checkpoint.every=4"],
+        cache_dir, nproc=2, timeout=420)
+    metrics = json.loads((run / "vqa" / "metrics.json").read_text())
+    assert metrics["train"]["step"] == 4 and metrics["train"]["eval_loss"] > 0
+    results = assert_official_results(run / "vqa")       # every eval question exactly once
+    assert len(results) == metrics["n_eval_questions"] == n
 
 
 def test_feature_statistics_come_from_training_images_only(small_set, tmp_path):

@@ -189,6 +189,13 @@ def _find(eval_images, train_frames, max_hamming, method, batch_size) -> list[Ne
     return matches
 
 
+def _sorted_ids(ids: set[Hashable]) -> list[Hashable]:
+    try:
+        return sorted(ids)
+    except TypeError:      # mixed id types
+        return sorted(ids, key=str)
+
+
 def contamination_report(
     eval_images: Mapping[Hashable, ImageSource],
     train_frames: Iterable[tuple[Hashable, bytes]],
@@ -201,8 +208,8 @@ def contamination_report(
     """Counts of near-duplicates between eval images and training frames, plus the closest pairs.
 
     Keys: n_eval_images, n_frames, n_pairs, n_contaminated_eval_images, contaminated_fraction,
-    n_videos (distinct first elements of tuple frame keys, e.g. video_id), distance_histogram,
-    pairs (at most `max_listed`, closest first, as dicts), max_hamming, method.
+    contaminated_eval_ids (all of them, sorted), n_videos (distinct first elements of tuple frame keys,
+    e.g. video_id), distance_histogram, pairs (at most `max_listed`, closest first, as dicts), max_hamming, method.
     """
     counter = _FrameCounter(train_frames)
     matches = _find(eval_images, counter, max_hamming, method, batch_size)
@@ -214,6 +221,7 @@ def contamination_report(
         "n_pairs": len(matches),
         "n_contaminated_eval_images": len(contaminated),
         "contaminated_fraction": len(contaminated) / len(eval_images) if eval_images else 0.0,
+        "contaminated_eval_ids": _sorted_ids(contaminated),
         "n_videos": len(videos),
         "distance_histogram": dict(sorted(Counter(m.distance for m in matches).items())),
         "pairs": [{"eval_id": m.eval_id, "frame_key": m.frame_key, "distance": m.distance,
@@ -223,19 +231,25 @@ def contamination_report(
     }
 
 
+def frame_files(path: str | Path) -> list[Path]:
+    """Frames-stage Parquet files at `path`: the file itself, or every ``**/frames.parquet`` under a directory
+    (so both ``<run_dir>`` and ``<run_dir>/frames`` work); [] when there is none."""
+    root = Path(path)
+    if root.is_dir():
+        return sorted(root.rglob("frames.parquet"))
+    return [root] if root.is_file() else []
+
+
 def iter_parquet_frames(
     paths: Sequence[str | Path] | str | Path, batch_rows: int = 512
 ) -> Iterator[tuple[tuple[str, int], bytes]]:
-    """((video_id, frame_idx), jpeg bytes) from frames-stage Parquet files, a run dir, or a frames stage dir.
-
-    A directory is searched for ``**/frames.parquet`` (so both ``<run_dir>`` and ``<run_dir>/frames`` work).
-    Reads only the three needed columns, `batch_rows` rows at a time.
+    """((video_id, frame_idx), jpeg bytes) from frames-stage Parquet files, a run dir, or a frames stage dir
+    (see `frame_files`). Reads only the three needed columns, `batch_rows` rows at a time.
     """
     import pyarrow.parquet as pq
 
     if isinstance(paths, (str, Path)):
-        root = Path(paths)
-        paths = sorted(root.rglob("frames.parquet")) if root.is_dir() else [root]
+        paths = frame_files(paths) if Path(paths).is_dir() else [Path(paths)]
     for path in paths:
         parquet = pq.ParquetFile(path)
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=["video_id", "frame_idx", "jpeg"]):

@@ -17,6 +17,10 @@
    (`<run_dir>/vqa/results.json`), the official accuracy overall / per answer type / per question type, and
    the majority-answer baselines, in `<run_dir>/vqa/metrics.json`; one line printed:
    "VQA accuracy X% vs majority baseline Y% ...".
+5. Contamination (rank 0): the eval images against the pretraining frames (`vqa.contamination`, perceptual
+   hashes of `pipeline.eval.contamination`): near-duplicate count, closest pairs, the eval questions affected
+   and the accuracy without them, under "contamination" in metrics.json ({"checked": false, "reason"} when no
+   frames were found).
 """
 from __future__ import annotations
 
@@ -186,7 +190,9 @@ class VQASource:
     A sample is one question: prev_text = the question, text = the annotators' majority answer, clip = the
     image's CLIP embedding as a single frame at time 0, audio zeros with audio_mask False, scene_text "".
     Training batches are reshuffled every epoch (seeded) and dropped at the end so every rank takes the same
-    number of steps; eval batches cover every question once, in file order, split over the ranks.
+    number of steps; eval batches cover every question once, in file order, split over the ranks, and every
+    rank yields the same number of them (an extra forward on one rank would wait forever on FSDP's all-gather):
+    a rank short of questions repeats some, marked False in `sample_mask` (no loss, no prediction).
     """
 
     def __init__(self, examples: list[VQAExample], embeddings: dict[int, torch.Tensor], split: str, batch_size: int,
@@ -223,8 +229,13 @@ class VQASource:
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, Any]]:
         if self.split != "train":
             mine = self.examples[self.rank::self.world_size]
-            for lo in range(start_step * self.batch_size, len(mine), self.batch_size):
-                yield collate([self.sample(e) for e in mine[lo:lo + self.batch_size]])
+            per_rank = -(-len(self.examples) // self.world_size)       # the longest rank's share
+            for lo in range(start_step * self.batch_size, per_rank, self.batch_size):
+                idx = range(lo, min(lo + self.batch_size, per_rank))
+                batch = collate([self.sample(mine[i] if i < len(mine) else self.examples[i % len(self.examples)])
+                                 for i in idx])
+                batch["sample_mask"] = torch.tensor([i < len(mine) for i in idx], dtype=torch.bool)
+                yield batch
             return
         order = torch.randperm(len(self.examples),
                                generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)).tolist()
@@ -311,7 +322,7 @@ def resolve_init(init_from: str | None, out_dir: Path) -> Path | None:
 
 @torch.no_grad()
 def predict(model, tokenizer, source: VQASource, device: torch.device, max_new_tokens: int) -> list[tuple[int, str]]:
-    """Greedy answers (question_id, answer) for every question of `source`."""
+    """Greedy answers (question_id, answer) for every question of `source` (padding rows left out)."""
     model.eval().to(device)
     builder = InputBuilder(tokenizer, model.cfg)
     out = []
@@ -319,8 +330,70 @@ def predict(model, tokenizer, source: VQASource, device: torch.device, max_new_t
         inputs = to_device(builder.encoder_inputs(batch), device)
         ids = model.generate(inputs, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
         answers = tokenizer.batch_decode(ids, skip_special_tokens=True)
-        out += [(int(q), a.strip()) for q, a in zip(batch["question_id"].tolist(), answers)]
+        real = batch.get("sample_mask", torch.ones(len(answers), dtype=torch.bool)).tolist()
+        out += [(int(q), a.strip()) for q, a, r in zip(batch["question_id"].tolist(), answers, real) if r]
     return out
+
+
+# ---------------------------------------------------------------------------------------------- contamination
+
+
+def pretraining_run_dir(init_from: str | None) -> Path | None:
+    """The pretraining run directory behind `init_from` (a run dir, checkpoint root or step dir); None for an
+    export or no `init_from` (an export does not record where it came from)."""
+    if not init_from:
+        return None
+    src = Path(init_from)
+    if (src / "checkpoints").is_dir():
+        return src
+    if (src / META).exists():           # a step dir: <run>/checkpoints/step-N
+        return src.parent.parent
+    if complete_checkpoints(src):       # a checkpoint root
+        return src.parent
+    return None
+
+
+def contamination_frames(cfg: dict[str, Any]) -> tuple[Path | None, str]:
+    """(frames to check the eval images against, how they were found) for `vqa.contamination.frames`.
+
+    auto: the frames stage output (`frames/shard-*/frames.parquet`) in the init_from pretraining run dir, or in
+    the pipeline run dir above it (`<run>/pretrain` beside `<run>/frames`, as the workflows lay it out)."""
+    from pipeline.eval.contamination import frame_files
+
+    setting = cfg["vqa"].get("contamination", {}).get("frames", "auto")
+    if setting in (None, "none", False):
+        return None, "vqa.contamination.frames=none"
+    if setting != "auto":
+        if not frame_files(setting):
+            raise FileNotFoundError(f"vqa.contamination.frames={setting}: no frames.parquet there")
+        return Path(setting), "vqa.contamination.frames"
+    run = pretraining_run_dir(cfg.get("init_from"))
+    if run is None:
+        return None, "no pretraining run to take frames from (init_from is empty or an export)"
+    for candidate in (run / "frames", run.parent / "frames"):
+        if frame_files(candidate):
+            return candidate, f"frames of the init_from pretraining run {run}"
+    return None, f"no frames.parquet under {run / 'frames'} or {run.parent / 'frames'}"
+
+
+def contamination_check(frames: Path | None, found: str, eval_examples: list[VQAExample],
+                        per_question: dict[int, float], cfg: dict[str, Any]) -> dict[str, Any]:
+    """The near-duplicate report of the eval images against `frames` (see `pipeline.eval.contamination`), with
+    the eval questions on contaminated images and the accuracy without them."""
+    from pipeline.eval.contamination import contamination_report, iter_parquet_frames
+
+    if frames is None:
+        return {"checked": False, "reason": found}
+    c = cfg["vqa"].get("contamination", {})
+    images = {e.image_id: e.image_path for e in eval_examples}
+    report = contamination_report(images, iter_parquet_frames(frames), int(c.get("max_hamming", 8)),
+                                  method=c.get("method", "both"), max_listed=int(c.get("max_listed", 20)))
+    dirty = set(report["contaminated_eval_ids"])
+    affected = {e.question_id for e in eval_examples if e.image_id in dirty}
+    clean = [v for q, v in per_question.items() if q not in affected]
+    return {"checked": True, "frames": str(frames), "found": found, **report,
+            "n_eval_questions_affected": len(affected),
+            "accuracy_without_contaminated": round(sum(clean) / len(clean), 2) if clean else None}
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -334,8 +407,25 @@ def _effective_model_cfg(cfg: dict[str, Any], init_dir: Path | None) -> dict[str
     return json.loads((init_dir / CONFIG_FILE).read_text()) | input_overrides(cfg["model"])
 
 
+def check_vqa(cfg: dict[str, Any]) -> str:
+    """What would make a VQA run fail only after finetuning; "" if nothing."""
+    from pipeline.eval.contamination import frame_files
+
+    if not cfg["checkpoint"]["every"]:
+        return ("checkpoint.every=0 saves no checkpoint, but VQA evaluation exports the finetuned model from its "
+                "last one: set checkpoint.every > 0")
+    frames = cfg["vqa"].get("contamination", {}).get("frames", "auto")
+    if frames not in (None, False, "auto", "none") and not frame_files(frames):
+        return f"vqa.contamination.frames={frames}: no frames.parquet there"
+    return ""
+
+
 def run(cfg: dict[str, Any]) -> dict[str, Any] | None:
     """Prepare, finetune, evaluate (see the module docstring). Returns the metrics on rank 0, else None."""
+    bad = check_vqa(cfg)
+    if bad:
+        raise ValueError(bad)
+    frames, frames_found = contamination_frames(cfg)      # found before finetuning, hashed after it
     times: dict[str, float] = {}
     out = vqa_dir(cfg)
     t0 = time.perf_counter()
@@ -378,6 +468,11 @@ def run(cfg: dict[str, Any]) -> dict[str, Any] | None:
     baselines = majority_baseline(v["train_annotations"], v["eval_annotations"])
     times["evaluate_s"] = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
+    eval_examples = load_vqa(v["eval_questions"], v["eval_annotations"], v["image_dir"])
+    contamination = contamination_check(frames, frames_found, eval_examples, scores["per_question"], cfg)
+    times["contamination_s"] = time.perf_counter() - t0
+
     from pipeline.machine import describe
 
     scores.pop("per_question")
@@ -392,6 +487,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any] | None:
         "n_eval_questions": scores["n_questions"],
         "n_train_questions": len(load_annotations(v["train_annotations"])),
         "baselines": baselines,
+        "contamination": contamination,
         "finetune_mode": cfg["finetune"]["mode"],
         "init_from": cfg["init_from"],
         "clip_model": clip_model(cfg)[0],
@@ -406,6 +502,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any] | None:
     print(f"VQA accuracy {metrics['accuracy']:.2f}% vs majority baseline {metrics['majority_baseline']:.2f}% "
           f"(always {metrics['majority_answer']!r}; per-question-type prior {metrics['per_question_type_prior']:.2f}%)"
           f" on {metrics['n_eval_questions']} held-out questions; {out / 'metrics.json'}", flush=True)
+    if contamination["checked"]:
+        print(f"contamination: {contamination['n_contaminated_eval_images']} of {contamination['n_eval_images']} "
+              f"eval images near-duplicate {contamination['n_frames']} pretraining frames", flush=True)
     return metrics
 
 
@@ -413,7 +512,7 @@ def main(argv: list[str]) -> int:
     from pipeline.train.__main__ import check, compose
 
     cfg = compose(argv, "train/vqa")
-    bad = check(cfg)
+    bad = check(cfg) or check_vqa(cfg)
     if bad:
         print(f"error: {bad}", file=sys.stderr)
         return 2

@@ -6,12 +6,16 @@ Layout of a checkpoint root:
     step-00001000/                    one checkpoint: DCP shards of {"model", "optim"},
         train_state-rank<r>.pt        per rank: step, scheduler, data position, RNG states
         meta.json                     written last, after every rank finished: marks the checkpoint complete
+    rolled_back/to-step-00000800-<time>/step-00001000/   checkpoints newer than a `train.resume_from` target,
+                                      moved aside (not deleted: the diverged run stays inspectable)
+    rollback.json                     the last rollback applied (so a requeued job does not apply it again)
 """
 from __future__ import annotations
 
 import json
 import random
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -66,6 +70,46 @@ class Checkpointer:
     def latest(self) -> Path | None:
         done = complete_checkpoints(self.root)
         return done[-1][1] if done else None
+
+    def find(self, target: int | str) -> Path:
+        """The complete checkpoint of this root that `target` names: a step number, a step directory name
+        (step-00000800) or its path."""
+        done = complete_checkpoints(self.root)
+        if isinstance(target, int) or str(target).isdigit():
+            path = self.root / step_dir_name(int(target))
+        else:
+            path = Path(target) if Path(target).exists() else self.root / Path(target).name
+        if not any(d.resolve() == path.resolve() for _, d, _ in done):
+            raise ValueError(f"train.resume_from={target}: not a complete checkpoint in {self.root} "
+                             f"(complete: {', '.join(str(s) for s, _, _ in done) or 'none'})")
+        return path
+
+    def roll_back(self, target: int | str, resume_lr: float | None) -> Path:
+        """The checkpoint to resume from for `train.resume_from=target`: that one, after moving every newer
+        checkpoint to `rolled_back/` so that `latest()` (later resumes, exports, pruning) continues from it.
+
+        A rollback is applied once: when `rollback.json` records the same target and `resume_lr`, this is a
+        relaunch of the rolled-back run (e.g. a Slurm requeue), which continues from `latest()` instead of
+        discarding its own progress. (Rolling back to the same step with the same LR again would replay the
+        same steps.)"""
+        path = self.find(target)
+        record = {"to": path.name, "resume_lr": resume_lr}
+        marker = self.root / "rollback.json"
+        applied = marker.exists() and {k: json.loads(marker.read_text()).get(k) for k in record} == record
+        _barrier()      # every rank has read the marker before rank 0 rewrites it
+        if self.rank == 0 and not applied:
+            step = int(json.loads((path / META).read_text())["step"])
+            newer = [d for s, d, _ in complete_checkpoints(self.root) if s > step]
+            aside = self.root / "rolled_back" / f"to-{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            for d in newer:
+                aside.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(d), str(aside / d.name))
+            marker.write_text(json.dumps(record | {"moved_aside": [d.name for d in newer],
+                                                   "to_dir": str(aside) if newer else None, "time": time.time()}))
+            print(f"rolled back to {path}: {len(newer)} newer checkpoint(s) moved to {aside}" if newer
+                  else f"rolling back to {path}: it is the latest checkpoint", flush=True)
+        _barrier()
+        return self.latest() if applied else path
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              train_state: dict[str, Any], eval_loss: float | None = None) -> Path:

@@ -29,6 +29,11 @@ class BatchSource(Protocol):
 
     A source is built for one rank (`rank`, `world_size`) and yields that rank's share of each global step.
     `batches(epoch, start_step)` yields the batches of `epoch` from step `start_step` on, and ends with the epoch.
+
+    Every rank must yield the same number of batches, for the eval split too: each batch is one FSDP forward,
+    whose all-gathers wait for every rank. A source whose split does not divide evenly pads the short ranks'
+    batches with repeated samples and marks them in `sample_mask` (BoolTensor[B], False = padding): padding
+    rows get no labels (no loss, no eval loss) and no prediction.
     """
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, Any]]: ...
@@ -103,21 +108,28 @@ class InputBuilder:
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = self.encoder_inputs(batch)
         out["labels"], out["decoder_attention_mask"] = self.labels(batch["text"])
+        if "sample_mask" in batch:      # padding rows (evening out the ranks) must not count in any loss
+            out["labels"][~batch["sample_mask"].bool()] = -100
         return out
 
-    def token_count(self, inputs: dict[str, torch.Tensor]) -> int:
-        """Encoder positions in use + target tokens (the tokens of the tokens/s and MFU figures)."""
+    def token_counts(self, inputs: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Positions in use: `encoder` (every encoder part in use), of them `frames` and `audio`, and `decoder`
+        (target tokens). The tokens/s figure is encoder + decoder; MFU weighs each by its own FLOPs."""
         cfg = self.cfg
-        n = int((inputs["labels"] != -100).sum())
-        if cfg.use_frames:
-            n += int(inputs["clip_mask"].sum())
-        if cfg.use_audio:
-            n += int(inputs["audio_mask"].sum())
+        frames = int(inputs["clip_mask"].sum()) if cfg.use_frames else 0
+        audio = int(inputs["audio_mask"].sum()) if cfg.use_audio else 0
+        encoder = frames + audio
         if cfg.use_scene_graph:
-            n += int(inputs["scene_mask"].sum())
+            encoder += int(inputs["scene_mask"].sum())
         if cfg.use_prompt:
-            n += int(inputs["prompt_mask"].sum())
-        return n
+            encoder += int(inputs["prompt_mask"].sum())
+        return {"encoder": encoder, "frames": frames, "audio": audio,
+                "decoder": int((inputs["labels"] != -100).sum())}
+
+    def token_count(self, inputs: dict[str, torch.Tensor]) -> int:
+        """Encoder positions in use + target tokens (the tokens of the tokens/s figure)."""
+        counts = self.token_counts(inputs)
+        return counts["encoder"] + counts["decoder"]
 
 
 def to_device(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

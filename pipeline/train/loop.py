@@ -9,6 +9,7 @@ Runs as one process without torchrun (a one-rank process group) or under torchru
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 import os
 import signal
@@ -24,7 +25,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from pipeline.models.vpt import VPT, VPTConfig, build_vpt, lm_losses, load_exported
 from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.data import BatchSource, InputBuilder, build_source, to_device
-from pipeline.train.metrics import ActivationNorms, MetricsWriter, Throughput, count_params, grad_norms, mfu
+from pipeline.train.metrics import (ActivationNorms, MetricsWriter, Throughput, count_params, flop_params,
+                                    grad_norms, mfu, train_flops)
 
 
 @dataclass
@@ -113,12 +115,22 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 @torch.no_grad()
 def evaluate(model: VPT, source: BatchSource, builder: InputBuilder, device: torch.device, max_steps: int) -> float:
-    """Token-weighted cross-entropy over (at most `max_steps` batches of) the held-out split, all ranks."""
+    """Token-weighted cross-entropy over (at most `max_steps` batches of) the held-out split, all ranks.
+
+    Every forward all-gathers weights from every rank, so the ranks agree before each batch that they all have
+    one: a source yielding more batches on one rank fails here with a message instead of hanging."""
     model.eval()
+    world = dist.get_world_size()
     ce_sum, n_sum = 0.0, 0.0
-    for i, batch in enumerate(source.batches(0, 0)):
-        if max_steps and i >= max_steps:
+    batches = iter(source.batches(0, 0))
+    for i in itertools.count():
+        batch = next(batches, None) if not (max_steps and i >= max_steps) else None
+        have = int(all_reduce_sum([float(batch is not None)], device)[0])
+        if have == 0:
             break
+        if have != world:
+            raise RuntimeError(f"eval batch {i}: only {have} of {world} ranks have one; a data source must "
+                               "yield the same number of batches on every rank (pad with `sample_mask`)")
         inputs = to_device(builder(batch), device)
         ce, _, n = lm_losses(model(inputs), inputs["labels"])
         ce_sum += float(ce) * float(n)
@@ -196,7 +208,7 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg.get("model_hook"):    # e.g. LoRA adapters; runs before sharding, so FSDP sees the final modules
         model = load_object(cfg["model_hook"])(model, cfg)
     model.to(d.device)
-    n_params = count_params(model)
+    n_params, flop_weights = count_params(model), flop_params(model)
     shard_model(model, d.device, tcfg["activation_checkpointing"], cfg.get("precision", "auto"))
     builder = InputBuilder(tokenizer, model_cfg)
 
@@ -208,7 +220,11 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
     ckpt.write_static(model_cfg, model.backbone.config, tokenizer)
     step, stream = 0, BatchStream(train_source)
     torch.manual_seed(cfg["seed"] + 1000 * (d.rank + 1))      # dropout differs per rank
-    latest = ckpt.latest() if tcfg["resume"] else None
+    # resume_from: roll back to an earlier checkpoint (past a loss spike); the newer ones are moved aside
+    if tcfg.get("resume_from") is not None:
+        latest = ckpt.roll_back(tcfg["resume_from"], tcfg.get("resume_lr"))
+    else:
+        latest = ckpt.latest() if tcfg["resume"] else None
     if latest is not None:
         state = ckpt.load(latest, model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
@@ -249,16 +265,17 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        local_tokens = builder.token_count(inputs)
-        ce_sum, z_sum, tokens = all_reduce_sum([float(ce.detach()), float(z_loss.detach()), float(local_tokens)],
-                                               d.device)
-        meter.add(int(tokens))
+        counts = builder.token_counts(inputs)
+        ce_sum, z_sum, *totals = all_reduce_sum(
+            [float(ce.detach()), float(z_loss.detach()), *map(float, counts.values())], d.device)
+        counts = dict(zip(counts, map(int, totals)))          # all ranks' positions, per part
+        meter.add(counts["encoder"] + counts["decoder"], train_flops(flop_weights, counts))
         scalars = {"loss": ce_sum / d.world_size, "z_loss": z_sum / d.world_size,
                    "grad_norm": float(total_norm), "lr": scheduler.get_last_lr()[0], "epoch": stream.epoch}
         if log_detail:
-            tokens_per_s, _ = meter.rate()
+            tokens_per_s, flops_per_s = meter.rate()
             scalars |= {"tokens_per_s": tokens_per_s,
-                        "mfu": mfu(n_params, tokens_per_s, tcfg["peak_flops_per_device"], d.world_size)}
+                        "mfu": mfu(flops_per_s, tcfg["peak_flops_per_device"], d.world_size)}
             scalars |= detail | act_norms.collect()
             if d.rank == 0:
                 print(f"step {step} loss {scalars['loss']:.4f} z {scalars['z_loss']:.2f} "
@@ -266,7 +283,8 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
 
         eval_now = eval_source is not None and step % tcfg["eval_every"] == 0
         if eval_now:
-            eval_loss = evaluate(model, eval_source, builder, d.device, tcfg["eval_steps"])
+            with meter.paused():        # tokens/s and MFU measure training steps only
+                eval_loss = evaluate(model, eval_source, builder, d.device, tcfg["eval_steps"])
             if math.isnan(eval_loss):
                 eval_now, eval_loss = False, None
                 if d.rank == 0:
@@ -278,9 +296,10 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
         writer.write(step, scalars)
 
         if ccfg["every"] and (step % ccfg["every"] == 0 or step == tcfg["max_steps"]):
-            ckpt.save(step, model, optimizer,
-                      {"step": step, "scheduler": scheduler.state_dict(), "data": stream.state_dict()},
-                      eval_loss=eval_loss if eval_now else None)
+            with meter.paused():
+                ckpt.save(step, model, optimizer,
+                          {"step": step, "scheduler": scheduler.state_dict(), "data": stream.state_dict()},
+                          eval_loss=eval_loss if eval_now else None)
         if tcfg.get("debug_kill_at_step") and step == tcfg["debug_kill_at_step"]:
             os.kill(os.getpid(), signal.SIGKILL)      # a crash test: die without any cleanup
         summary["loss"] = scalars["loss"]
@@ -288,8 +307,9 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
     # ---- done
     act_norms.remove()
     writer.close()
-    summary |= {"step": step, "eval_loss": eval_loss, "checkpoint": str(ckpt.latest()),
-                "best": str(ckpt.best()) if ckpt.best() else None}
+    latest, best = ckpt.latest(), ckpt.best()     # None with checkpoint.every=0
+    summary |= {"step": step, "eval_loss": eval_loss, "checkpoint": str(latest) if latest else None,
+                "best": str(best) if best else None}
     dist.barrier()
     dist.destroy_process_group()
     return summary

@@ -1,9 +1,12 @@
-"""Training metrics: tokens/s, MFU estimate, per-layer gradient and activation norms, and the writers
-(TensorBoard + a JSONL file on rank 0; Weights & Biases when asked for and installed)."""
+"""Training metrics: tokens/s, MFU estimate (encoder-decoder FLOPs, `train_flops`), per-layer gradient and
+activation norms, and the writers (TensorBoard + a JSONL file on rank 0; Weights & Biases when asked for and
+installed)."""
 from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,29 +20,78 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def mfu(params: int, tokens_per_s: float, peak_flops_per_device: float, world_size: int) -> float:
-    """Model FLOPs utilisation from the 6*N*tokens training-cost approximation (forward + backward)."""
+@dataclass(frozen=True)
+class FlopParams:
+    """Matmul weights (`nn.Linear`, embeddings and norms excluded) by where they apply once per position."""
+    encoder: int    # T5 encoder: at every encoder position
+    decoder: int    # T5 decoder + lm_head: at every target token
+    frames: int     # frame and frame-time projectors: at every frame
+    audio: int      # audio projector: at every audio position
+
+
+def _linear_weights(*modules: nn.Module) -> int:
+    return sum(m.weight.numel() for module in modules for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def flop_params(model: nn.Module) -> FlopParams:
+    """The `FlopParams` of a VPT, counted before sharding (after sharding DTensors count globally too)."""
+    bb = model.backbone
+    return FlopParams(encoder=_linear_weights(bb.encoder), decoder=_linear_weights(bb.decoder, bb.lm_head),
+                      frames=_linear_weights(model.frame_proj, model.time_proj),
+                      audio=_linear_weights(model.audio_proj))
+
+
+def train_flops(p: FlopParams, counts: dict[str, int]) -> float:
+    """FLOPs of one training step (forward + backward = 3 x the forward's 2 per weight and position):
+
+        6 * (N_enc * encoder_positions + (N_dec + N_lm_head) * target_tokens
+             + N_frame_proj * frames + N_audio_proj * audio_positions)
+
+    with N_* the matmul weights of `FlopParams`; `counts` as `InputBuilder.token_counts`. An encoder weight
+    runs at encoder positions only and a decoder weight at target tokens only, so the 6 * N_total * all_tokens
+    rule overcounts an encoder-decoder about twice. Attention scores (QK^T, AV) are left out: with flan-t5-large
+    at the full lengths (~290 encoder positions, d_model 1024) they add ~5%. Frozen weights (LoRA) still count
+    their weight gradients, so LoRA MFU is an upper bound."""
+    return 6.0 * (p.encoder * counts["encoder"] + p.decoder * counts["decoder"]
+                  + p.frames * counts["frames"] + p.audio * counts["audio"])
+
+
+def mfu(flops_per_s: float, peak_flops_per_device: float, world_size: int) -> float:
+    """Model FLOPs utilisation: achieved `train_flops` per second over the peak of all devices."""
     if not peak_flops_per_device:
         return float("nan")
-    return 6.0 * params * tokens_per_s / (peak_flops_per_device * world_size)
+    return flops_per_s / (peak_flops_per_device * world_size)
 
 
 class Throughput:
-    """Tokens/s over the steps since the last `rate()` call (all ranks' tokens, summed by the caller)."""
+    """Tokens/s and FLOP/s over the training time since the last `rate()` call (all ranks' totals, summed by
+    the caller). Time spent inside `paused()` (eval, checkpoint saves) is not training time and not counted."""
 
     def __init__(self):
         self.tokens = 0
+        self.flops = 0.0
         self.start = time.perf_counter()
+        self.excluded = 0.0
 
-    def add(self, tokens: int) -> None:
+    def add(self, tokens: int, flops: float = 0.0) -> None:
         self.tokens += tokens
+        self.flops += flops
+
+    @contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - t0
 
     def rate(self) -> tuple[float, float]:
+        """(tokens/s, FLOP/s), then starts a new window."""
         now = time.perf_counter()
-        seconds = max(now - self.start, 1e-9)
-        rate = self.tokens / seconds
-        self.tokens, self.start = 0, now
-        return rate, seconds
+        seconds = max(now - self.start - self.excluded, 1e-9)
+        rates = self.tokens / seconds, self.flops / seconds
+        self.tokens, self.flops, self.start, self.excluded = 0, 0.0, now, 0.0
+        return rates
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
