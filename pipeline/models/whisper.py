@@ -3,7 +3,9 @@
 Real: `load_whisper("medium", ...)` lets faster-whisper resolve the size name (its hub download) or a local
 CTranslate2 directory. Tiny (`models=tiny`): a 2-layer random transformers Whisper with its own byte-level BPE
 tokenizer carrying Whisper's special tokens, converted to CTranslate2 once and cached under
-`<cache_dir>/tiny/whisper`. It produces garbage text but exercises the exact same decoding, VAD, batching and
+`<cache_dir>/tiny/whisper` (rebuilt when its build stamp is not TINY_BUILD). It is multilingual like the real
+checkpoints (99 language tokens, 51,865-token vocabulary), so `language=None` runs the model's language
+detection. It produces garbage text but exercises the exact same language detection, decoding, VAD, batching and
 word-timestamp code as the real model.
 """
 from __future__ import annotations
@@ -15,11 +17,25 @@ from pathlib import Path
 
 TINY_NAME = "whisper"
 TINY_SEED = 0
-# The special tokens of Whisper's tokenizer, in the order faster-whisper's Tokenizer expects them; the
-# timestamp tokens must directly follow <|notimestamps|> (timestamp_begin = no_timestamps + 1).
+# Written into the built directory; a cached build with another stamp (an older recipe) is rebuilt.
+TINY_BUILD = "multilingual-1"
+# Whisper's language tokens, in its token order (multilingual checkpoints before large-v3: 99 languages).
+LANGUAGES = tuple("""
+en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da hu ta no th ur hr bg lt la mi ml
+cy sk te fa lv bn sr az sl kn et mk br eu is hy ne mn bs kk sq sw gl mr pa si km sn yo so af oc ka be tg sd gu am
+yi lo uz fo ht ps tk nn mt sa lb my bo tl mg as tt haw ln ha ba jw su
+""".split())
+# Whisper's text vocabulary size: 50,257 text tokens + the 1,608 special tokens below = 51,865. The multilingual
+# vocabularies end their text part with an empty token (id 50256; the English-only ones have <|endoftext|>
+# there), and that is how CTranslate2 tells them apart (4.8: `to_id("") != unk`; older releases: by the
+# vocabulary size), so the BPE is padded to this size and ends with "".
+N_TEXT_TOKENS = 50257
+# The special tokens of Whisper's multilingual tokenizer, in its order (ids 50257..51864): the timestamp tokens
+# must directly follow <|notimestamps|> (faster-whisper: timestamp_begin = no_timestamps + 1), and every special
+# token must come after <|endoftext|> (decode() drops ids >= eot).
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|startoftranscript|>", "<|translate|>", "<|transcribe|>",
-    "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>",
+    "<|endoftext|>", "<|startoftranscript|>", *(f"<|{code}|>" for code in LANGUAGES), "<|translate|>",
+    "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>",
 ] + [f"<|{i * 0.02:.2f}|>" for i in range(1501)]
 
 
@@ -51,17 +67,22 @@ def build_tiny_whisper(out_dir: Path) -> Path:
     from filelock import FileLock
 
     out_dir = Path(out_dir)
-    marker = out_dir / "model.bin"
-    if marker.exists():
+    stamp = out_dir / "tiny_build.txt"
+
+    def current() -> bool:
+        return (out_dir / "model.bin").exists() and stamp.exists() and stamp.read_text() == TINY_BUILD
+
+    if current():
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out_dir) + ".lock"):
-        if marker.exists():
+        if current():
             return out_dir
         with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
             hf_dir, ct2_dir = Path(tmp) / "hf", Path(tmp) / "ct2"
             _save_tiny_transformers_whisper(hf_dir)
             _convert_to_ct2(hf_dir, ct2_dir)
+            (ct2_dir / "tiny_build.txt").write_text(TINY_BUILD)
             if out_dir.exists():
                 shutil.rmtree(out_dir)
             ct2_dir.rename(out_dir)  # same filesystem: the directory appears complete or not at all
@@ -82,7 +103,15 @@ def _train_tokenizer(vocab_size: int = 400):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(corpus, trainer)
+    # Pad the vocabulary to Whisper's size with entries no merge produces: never emitted by encoding, and given
+    # zero weights (below) so decoding does not pick them either.
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    vocab.update({f"<unused{i}>": i for i in range(len(vocab), N_TEXT_TOKENS - 1)})
+    vocab[""] = N_TEXT_TOKENS - 1
+    tok = Tokenizer.from_str(json.dumps(spec))
     tok.add_special_tokens(SPECIAL_TOKENS)
+    assert tok.token_to_id("") == N_TEXT_TOKENS - 1 and tok.token_to_id("<|endoftext|>") == N_TEXT_TOKENS
     return tok
 
 
@@ -94,8 +123,9 @@ def _save_tiny_transformers_whisper(hf_dir: Path) -> None:
     hf_dir.mkdir(parents=True)
     tok = _train_tokenizer()
     tok.save(str(hf_dir / "tokenizer.json"))
-    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS[:8]}
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS[:-1501]}
     eot, sot = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
+    lang_to_id = {f"<|{code}|>": ids[f"<|{code}|>"] for code in LANGUAGES}
     cfg = WhisperConfig(
         vocab_size=tok.get_vocab_size(), num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128,
@@ -104,10 +134,13 @@ def _save_tiny_transformers_whisper(hf_dir: Path) -> None:
     )
     torch.manual_seed(TINY_SEED)
     model = WhisperForConditionalGeneration(cfg)
-    _spread_random_weights(model, first_special=ids["<|endoftext|>"], eot=eot)
+    _spread_random_weights(model, first_unused=_n_bpe_tokens(tok), eot=eot,
+                           languages=sorted(lang_to_id.values()))
+    # lang_to_id is what the CTranslate2 converter turns into the model's language ids (detect_language)
     model.generation_config = GenerationConfig(
         decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot, bos_token_id=eot,
-        no_timestamps_token_id=ids["<|notimestamps|>"], max_length=448, is_multilingual=False,
+        no_timestamps_token_id=ids["<|notimestamps|>"], max_length=448, is_multilingual=True,
+        lang_to_id=lang_to_id, task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
         suppress_tokens=[], begin_suppress_tokens=[eot],
     )
     model.save_pretrained(hf_dir)
@@ -119,11 +152,19 @@ def _save_tiny_transformers_whisper(hf_dir: Path) -> None:
     }))
 
 
-def _spread_random_weights(model, first_special: int, eot: int, std: float = 0.3) -> None:
+def _n_bpe_tokens(tok) -> int:
+    """The trained BPE entries come first; the padding (<unused...>, "") and the special tokens follow."""
+    return min(i for t, i in tok.get_vocab().items() if t.startswith("<unused") or t == "")
+
+
+def _spread_random_weights(model, first_unused: int, eot: int, languages: list[int], std: float = 0.3,
+                           language_std: float = 0.05) -> None:
     """Make the random model emit varied ordinary tokens (and so words) instead of repeating a special token.
 
     With the default 0.02 init, greedy decoding repeats one token forever; a wider init varies the output by
-    position, and zeroed special-token embeddings (end-of-text excepted) keep the decoder on text tokens.
+    position, and zeroed padding/special-token embeddings (end-of-text excepted) keep the decoder on text tokens
+    (the output projection is tied to them). Language tokens get small nonzero weights: language detection then
+    sees a real, uneven distribution, while their logits stay far below the text tokens' during decoding.
     """
     import torch
 
@@ -134,8 +175,9 @@ def _spread_random_weights(model, first_special: int, eot: int, std: float = 0.3
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
         emb = model.model.decoder.embed_tokens.weight
         keep = emb[eot].clone()
-        emb[first_special:] = 0
+        emb[first_unused:] = 0
         emb[eot] = keep
+        emb[languages] = torch.randn((len(languages), emb.shape[1]), generator=gen) * language_std
 
 
 def _convert_to_ct2(hf_dir: Path, ct2_dir: Path) -> None:

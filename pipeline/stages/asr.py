@@ -12,6 +12,7 @@ Times are clamped to the audio's duration. A video without speech is ok with not
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -65,7 +66,9 @@ class WhisperTranscriber:
                       word_timestamps=cfg.word_timestamps, vad_filter=cfg.vad_filter)
         if self.batched is not None:
             if not cfg.vad_filter:  # without VAD the batched pipeline needs explicit 30 s windows
-                kwargs["clip_timestamps"] = _fixed_windows(len(audio), 16000, 30.0)
+                kwargs["clip_timestamps"] = _fixed_windows(len(audio) / 16000, 30.0)
+            # no timestamp tokens: one segment per VAD chunk (faster-whisper's batched default); word
+            # timestamps still place the text inside it
             segments, info = self.batched.transcribe(audio, batch_size=cfg.batch_size, without_timestamps=True,
                                                      **kwargs)
         else:
@@ -87,9 +90,10 @@ class WhisperTranscriber:
                 "language_probability": float(info.language_probability)}
 
 
-def _fixed_windows(n_samples: int, sr: int, seconds: float) -> list[dict]:
-    step = int(sr * seconds)
-    return [{"start": s, "end": min(s + step, n_samples)} for s in range(0, n_samples, step)]
+def _fixed_windows(duration: float, seconds: float) -> list[dict]:
+    """Consecutive windows covering the audio, in seconds (BatchedInferencePipeline's clip_timestamps unit)."""
+    return [{"start": i * seconds, "end": min((i + 1) * seconds, duration)}
+            for i in range(math.ceil(duration / seconds))]
 
 
 def load_audio_payload(item: WorkItem) -> dict:
