@@ -128,3 +128,113 @@ def test_clip_through_the_cli_on_frames_stage_output(shared_media, cache_dir, tm
     before = (shard / "_SUCCESS").stat().st_mtime_ns
     run_cli("stage=clip", "launcher=local", f"run_dir={run_dir}", "models=tiny", env=env)
     assert (shard / "_SUCCESS").stat().st_mtime_ns == before
+
+
+def _sorted_clip_rows(table: pa.Table) -> list[dict]:
+    return table.sort_by([("video_id", "ascending"), ("frame_idx", "ascending")]).to_pylist()
+
+
+def _uninterrupted_clip_rows(run_dir, cache_dir, tmp_path, runner) -> list[dict]:
+    """The clip table of one uninterrupted in-process run over the frames stage's output of `run_dir`."""
+    import pyarrow.parquet as pq
+
+    frames = pq.read_table(run_dir / "frames" / "shard-00000" / "frames.parquet").to_pylist()
+    by_video: dict[str, list[dict]] = {}
+    for row in frames:
+        by_video.setdefault(row["video_id"], []).append(row)
+    items = [WorkItem(vid, "", i, inputs={"frames": {"frames": rows}})
+             for i, (vid, rows) in enumerate(sorted(by_video.items()))]
+    results, _ = _run(items, cache_dir, tmp_path, runner=runner)
+    assert all(r.status == "ok" for r in results.values())
+    rows = [row for r in results.values() for row in r.rows["clip"]]
+    return _sorted_clip_rows(pa.Table.from_pylist(rows, schema=ClipStage.schemas["clip"]))
+
+
+def _kill_worker_once_parts_exist(proc, parts, deadline_s: float = 300) -> None:
+    """SIGKILL the launcher's pool worker (the process running the shard) once a first part is complete, then
+    make sure nothing it started outlives it (Ray's processes normally go down with it)."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    deadline = time.time() + deadline_s
+    while time.time() < deadline and not list(parts.glob("*.ledger.parquet")) and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the clip run ended before any part was written"
+    launcher = psutil.Process(proc.pid)
+    tree = launcher.children(recursive=True)
+    workers = [c for c in launcher.children() if "spawn_main" in " ".join(c.cmdline())]
+    assert workers, "no pool worker found"
+    for w in workers:
+        os.kill(w.pid, signal.SIGKILL)
+    proc.wait(timeout=120)
+    _, alive = psutil.wait_procs(tree, timeout=15)
+    for p in alive:  # Ray's agents can outlive the killed worker for a while: this test's, so ended here
+        p.kill()
+
+
+@pytest.mark.slow
+def test_clip_killed_mid_shard_resumes_from_its_parts(shared_media, cache_dir, tmp_path):
+    """A clip worker SIGKILLed partway through its shard (flush_every=1) keeps its complete parts: the re-run
+    embeds only the items no part holds, and the clip table equals an uninterrupted run's, without duplicates."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+    from conftest import REPO, run_cli
+
+    from pipeline.inference.runner import RunnerConfig
+
+    media = ["counter.mp4", "fades.mp4", "delayed_start.mp4"]
+    n = 9
+    manifest = tmp_path / "manifest.txt"
+    manifest.write_text("".join(f"v{i} {shared_media / media[i % 3]}\n" for i in range(n)))
+    env = {"VPT_CACHE_DIR": str(cache_dir)}
+    base = tmp_path / "base"
+    run_cli("stage=download", "launcher=local", f"run_dir={base}", f"input={manifest}", "models=tiny", env=env)
+    # 10 frames/s on these low-cut videos (20-100 frames each) and one item at a time through the runner:
+    # each item takes long enough that the kill lands between the first part and the last
+    run_cli("stage=frames", "launcher=local", f"run_dir={base}", "models=tiny", "stage.fallback_fps=10", env=env)
+    args = ["stage=clip", "launcher=local", "models=tiny", "stage.flush_every=1", "stage.runner.batch_size=1",
+            "stage.runner.max_in_flight=1"]
+    killed = tmp_path / "killed"
+    shutil.copytree(base, killed)
+
+    shard = killed / "clip" / "shard-00000"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, f"run_dir={killed}"], cwd=REPO,
+                            env={**os.environ, **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _kill_worker_once_parts_exist(proc, shard / "parts")
+    assert proc.returncode != 0
+    assert not (shard / "_SUCCESS").exists()
+    part_ledgers = sorted((shard / "parts").glob("*.ledger.parquet"))
+    done_before = {r["video_id"] for p in part_ledgers for r in pq.read_table(p).to_pylist()}
+    assert 1 <= len(done_before) < n, f"{len(done_before)} of {n} items done at the kill: not mid-shard"
+
+    run_cli(*args, f"run_dir={killed}", env=env)
+    stats = json.loads((shard / "stats.json").read_text())
+    assert stats["processed"] == n - len(done_before)   # the parts were reused, not redone
+    assert stats["items"] == n and stats["ok"] == n
+
+    # the uninterrupted run: in-process (inline backend, same batches), which gives the Ray run's embeddings
+    # up to float16 rounding (test_inline_backend_gives_the_same_embeddings)
+    (tmp_path / "reference").mkdir()
+    want = _uninterrupted_clip_rows(base, cache_dir, tmp_path / "reference",
+                                    RunnerConfig(batch_size=1, max_in_flight=1, backend="inline"))
+    got = _sorted_clip_rows(pq.read_table(shard / "clip.parquet"))
+    keys = [(r["video_id"], r["frame_idx"]) for r in got]
+    assert len(set(keys)) == len(keys)                  # no duplicates from parts and re-run together
+    assert keys == [(r["video_id"], r["frame_idx"]) for r in want]
+    assert {r["video_id"] for r in got} == {f"v{i}" for i in range(n)}
+    for a, b in zip(got, want):
+        assert a["pts"] == b["pts"] and a["model"] == b["model"]
+    emb_got = np.array([r["embedding"] for r in got], dtype=np.float32)
+    emb_want = np.array([r["embedding"] for r in want], dtype=np.float32)
+    assert emb_got.shape == emb_want.shape and np.allclose(emb_got, emb_want, atol=2e-3)
+    ledger = {r["video_id"]: r["status"] for r in pq.read_table(shard / "ledger.parquet").to_pylist()}
+    assert ledger == {f"v{i}": "ok" for i in range(n)}

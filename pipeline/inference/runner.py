@@ -18,8 +18,14 @@ Every model stage (asr, clip, audio, scenegraph) runs its shard through `run_inf
 
 Backpressure: at most `max_in_flight` items are between "taken from `items`" and "yielded to the consumer"
 (preprocessing, queued payloads, inside the model, waiting to be consumed), so a slow consumer stops intake
-instead of growing memory. Each actor gets a second batch queued behind the running one, so it never waits
+instead of growing memory: payloads alive at once (Ray object store) stay at about `max_in_flight` x payload
+size (Ray itself frees released objects in batches, by default once a second, which can add what one second
+of throughput holds). Each actor gets a second batch queued behind the running one, so it never waits
 for the driver between batches.
+
+GPU memory: `peak_gpu_mem_mb` is torch's allocator peak (0 for a model that allocates outside torch, e.g.
+CTranslate2 in faster-whisper); on cuda `peak_gpu_mem_mb_nvml` is the peak NVML-reported use of the actors'
+GPUs (pynvml if installed, else nvidia-smi; whole-device figures), absent on CPU.
 
 Ray: connects to the cluster at `RAY_ADDRESS` if set (multi-node jobs), reuses a Ray already initialised in
 this process, else starts a local one sized for this run and shuts it down afterwards. On a multi-node cluster the
@@ -31,7 +37,9 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -79,7 +87,8 @@ class RunnerStats:
     batches: int = 0
     peak_rss_mb_driver: float = 0.0
     peak_rss_mb_model: float = 0.0      # max over model actors (includes the model weights)
-    peak_gpu_mem_mb: float = 0.0
+    peak_gpu_mem_mb: float = 0.0        # torch's allocator peak: 0 for models that do not allocate through torch
+    peak_gpu_mem_mb_nvml: float | None = None  # max over actors of NVML "used" on their GPUs (cuda only)
     items_started: int = 0              # live: items taken from the input so far
     peak_in_flight: int = 0             # never above RunnerConfig.max_in_flight
     backend: str = ""
@@ -88,6 +97,8 @@ class RunnerStats:
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("items_started")
+        if out["peak_gpu_mem_mb_nvml"] is None:  # no GPU was asked: CPU runs keep their stats as they were
+            out.pop("peak_gpu_mem_mb_nvml")
         return {f"runner_{k}" if not k.startswith("model_") else k: v for k, v in out.items()}
 
 
@@ -95,10 +106,80 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+NVIDIA_SMI_EVERY_S = 10.0  # nvidia-smi is a process start: sample at most this often (pynvml: every batch)
+
+
+def visible_gpus(env: dict[str, str] | None = None) -> list[str]:
+    """This process's GPUs as NVML names them (indices or GPU-/MIG- UUIDs), from CUDA_VISIBLE_DEVICES (which
+    Ray sets per actor); all unset means device 0, the one torch and CTranslate2 use by default."""
+    value = (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return ["0"]
+    ids = []
+    for part in (p.strip() for p in value.split(",")):
+        if not part or part.startswith("-"):
+            break  # CUDA ignores a negative id and everything after it
+        ids.append(part)
+    return ids
+
+
+_pynvml: Any = None  # the initialised module, False once it proved unusable here
+
+
+def _nvml_used_mb_pynvml(ids: list[str]) -> float | None:
+    global _pynvml
+    if _pynvml is None:  # initialised once per process: nvmlInit is too slow to repeat every batch
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            _pynvml = pynvml
+        except Exception:  # noqa: BLE001 - not installed, no driver, no GPU
+            _pynvml = False
+    if not _pynvml:
+        return None
+    try:
+        total = 0
+        for dev in ids:
+            handle = (_pynvml.nvmlDeviceGetHandleByIndex(int(dev)) if dev.isdigit()
+                      else _pynvml.nvmlDeviceGetHandleByUUID(dev))
+            total += _pynvml.nvmlDeviceGetMemoryInfo(handle).used
+        return total / 2**20
+    except Exception:  # noqa: BLE001 - e.g. an id NVML does not know
+        return None
+
+
+def _nvml_used_mb_smi(ids: list[str]) -> float | None:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=memory.used", "--format=csv,noheader,nounits", f"--id={','.join(ids)}"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+        values = [float(line) for line in out.split() if line.strip()]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return sum(values) if values else None  # nvidia-smi reports MiB
+
+
+def gpu_used_mb(ids: list[str] | None = None, allow_smi: bool = True) -> float | None:
+    """NVML-reported used memory (MiB) of this process's GPUs, or None where none can be asked.
+
+    Whole-device figures: unlike torch's allocator peak they count every framework (CTranslate2 included), its
+    caches and the CUDA context, and also other processes on the same GPU (fractional GPUs per actor)."""
+    ids = visible_gpus() if ids is None else ids
+    if not ids:
+        return None
+    used = _nvml_used_mb_pynvml(ids)
+    if used is None and allow_smi:
+        used = _nvml_used_mb_smi(ids)
+    return used
+
+
 class _ModelHost:
     """Owns one model: loads it, times predict(), reports busy time and memory."""
 
-    def __init__(self, model_factory: Callable[[], Any]):
+    def __init__(self, model_factory: Callable[[], Any], device: str = "cpu"):
         t0 = time.perf_counter()
         self.model = model_factory()
         self.load_s = time.perf_counter() - t0
@@ -106,6 +187,22 @@ class _ModelHost:
         self.t_last = self.t_ready
         self.busy_s = 0.0
         self.batches = 0
+        self.on_gpu = device == "cuda"
+        self.nvml_peak_mb: float | None = None
+        self.t_smi = -float("inf")
+        self._sample_gpu()
+
+    def _sample_gpu(self, final: bool = False) -> None:
+        """NVML reports current use, not a peak: sample after load and every batch (nvidia-smi: rate-limited)."""
+        if not self.on_gpu:
+            return
+        now = time.perf_counter()
+        allow_smi = final or now - self.t_smi >= NVIDIA_SMI_EVERY_S
+        if allow_smi:
+            self.t_smi = now
+        used = gpu_used_mb(allow_smi=allow_smi)
+        if used is not None:
+            self.nvml_peak_mb = max(self.nvml_peak_mb or 0.0, used)
 
     def predict(self, *payloads: Any) -> list[Any]:
         t0 = time.perf_counter()
@@ -117,6 +214,7 @@ class _ModelHost:
             self.t_last = time.perf_counter()
             self.busy_s += self.t_last - t0
             self.batches += 1
+        self._sample_gpu()
         return outputs
 
     def stats(self) -> dict[str, float]:
@@ -127,8 +225,9 @@ class _ModelHost:
                 gpu_mb = torch.cuda.max_memory_allocated() / 2**20
         except Exception:  # noqa: BLE001 - stats are best effort
             pass
+        self._sample_gpu(final=True)
         return {"load_s": self.load_s, "busy_s": self.busy_s, "window_s": self.t_last - self.t_ready,
-                "batches": self.batches, "rss_mb": _peak_rss_mb(), "gpu_mb": gpu_mb,
+                "batches": self.batches, "rss_mb": _peak_rss_mb(), "gpu_mb": gpu_mb, "gpu_nvml_mb": self.nvml_peak_mb,
                 "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname()}
 
     def ready(self) -> bool:
@@ -201,7 +300,7 @@ class _InlineBackend:
         self.n_actors = model_actor_count(cfg, device, _local_gpu_count(device))
         self.prep_pool = ThreadPoolExecutor(max(1, cfg.num_cpus_preprocess), thread_name_prefix="preprocess")
         self.model_pools = [ThreadPoolExecutor(1, thread_name_prefix=f"model{i}") for i in range(self.n_actors)]
-        self.hosts = [pool.submit(_ModelHost, model_factory) for pool in self.model_pools]
+        self.hosts = [pool.submit(_ModelHost, model_factory, device) for pool in self.model_pools]
 
     def preprocess(self, fn: Callable, item: Any) -> tuple[Future, Future]:
         fut = self.prep_pool.submit(_run_preprocess, fn, item)
@@ -256,7 +355,7 @@ class _RayBackend:
         self.prep_task = ray.remote(num_cpus=1, max_retries=0, num_returns=2)(_run_preprocess)
         host_cls = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=0)(_ModelHost)
         self.placement = self._spread_placement(gpus)
-        self.actors = [host_cls.options(scheduling_strategy=self._bundle(i)).remote(model_factory)
+        self.actors = [host_cls.options(scheduling_strategy=self._bundle(i)).remote(model_factory, device)
                        for i in range(self.n_actors)]
         # both sides need the function once; put it in the object store instead of pickling it per item
         self.fn_refs: dict[int, Any] = {}
@@ -340,6 +439,20 @@ def ensure_ray(num_cpus: int) -> bool:
     return True
 
 
+class _Queues:
+    """Where each taken item is: preprocessing -> ready -> predicting -> finished (ItemResults to hand over)."""
+
+    def __init__(self, source: Iterator[Any], n_actors: int):
+        self.source = source
+        self.exhausted = False
+        self.preprocessing: dict[Any, tuple] = {}          # status handle -> (item, payload handle)
+        self.ready: deque[tuple[Any, Any]] = deque()       # (item, payload handle) waiting for a batch
+        self.predicting: dict[Any, tuple[int, list]] = {}  # handle -> (actor, [(item, payload handle)])
+        self.actor_load = [0] * n_actors
+        self.finished: deque[ItemResult] = deque()
+        self.in_flight = 0                                  # taken from `source`, not yet handed over
+
+
 class InferenceRun:
     """Iterate for ItemResults; `stats` is live during iteration and final after it."""
 
@@ -360,69 +473,23 @@ class InferenceRun:
         backend_cls = _RayBackend if cfg.backend == "ray" else _InlineBackend
         t0 = time.perf_counter()
         backend = backend_cls(cfg, self.model_factory, self.device)
-        n_actors = backend.n_actors
-        source = iter(self.items)
-        exhausted = False
-        preprocessing: dict[Any, tuple] = {}        # status handle -> (item, payload handle)
-        ready: deque[tuple[Any, Any]] = deque()     # (item, payload handle) waiting for a batch
-        predicting: dict[Any, tuple[int, list]] = {}  # handle -> (actor, [(item, payload handle)])
-        actor_load = [0] * n_actors
-        finished: deque[ItemResult] = deque()
-        in_flight = 0
+        q = _Queues(iter(self.items), backend.n_actors)
         try:
+            # Payload handles live only in `q` (the steps are methods, so none lingers in this frame while it is
+            # suspended at `yield`): an item's payload is freed once its batch is done, and max_in_flight bounds
+            # the payloads alive at once.
             while True:
-                # intake, bounded by max_in_flight; keep only a small preprocessing queue ahead of the workers
-                while (not exhausted and in_flight < cfg.max_in_flight
-                       and len(preprocessing) < 2 * max(1, cfg.num_cpus_preprocess) + cfg.batch_size):
-                    try:
-                        item = next(source)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    status_handle, payload_handle = backend.preprocess(self.preprocess_fn, item)
-                    preprocessing[status_handle] = (item, payload_handle)
-                    in_flight += 1
-                    stats.items_started += 1
-                    stats.peak_in_flight = max(stats.peak_in_flight, in_flight)
-                # batching: a full batch to any actor with < 2 queued, or a partial one to an idle actor
-                # when waiting would not fill it (so the accelerator never idles for want of a full batch)
-                more_coming = bool(preprocessing) or not exhausted
-                for actor in sorted(range(n_actors), key=lambda a: actor_load[a]):
-                    if not ready or actor_load[actor] >= 2:
-                        continue
-                    if len(ready) < cfg.batch_size and actor_load[actor] > 0 and more_coming:
-                        continue
-                    batch = [ready.popleft() for _ in range(min(cfg.batch_size, len(ready)))]
-                    predicting[backend.predict(actor, [h for _, h in batch])] = (actor, batch)
-                    actor_load[actor] += 1
+                self._take(backend, q)
+                self._dispatch(backend, q)
                 # hand over what is done; the consumer's pace is the backpressure
-                while finished:
-                    result = finished.popleft()
-                    in_flight -= 1
+                while q.finished:
+                    result = q.finished.popleft()
+                    q.in_flight -= 1
                     yield result
-                if not preprocessing and not predicting and not ready and exhausted:
+                if not q.preprocessing and not q.predicting and not q.ready and q.exhausted:
                     break
-                if not preprocessing and not predicting:
-                    continue
-                for handle in backend.wait(list(preprocessing) + list(predicting), timeout=None):
-                    if handle in preprocessing:
-                        item, payload_handle = preprocessing.pop(handle)
-                        try:
-                            status = backend.status(handle)
-                        except Exception as exc:  # noqa: BLE001 - e.g. the worker crashed on this input
-                            status = _Failed(error_reason(getattr(exc, "cause", None) or exc))
-                        if isinstance(status, _Failed):
-                            if status.trace:
-                                self.log(f"{_item_id(item)}: {status.reason}\n{status.trace}")
-                            finished.append(self._finish(ItemResult.failed(_item_id(item), status.reason)))
-                        elif isinstance(status, Done):
-                            finished.append(self._finish(status.result))
-                        else:
-                            ready.append((item, payload_handle))
-                    else:
-                        actor, batch = predicting.pop(handle)
-                        actor_load[actor] -= 1
-                        finished.extend(self._batch_results(backend, handle, batch))
+                if q.preprocessing or q.predicting:
+                    self._collect(backend, q)
         finally:
             try:
                 self._collect_actor_stats(backend)
@@ -432,6 +499,57 @@ class InferenceRun:
             stats.wall_s = time.perf_counter() - t0
             stats.items_per_s = stats.items / stats.wall_s if stats.wall_s > 0 else 0.0
             stats.peak_rss_mb_driver = _peak_rss_mb()
+
+    def _take(self, backend: Any, q: "_Queues") -> None:
+        """Intake, bounded by max_in_flight; only a small preprocessing queue runs ahead of the workers."""
+        cfg, stats = self.cfg, self.stats
+        while (not q.exhausted and q.in_flight < cfg.max_in_flight
+               and len(q.preprocessing) < 2 * max(1, cfg.num_cpus_preprocess) + cfg.batch_size):
+            try:
+                item = next(q.source)
+            except StopIteration:
+                q.exhausted = True
+                break
+            status_handle, payload_handle = backend.preprocess(self.preprocess_fn, item)
+            q.preprocessing[status_handle] = (item, payload_handle)
+            q.in_flight += 1
+            stats.items_started += 1
+            stats.peak_in_flight = max(stats.peak_in_flight, q.in_flight)
+
+    def _dispatch(self, backend: Any, q: "_Queues") -> None:
+        """A full batch to any actor with < 2 queued, or a partial one to an idle actor when waiting would not
+        fill it (so the accelerator never idles for want of a full batch)."""
+        more_coming = bool(q.preprocessing) or not q.exhausted
+        for actor in sorted(range(len(q.actor_load)), key=lambda a: q.actor_load[a]):
+            if not q.ready or q.actor_load[actor] >= 2:
+                continue
+            if len(q.ready) < self.cfg.batch_size and q.actor_load[actor] > 0 and more_coming:
+                continue
+            batch = [q.ready.popleft() for _ in range(min(self.cfg.batch_size, len(q.ready)))]
+            q.predicting[backend.predict(actor, [h for _, h in batch])] = (actor, batch)
+            q.actor_load[actor] += 1
+
+    def _collect(self, backend: Any, q: "_Queues") -> None:
+        """Wait for at least one preprocessing task or batch to finish and route what finished."""
+        for handle in backend.wait(list(q.preprocessing) + list(q.predicting), timeout=None):
+            if handle in q.preprocessing:
+                item, payload_handle = q.preprocessing.pop(handle)
+                try:
+                    status = backend.status(handle)
+                except Exception as exc:  # noqa: BLE001 - e.g. the worker crashed on this input
+                    status = _Failed(error_reason(getattr(exc, "cause", None) or exc))
+                if isinstance(status, _Failed):
+                    if status.trace:
+                        self.log(f"{_item_id(item)}: {status.reason}\n{status.trace}")
+                    q.finished.append(self._finish(ItemResult.failed(_item_id(item), status.reason)))
+                elif isinstance(status, Done):
+                    q.finished.append(self._finish(status.result))
+                else:
+                    q.ready.append((item, payload_handle))
+            else:
+                actor, batch = q.predicting.pop(handle)
+                q.actor_load[actor] -= 1
+                q.finished.extend(self._batch_results(backend, handle, batch))
 
     def _batch_results(self, backend: Any, handle: Any, batch: list) -> list[ItemResult]:
         try:
@@ -475,6 +593,8 @@ class InferenceRun:
         s.batches = sum(a["batches"] for a in per_actor)
         s.peak_rss_mb_model = max((a["rss_mb"] for a in per_actor), default=0.0)
         s.peak_gpu_mem_mb = max((a["gpu_mb"] for a in per_actor), default=0.0)
+        nvml = [a["gpu_nvml_mb"] for a in per_actor if a.get("gpu_nvml_mb") is not None]
+        s.peak_gpu_mem_mb_nvml = max(nvml) if nvml else None
         s.model_nodes = sorted({a["node"] for a in per_actor})
 
 
