@@ -111,13 +111,21 @@ def test_two_process_kill_and_resume_matches_the_uninterrupted_run(tmp_path, cac
     assert kept == sorted({12, 16, min(evals, key=evals.get)})
 
     # a checkpoint sharded over 2 ranks exports and reloads with identical logits
-    exported, tokenizer = load_exported(export_hf(whole / "checkpoints", tmp_path / "export"))
-    exported.eval()
-    from pipeline.train.checkpoint import _resolve_checkpoint  # noqa: E402 - the same root/step resolution
+    assert_export_matches_checkpoint(whole / "checkpoints", tmp_path / "export", last_step=16)
+
+
+def assert_export_matches_checkpoint(checkpoints: Path, out: Path, last_step: int) -> VPT:
+    """`export_hf` of the latest checkpoint reloads (`load_exported`) with exactly the logits of the model the
+    DCP shards load into directly, and differs from a fresh initialisation. Returns the exported model."""
     import torch.distributed.checkpoint as dcp
     from transformers import AutoConfig, T5ForConditionalGeneration
-    root, step_dir = _resolve_checkpoint(whole / "checkpoints")
-    assert step_dir.name.endswith("16")
+
+    from pipeline.train.checkpoint import _resolve_checkpoint  # the same root/step resolution
+
+    exported, tokenizer = load_exported(export_hf(checkpoints, out))
+    exported.eval()
+    root, step_dir = _resolve_checkpoint(checkpoints)
+    assert step_dir.name == f"step-{last_step:08d}"
     cfg = VPTConfig.from_dict(json.loads((root / "vpt_config.json").read_text()))
     direct = VPT(cfg, T5ForConditionalGeneration(AutoConfig.from_pretrained(root / "backbone")))
     state = {"model": direct.state_dict()}
@@ -131,6 +139,55 @@ def test_two_process_kill_and_resume_matches_the_uninterrupted_run(tmp_path, cac
     fresh = VPT(cfg, T5ForConditionalGeneration(AutoConfig.from_pretrained(root / "backbone"))).eval()
     with torch.no_grad():
         assert not torch.allclose(exported(inputs), fresh(inputs))
+    return exported
+
+
+def test_activation_checkpointing_and_the_mlp_projector_train_on_two_gloo_ranks(tmp_path, cache_dir):
+    """`train.activation_checkpointing=true` (blocks recomputed in backward under FSDP2) with `model.projector=mlp`:
+    the loss falls, the checkpoint exports to the same logits, and a resume picks it up."""
+    run = tmp_path / "run"
+    args = ["train.activation_checkpointing=true", "model.projector=mlp", "device=cpu", "optim.lr=3e-3",
+            "optim.warmup_steps=4", "train.eval_every=0", "checkpoint.every=32"]
+    r = run_train(run, cache_dir, args + ["train.max_steps=32"], nproc=2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    curve = losses(run)
+    assert sorted(curve) == list(range(1, 33))
+    first, last = sum(curve[s] for s in range(1, 5)) / 4, sum(curve[s] for s in range(29, 33)) / 4
+    assert last < 0.3 * first, (first, last)
+
+    exported = assert_export_matches_checkpoint(run / "checkpoints", tmp_path / "export", last_step=32)
+    assert exported.cfg.projector == "mlp" and isinstance(exported.frame_proj, torch.nn.Sequential)
+    assert any(k.startswith("frame_proj.2.") for k in exported.state_dict())
+
+    r = run_train(run, cache_dir, args + ["train.max_steps=34"], nproc=2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "at step 32" in r.stdout and sorted(losses(run)) == list(range(1, 35))
+    assert losses(run)[34] < 0.3 * first
+
+
+def test_activation_checkpointing_recomputes_the_blocks_in_backward(cache_dir):
+    """The switch really reaches the sharded blocks: with it, a block's forward runs again during backward."""
+    import torch.distributed as dist
+
+    from pipeline.models.vpt import build_vpt
+    from pipeline.train.loop import shard_model
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        calls = {}
+        for on in (False, True):
+            model, tokenizer = build_vpt(VPTConfig(backbone="tiny", d_clip=128, projector="mlp"), cache_dir)
+            counter = [0]
+            model.backbone.encoder.block[0].layer[0].register_forward_hook(
+                lambda *_: counter.__setitem__(0, counter[0] + 1))
+            shard_model(model, torch.device("cpu"), activation_checkpointing=on)
+            model.train()
+            inputs = InputBuilder(tokenizer, model.cfg)(next(SyntheticSource(SyntheticConfig(), "train", 2).batches(0)))
+            lm_losses(model(inputs), inputs["labels"])[0].backward()
+            calls[on] = counter[0]
+    finally:
+        dist.destroy_process_group()
+    assert calls == {False: 1, True: 2}
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

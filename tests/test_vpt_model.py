@@ -108,6 +108,32 @@ def test_projectors():
         make_projector("identity", 128, 64)
     mlp = make_projector("mlp", 128, 64)
     assert mlp(torch.zeros(2, 128)).shape == (2, 64)
+    # linear: the identity when the widths match, a matrix otherwise; mlp keeps its layers either way
+    assert isinstance(make_projector("linear", 64, 64), torch.nn.Identity)
+    assert isinstance(make_projector("linear", 128, 64), torch.nn.Linear)
+    assert isinstance(make_projector("mlp", 64, 64), torch.nn.Sequential)
+
+
+def test_linear_projector_feeds_embeddings_as_is_when_they_match_the_backbone_width(tiny):
+    """A VPT whose CLIP width equals d_model: no frame_proj weights, the frame positions carry the embedding
+    itself (plus the type and time embeddings)."""
+    from pipeline.models.vpt import FRAME, VPT, time_features
+
+    model, tokenizer = tiny
+    d = model.d_model
+    cfg = dataclasses.replace(CFG, d_clip=d)
+    matched = VPT(cfg, model.backbone).eval()
+    assert isinstance(matched.frame_proj, torch.nn.Identity)
+    assert not any(k.startswith("frame_proj.") for k in matched.state_dict())
+    assert isinstance(matched.audio_proj, torch.nn.Linear)          # 2048 -> d still projects
+    batch = _batch(2)
+    batch["clip"] = torch.randn(*batch["clip"].shape[:2], d)
+    inputs = InputBuilder(tokenizer, cfg)(batch)
+    with torch.no_grad():
+        embeds, _ = matched.encode(inputs)
+        t = time_features(inputs["frame_time"], cfg.time_features, cfg.max_time_s)
+        expected = inputs["clip"] + matched.type_embed.weight[FRAME] + matched.time_proj(t)
+    assert torch.allclose(embeds[:, :inputs["clip"].shape[1]], expected, atol=1e-6)
 
 
 def test_prompt_keeps_its_end_and_targets_are_padded_with_ignore_index(tiny):

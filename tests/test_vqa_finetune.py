@@ -1,7 +1,8 @@
 """VQA finetuning end to end on CPU (tiny random CLIP + tiny VPT, synthetic shapes set): full finetuning from the
 plain backbone beats the majority baseline by 30+ points on held-out images; LoRA finetuning from a pretraining
-checkpoint runs and trains only adapters + projections; results are in the official format; two ranks with an
-uneven eval split finish. Plus the batch source contract and `init_from` resolution."""
+checkpoint runs and trains only adapters + projections, and its checkpoints export (adapters merged) to a plain
+model; `vqa.scene_graph` feeds each image's scene-graph text; results are in the official format; two ranks with
+an uneven eval split finish. Plus the batch source contract and `init_from` resolution."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,8 @@ import torch
 from pipeline.eval.synthetic_vqa import make_synthetic_vqa
 from pipeline.eval.vqa_data import load_vqa, split_examples
 from pipeline.eval.vqa_finetune import VQASource, feature_stats, resolve_init
-from pipeline.models.vpt import load_exported
+from pipeline.models.vpt import VPT, VPTConfig, load_exported
+from pipeline.train.data import InputBuilder, SyntheticConfig, SyntheticSource
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["logging.tensorboard=false", "train.log_every=50"]
@@ -79,6 +81,7 @@ def test_full_finetune_beats_the_majority_baseline_by_30_points(tmp_path, cache_
     assert metrics["per_question_type"]["what color is the"] > 60, metrics["per_question_type"]
     assert set(metrics["per_answer_type"]) == {"yes/no", "other"}
     assert metrics["init_from"] is None and metrics["finetune_mode"] == "full"
+    assert metrics["scene_graph"] is False and not (run / "vqa" / "scene_text.json").exists()
 
     results = assert_official_results(run / "vqa")
     assert metrics["n_eval_questions"] == len(results) > 100
@@ -88,13 +91,20 @@ def test_full_finetune_beats_the_majority_baseline_by_30_points(tmp_path, cache_
     assert train_images and eval_images and not train_images & eval_images
 
 
-def test_lora_finetune_from_a_pretraining_checkpoint(tmp_path, cache_dir, pretrain_run):
-    run = tmp_path / "vqa-lora"
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, cache_dir, pretrain_run) -> tuple[Path, str]:
+    """(run dir, stdout) of a short LoRA finetune from the pretraining checkpoint."""
+    run = tmp_path_factory.mktemp("vqa-lora")
     r = run_module("pipeline.eval.vqa_finetune", [
         f"run_dir={run}", f"init_from={pretrain_run / 'checkpoints'}", "models=tiny", "finetune.mode=lora",
         "vqa.synthetic.n_images=30", "train.max_steps=20", "train.eval_every=10", "checkpoint.every=10"],
         cache_dir)
-    assert "VQA accuracy" in r.stdout
+    return run, r.stdout
+
+
+def test_lora_finetune_from_a_pretraining_checkpoint(lora_run):
+    run, stdout = lora_run
+    assert "VQA accuracy" in stdout
     metrics = json.loads((run / "vqa" / "metrics.json").read_text())
     assert metrics["finetune_mode"] == "lora" and metrics["train"]["step"] == 20
     assert_official_results(run / "vqa")
@@ -109,6 +119,110 @@ def test_lora_finetune_from_a_pretraining_checkpoint(tmp_path, cache_dir, pretra
     assert not torch.equal(init_sd["backbone.encoder.block.0.layer.0.SelfAttention.q.weight"],
                            tuned_sd["backbone.encoder.block.0.layer.0.SelfAttention.q.weight"])
     assert not torch.equal(init_sd["frame_proj.weight"], tuned_sd["frame_proj.weight"])
+
+
+def test_a_lora_checkpoint_exports_as_the_merged_plain_model(lora_run, tmp_path):
+    """`export_hf` / `resolve_init` on a LoRA-finetuned checkpoint: the checkpoint records its adapters, the export
+    merges them (no LoRA keys left) and reloads with exactly the logits of the checkpoint's model merged by hand."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from peft import get_peft_model
+    from transformers import AutoConfig, T5ForConditionalGeneration
+
+    from pipeline.eval.vqa_finetune import lora_config
+    from pipeline.train.__main__ import compose
+    from pipeline.train.checkpoint import complete_checkpoints, export_hf, saved_adapters
+
+    run, _ = lora_run
+    root = run / "checkpoints"
+    step_dir = complete_checkpoints(root)[-1][1]
+    assert json.loads((step_dir / "meta.json").read_text())["adapters"] == {"backbone": "LORA"}
+    exported, tokenizer = load_exported(export_hf(root, tmp_path / "export"))
+    assert not any("lora" in k or "base_layer" in k for k in exported.state_dict())
+
+    cfg = VPTConfig.from_dict(json.loads((root / "vpt_config.json").read_text()))
+    by_hand = VPT(cfg, T5ForConditionalGeneration(AutoConfig.from_pretrained(root / "backbone")))
+    by_hand.backbone = get_peft_model(by_hand.backbone, saved_adapters(step_dir)["backbone"])
+    state = {"model": by_hand.state_dict()}
+    dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
+    by_hand.load_state_dict(state["model"])
+    assert any(v.abs().sum() > 0 for k, v in state["model"].items() if "lora_B" in k)    # the adapters trained
+    inputs = InputBuilder(tokenizer, cfg)(next(SyntheticSource(SyntheticConfig(), "eval", batch_size=4).batches(0)))
+    with torch.no_grad():
+        unmerged = by_hand.eval()(inputs)
+        by_hand.backbone = by_hand.backbone.merge_and_unload()
+        merged = by_hand.eval()(inputs)
+        assert torch.equal(exported.eval()(inputs), merged)
+        assert torch.allclose(merged, unmerged, atol=1e-4)
+        # a LoRA finetuning run dir as init_from, and the run's own export, give the same model
+        for model_dir in (resolve_init(str(run), tmp_path / "init"), run / "vqa" / "model"):
+            assert torch.equal(load_exported(model_dir)[0].eval()(inputs), merged)
+
+    # a checkpoint without the adapter record: refused, or exported with the finetune config given instead
+    legacy = tmp_path / "legacy"
+    shutil.copytree(root, legacy)
+    legacy_step = legacy / step_dir.name
+    shutil.rmtree(legacy_step / "adapters")
+    meta = json.loads((legacy_step / "meta.json").read_text())
+    (legacy_step / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "adapters"}))
+    with pytest.raises(ValueError, match="LoRA"):
+        export_hf(legacy_step, tmp_path / "refused")
+    given = {"backbone": lora_config(compose(["finetune.mode=lora"], "train/vqa"))}
+    with torch.no_grad():
+        assert torch.equal(load_exported(export_hf(legacy_step, tmp_path / "given", given))[0].eval()(inputs), merged)
+
+
+def test_scene_graph_option_feeds_each_image_s_scene_graph_text(tmp_path, cache_dir):
+    """`vqa.scene_graph=true` (tiny detector, every query kept so the texts are not empty): each image goes once
+    through the scene-graph code (the stage's decoding, detector + relation rules, serialiser), the samples carry
+    that text as scene_text, a short finetune runs, and the texts are reused while nothing changed."""
+    from pipeline.eval.vqa_data import index_images
+    from pipeline.eval.vqa_finetune import build_source, check_vqa, load_scene_texts, scene_graph_texts
+    from pipeline.scenegraph import DetectorRulesBackend, to_text
+    from pipeline.stages.scenegraph import decode_frame
+    from pipeline.train.__main__ import compose
+
+    run = tmp_path / "vqa-sg"
+    sg = ["vqa.scene_graph=true", "vqa.scenegraph.score_threshold=0.0", "vqa.scenegraph.max_objects=3",
+          "vqa.scenegraph.batch_frames=4"]
+    run_module("pipeline.eval.vqa_finetune", [
+        f"run_dir={run}", "models=tiny", "device=cpu", "vqa.synthetic.n_images=12", "data.batch_size=4",
+        "train.max_steps=4", "train.eval_every=0", "checkpoint.every=4", *sg], cache_dir)
+    metrics = json.loads((run / "vqa" / "metrics.json").read_text())
+    assert metrics["scene_graph"] is True and metrics["train"]["step"] == 4
+    data = json.loads((run / "vqa" / "prepared.json").read_text())["data"]
+    texts = load_scene_texts(Path(data["scene_text"]))
+
+    images = index_images(run / "vqa" / "data" / "images")
+    ids = sorted(images)
+    backend = DetectorRulesBackend("facebook/detr-resnet-50", models="tiny", cache_dir=str(cache_dir), device="cpu",
+                                   score_threshold=0.0, max_objects=3, batch_frames=4)
+    graphs = backend.predict_frames([decode_frame(images[i].read_bytes(), 800) for i in ids])
+    assert texts == {i: to_text(g) for i, g in zip(ids, graphs)}
+    assert all(texts.values())
+
+    by_question = {}
+    for split in ("train", "eval"):
+        source = build_source({"vqa": data | {"d_audio": 2048, "seed": 0}, "batch_size": 4}, split, 0, 1)
+        by_question |= {e.question_id: e.image_id for e in source.examples}
+        for batch in source.batches(0):
+            for qid, scene_text in zip(batch["question_id"].tolist(), batch["scene_text"]):
+                assert scene_text == texts[by_question[qid]]
+
+    # texts the model would never see are refused up front
+    assert "use_scene_graph" in check_vqa(compose(["vqa.scene_graph=true", "model.use_scene_graph=false"], "train/vqa"))
+    assert check_vqa(compose(["vqa.scene_graph=true"], "train/vqa")) == ""
+
+    # made once: the same settings and images reuse the file; another setting remakes it
+    cfg = compose([f"run_dir={run}", "models=tiny", "device=cpu", *sg], "train/vqa") | {"cache_dir": str(cache_dir)}
+    out = Path(data["scene_text"])
+    before = out.stat().st_mtime_ns
+    assert scene_graph_texts(images, cfg, out) == out and out.stat().st_mtime_ns == before
+    cfg["vqa"]["scenegraph"]["max_objects"] = 1
+    scene_graph_texts(images, cfg, out)
+    assert out.stat().st_mtime_ns != before
+    assert all(t and ";" not in t for t in load_scene_texts(out).values())     # one object each now
 
 
 def test_init_from_accepts_an_export_a_checkpoint_or_a_run_dir(tmp_path, pretrain_run):
@@ -142,6 +256,7 @@ def test_batches_follow_the_training_contract(small_set):
     by_question = {e.question_id: e for e in examples}
     assert batch["clip"].shape == (4, 1, 16) and batch["clip_mask"].all()
     assert batch["audio"].shape == (4, 8) and not batch["audio_mask"].any()
+    assert batch["scene_text"] == [""] * 4          # no scene graphs unless given
     for i, qid in enumerate(batch["question_id"].tolist()):
         e = by_question[qid]
         assert batch["prev_text"][i] == e.question and batch["text"][i] == e.multiple_choice_answer

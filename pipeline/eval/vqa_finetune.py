@@ -5,12 +5,16 @@
    questions.json, annotations.json and images/), split by image into `<run_dir>/vqa/split/`.
 2. Image features: every image goes through the clip stage's own transform and embedder
    (`pipeline.stages.clip`), the tiny random CLIP with `models=tiny`, once, into
-   `<run_dir>/vqa/clip_embeddings.pt` (reused while the model and the image files are unchanged).
+   `<run_dir>/vqa/clip_embeddings.pt` (reused while the model and the image files are unchanged). With
+   `vqa.scene_graph=true` also through the scenegraph stage's model and serialisation
+   (`pipeline.stages.scenegraph`, settings `vqa.scenegraph`, the tiny random detector with `models=tiny`), once,
+   into `<run_dir>/vqa/scene_text.json` (reused likewise).
 3. Finetuning on the pretraining loop (`pipeline.train.loop.train`, same FSDP2/DCP checkpoints, torchrun or
    `run_on=slurm`): this module's `build_source` feeds question -> answer with the image as a one-frame clip
-   (audio masked out, no scene graph). `init_from` = an export (`python -m pipeline.train export`), a checkpoint
-   step directory, a checkpoint root or a pretraining run directory (the latest complete checkpoint, exported
-   here to `<run_dir>/vqa/init`); no `init_from` = the plain backbone (the ablation).
+   (audio masked out; the image's scene-graph text as scene_text, "" without `vqa.scene_graph`). `init_from` =
+   an export (`python -m pipeline.train export`), a checkpoint step directory, a checkpoint root or a
+   pretraining (or finetuning) run directory (the latest complete checkpoint, exported here to
+   `<run_dir>/vqa/init`, LoRA adapters merged); no `init_from` = the plain backbone (the ablation).
    `finetune.mode=full` trains everything, `lora` trains LoRA adapters (peft) on the backbone plus the VPT
    projections, and merges the adapters into the exported model afterwards.
 4. Evaluation (rank 0): greedy answers for the held-out questions in the official results format
@@ -39,11 +43,12 @@ from filelock import FileLock
 
 from pipeline.eval.vqa import evaluate, load_annotations, majority_baseline, write_results
 from pipeline.eval.vqa_data import VQAExample, load_image, load_vqa, write_split
-from pipeline.models.vpt import CONFIG_FILE, HEADS_FILE, VPT, VPTConfig, load_exported, save_exported
+from pipeline.models.vpt import CONFIG_FILE, HEADS_FILE, load_exported
 from pipeline.train.checkpoint import META, complete_checkpoints, export_hf
 from pipeline.train.data import InputBuilder, collate, to_device
 
 EMBEDDINGS_FILE = "clip_embeddings.pt"
+SCENE_TEXT_FILE = "scene_text.json"
 
 
 def vqa_dir(cfg: dict[str, Any]) -> Path:
@@ -129,6 +134,50 @@ def load_embeddings(path: Path) -> dict[int, torch.Tensor]:
     return dict(zip(data["image_ids"].tolist(), data["embeddings"].float()))
 
 
+def scene_graph_texts(images: dict[int, Path], cfg: dict[str, Any], out_file: Path) -> Path:
+    """The scene-graph text of every image of `images` (image_id -> file), made as the scenegraph stage makes
+    it for a video frame: the stage's decoding and downscaling (`decode_frame`), its runner model
+    (`SceneGraphModel`: the configured backend, by default the detector + relation rules; the tiny random
+    detector with `models=tiny`) and its serialisation (the `text` column).
+
+    Saves {"texts": {image_id: text}, "fingerprint"}; an existing file with the same fingerprint (settings,
+    models, image files) is reused as is.
+    """
+    from pipeline.stages.scenegraph import SceneGraphModel, decode_frame
+
+    s = cfg["vqa"]["scenegraph"]
+    h = hashlib.sha256(json.dumps({"scenegraph": s, "models": cfg["models"]}, sort_keys=True).encode())
+    for image_id in sorted(images):
+        st = images[image_id].stat()
+        h.update(f"|{image_id}:{images[image_id].name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    fingerprint = h.hexdigest()
+    if out_file.exists() and json.loads(out_file.read_text()).get("fingerprint") == fingerprint:
+        return out_file
+    device = "cuda" if cfg["device"] in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
+    model = SceneGraphModel(backend=str(s["backend"]), checkpoint=str(s["checkpoint"]), models=cfg["models"],
+                            cache_dir=str(cfg["cache_dir"]), device=device, precision=str(s["precision"]),
+                            score_threshold=float(s["score_threshold"]), max_objects=int(s["max_objects"]),
+                            max_relations=int(s["max_relations"]), batch_frames=int(s["batch_frames"]))
+    ids = sorted(images)
+    texts: dict[str, str] = {}
+    step = max(1, int(s["batch_frames"]))
+    for start in range(0, len(ids), step):        # a chunk at a time: decoded images are not all held at once
+        chunk = ids[start:start + step]
+        payload = {"frames": [(i, 0.0) for i in chunk],
+                   "images": [decode_frame(images[i].read_bytes(), int(s["max_side"])) for i in chunk]}
+        (out,) = model.predict([payload])
+        texts.update((str(i), g["text"]) for i, g in zip(chunk, out["graphs"]))
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(out_file.name + ".tmp")
+    tmp.write_text(json.dumps({"texts": texts, "fingerprint": fingerprint}))
+    tmp.replace(out_file)
+    return out_file
+
+
+def load_scene_texts(path: Path) -> dict[int, str]:
+    return {int(i): t for i, t in json.loads(Path(path).read_text())["texts"].items()}
+
+
 def feature_stats(embeddings: dict[int, torch.Tensor], train_image_ids: set[int], mode: str,
                   out_file: Path) -> Path:
     """Per-dimension (shift, scale) applied to every image embedding, fitted on the TRAINING images only.
@@ -151,9 +200,10 @@ def feature_stats(embeddings: dict[int, torch.Tensor], train_image_ids: set[int]
 
 
 def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Split by image (`<run_dir>/vqa/split/{train,eval}_{questions,annotations}.json`), CLIP embeddings and
-    feature statistics: once for all ranks (under a file lock the first rank does it and leaves
-    `prepared.json`; the others, and later runs with the same settings and files, reuse it).
+    """Split by image (`<run_dir>/vqa/split/{train,eval}_{questions,annotations}.json`), CLIP embeddings,
+    feature statistics and, with `vqa.scene_graph`, the scene-graph texts: once for all ranks (under a file lock
+    the first rank does it and leaves `prepared.json`; the others, and later runs with the same settings and
+    files, reuse it).
     Returns the `data.vqa` block `build_source` reads."""
     out = vqa_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,6 +213,8 @@ def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
         key = {"files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in (questions, annotations)],
                "vqa": {k: v[k] for k in ("eval_fraction", "split_seed", "clip", "feature_norm")},
                "clip_model": list(clip_model(cfg))}
+        if v.get("scene_graph"):      # only then: a run without it keeps the key (and reuse) it always had
+            key["scene_graph"] = {"scenegraph": v["scenegraph"], "models": cfg["models"]}
         marker = out / "prepared.json"
         if marker.exists() and json.loads(marker.read_text())["key"] == key:
             return json.loads(marker.read_text())["data"]
@@ -177,6 +229,8 @@ def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
         embeddings = embed_images(images, cfg, out / EMBEDDINGS_FILE)
         stats = feature_stats(load_embeddings(embeddings), train_ids, v["feature_norm"], out / "feature_stats.pt")
         data = {k: str(x) for k, x in paths.items()} | {"embeddings": str(embeddings), "feature_stats": str(stats)}
+        if v.get("scene_graph"):
+            data["scene_text"] = str(scene_graph_texts(images, cfg, out / SCENE_TEXT_FILE))
         marker.write_text(json.dumps({"key": key, "data": data}))
     return data
 
@@ -188,7 +242,8 @@ class VQASource:
     """Question -> answer batches (the `BatchSource` protocol of `pipeline.train.data`).
 
     A sample is one question: prev_text = the question, text = the annotators' majority answer, clip = the
-    image's CLIP embedding as a single frame at time 0, audio zeros with audio_mask False, scene_text "".
+    image's CLIP embedding as a single frame at time 0, audio zeros with audio_mask False, scene_text = the
+    image's scene-graph text (`scene_texts`, see `scene_graph_texts`), "" without scene graphs.
     Training batches are reshuffled every epoch (seeded) and dropped at the end so every rank takes the same
     number of steps; eval batches cover every question once, in file order, split over the ranks, and every
     rank yields the same number of them (an extra forward on one rank would wait forever on FSDP's all-gather):
@@ -196,11 +251,16 @@ class VQASource:
     """
 
     def __init__(self, examples: list[VQAExample], embeddings: dict[int, torch.Tensor], split: str, batch_size: int,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, d_audio: int = 2048):
+                 rank: int = 0, world_size: int = 1, seed: int = 0, d_audio: int = 2048,
+                 scene_texts: dict[int, str] | None = None):
         missing = {e.image_id for e in examples} - set(embeddings)
         if missing:
             raise ValueError(f"no CLIP embedding for {len(missing)} images, e.g. {sorted(missing)[:5]}")
+        missing = ({e.image_id for e in examples} - set(scene_texts)) if scene_texts is not None else set()
+        if missing:
+            raise ValueError(f"no scene-graph text for {len(missing)} images, e.g. {sorted(missing)[:5]}")
         self.examples, self.embeddings, self.split = examples, embeddings, split
+        self.scene_texts = scene_texts
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.d_audio = seed, d_audio
 
@@ -223,7 +283,7 @@ class VQASource:
             "text": e.multiple_choice_answer or "", "prev_text": e.question,
             "clip": self.embeddings[e.image_id].unsqueeze(0), "clip_mask": torch.ones(1, dtype=torch.bool),
             "frame_time": torch.zeros(1), "audio": torch.zeros(self.d_audio), "audio_mask": False,
-            "scene_text": "",
+            "scene_text": self.scene_texts[e.image_id] if self.scene_texts is not None else "",
         }
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, Any]]:
@@ -251,11 +311,21 @@ def build_source(data_cfg: dict[str, Any], split: str, rank: int, world_size: in
     examples = load_vqa(v[f"{split}_questions"], v[f"{split}_annotations"], v["image_dir"])
     stats = torch.load(v["feature_stats"], weights_only=True)
     embeddings = {i: (x - stats["shift"]) / stats["scale"] for i, x in load_embeddings(Path(v["embeddings"])).items()}
+    scene_texts = load_scene_texts(Path(v["scene_text"])) if v.get("scene_text") else None
     return VQASource(examples, embeddings, split, int(data_cfg["batch_size"]),
-                     rank, world_size, seed=int(v.get("seed", 0)), d_audio=int(v["d_audio"]))
+                     rank, world_size, seed=int(v.get("seed", 0)), d_audio=int(v["d_audio"]), scene_texts=scene_texts)
 
 
 # ---------------------------------------------------------------------------------------------- model
+
+
+def lora_config(cfg: dict[str, Any]):
+    """The peft `LoraConfig` of `finetune.lora`."""
+    from peft import LoraConfig
+
+    lora = cfg["finetune"]["lora"]
+    return LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora["dropout"]),
+                      target_modules=list(lora["target_modules"]), bias="none")
 
 
 def apply_finetune(model, cfg: dict[str, Any]):
@@ -266,37 +336,24 @@ def apply_finetune(model, cfg: dict[str, Any]):
         return model
     if f["mode"] != "lora":
         raise ValueError(f"finetune.mode must be full or lora, not {f['mode']!r}")
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    lora = f["lora"]
-    model.backbone = get_peft_model(model.backbone, LoraConfig(
-        r=int(lora["r"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora["dropout"]),
-        target_modules=list(lora["target_modules"]), bias="none"))
+    model.backbone = get_peft_model(model.backbone, lora_config(cfg))
     return model
 
 
 def export_finetuned(step_dir: Path, out_dir: Path, cfg: dict[str, Any]) -> Path:
-    """A finetuning checkpoint -> an exported plain VPT (LoRA adapters merged into the backbone)."""
-    if cfg["finetune"]["mode"] == "full":
-        return export_hf(step_dir, out_dir)
-    import torch.distributed.checkpoint as dcp
-    from transformers import AutoConfig, AutoTokenizer, T5ForConditionalGeneration
-
-    root = Path(step_dir).parent
-    model_cfg = VPTConfig.from_dict(json.loads((root / CONFIG_FILE).read_text()))
-    model = VPT(model_cfg, T5ForConditionalGeneration(AutoConfig.from_pretrained(root / "backbone")))
-    model = apply_finetune(model, cfg)
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
-    model.load_state_dict(state["model"])
-    model.backbone = model.backbone.merge_and_unload()
-    return save_exported(model, AutoTokenizer.from_pretrained(root / "backbone"), Path(out_dir))
+    """A finetuning checkpoint -> an exported plain VPT (LoRA adapters merged into the backbone: `export_hf`
+    finds them in the checkpoint; `finetune.lora` describes them for a checkpoint saved without that record)."""
+    fallback = {"backbone": lora_config(cfg)} if cfg["finetune"]["mode"] == "lora" else None
+    return export_hf(step_dir, out_dir, adapters=fallback)
 
 
 def resolve_init(init_from: str | None, out_dir: Path) -> Path | None:
     """An exported model directory for `init_from`: as given if it is one, else the checkpoint (a step
-    directory, a checkpoint root or a pretraining run directory with checkpoints/: its latest complete one)
-    exported to `out_dir` (redone only when the source checkpoint changes)."""
+    directory, a checkpoint root or a pretraining or finetuning run directory with checkpoints/: its latest
+    complete one) exported to `out_dir` (redone only when the source checkpoint changes; LoRA adapters of a
+    LoRA-finetuned checkpoint merged, see `export_hf`)."""
     if not init_from:
         return None
     src = Path(init_from)
@@ -414,6 +471,9 @@ def check_vqa(cfg: dict[str, Any]) -> str:
     if not cfg["checkpoint"]["every"]:
         return ("checkpoint.every=0 saves no checkpoint, but VQA evaluation exports the finetuned model from its "
                 "last one: set checkpoint.every > 0")
+    if cfg["vqa"].get("scene_graph") and not cfg["model"].get("use_scene_graph", True):
+        return ("vqa.scene_graph=true makes scene-graph texts that model.use_scene_graph=false never feeds: "
+                "switch one of them")
     frames = cfg["vqa"].get("contamination", {}).get("frames", "auto")
     if frames not in (None, False, "auto", "none") and not frame_files(frames):
         return f"vqa.contamination.frames={frames}: no frames.parquet there"
@@ -492,6 +552,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any] | None:
         "init_from": cfg["init_from"],
         "clip_model": clip_model(cfg)[0],
         "feature_norm": cfg["vqa"]["feature_norm"],
+        "scene_graph": bool(cfg["vqa"].get("scene_graph")),
         "train": {k: summary.get(k) for k in ("step", "loss", "eval_loss", "params", "checkpoint")},
         "time_s": {k: round(x, 1) for k, x in times.items()},
         "machine": describe(),

@@ -29,7 +29,8 @@ class VPTConfig:
     backbone: str = "google/flan-t5-large"
     d_clip: int = 768
     d_audio: int = 2048
-    projector: str = "linear"         # linear | mlp | identity (identity needs dims equal to the backbone width)
+    projector: str = "linear"         # linear | mlp | identity (identity needs dims equal to the backbone width);
+                                      #   linear is the identity for an input already as wide as the backbone
     use_frames: bool = True
     use_audio: bool = True
     use_scene_graph: bool = True
@@ -51,7 +52,11 @@ class VPTConfig:
 
 
 def make_projector(kind: str, d_in: int, d_model: int) -> nn.Module:
-    if kind == "identity":
+    """Maps an expert embedding (d_in) to the backbone width (d_model).
+
+    `linear` with d_in == d_model is the identity (no weights): the embedding is fed as is, already at the
+    backbone's width. `identity` requires equal widths; `mlp` always has its two layers."""
+    if kind == "identity" or (kind == "linear" and d_in == d_model):
         if d_in != d_model:
             raise ValueError(f"identity projector needs d_in == d_model, got {d_in} != {d_model}")
         return nn.Identity()

@@ -5,16 +5,21 @@ Layout of a checkpoint root:
     vpt_config.json, backbone/        model config + backbone config and tokenizer (written once, small)
     step-00001000/                    one checkpoint: DCP shards of {"model", "optim"},
         train_state-rank<r>.pt        per rank: step, scheduler, data position, RNG states
+        adapters/<module>/            peft config of each adapter-wrapped submodule (LoRA finetuning), so that
+                                      `export_hf` rebuilds the same modules and merges the adapters
         meta.json                     written last, after every rank finished: marks the checkpoint complete
+                                      ("adapters": {module: peft type} when there are any)
     rolled_back/to-step-00000800-<time>/step-00001000/   checkpoints newer than a `train.resume_from` target,
                                       moved aside (not deleted: the diverged run stays inspectable)
     rollback.json                     the last rollback applied (so a requeued job does not apply it again)
 """
 from __future__ import annotations
 
+import copy
 import json
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -29,6 +34,38 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from pipeline.models.vpt import CONFIG_FILE, VPT, VPTConfig, save_exported
 
 from .layout import META, complete_checkpoints, step_dir_name  # noqa: F401 - re-exported
+
+ADAPTERS = "adapters"
+
+
+def peft_modules(model: torch.nn.Module) -> dict[str, Any]:
+    """name -> peft `PeftModel` of every adapter-wrapped submodule of `model` (e.g. "backbone" under LoRA)."""
+    if "peft" not in sys.modules:     # nothing is wrapped unless peft was imported; don't import it for nothing
+        return {}
+    from peft import PeftModel
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, PeftModel)}
+
+
+def saved_adapters(step_dir: Path) -> dict[str, Any]:
+    """name -> peft config of the adapters a checkpoint was saved with (see `Checkpointer.save`); {} if none."""
+    names = json.loads((Path(step_dir) / META).read_text()).get("adapters") or {}
+    if not names:
+        return {}
+    from peft import PeftConfig
+
+    out = {}
+    for name in names:
+        config_dir = Path(step_dir) / ADAPTERS / name
+        if not (config_dir / "adapter_config.json").exists():    # from_pretrained would try the hub instead
+            raise FileNotFoundError(f"{step_dir}: meta.json lists adapters on {name!r} but {config_dir} is missing")
+        out[name] = PeftConfig.from_pretrained(str(config_dir))
+    return out
+
+
+def _has_adapter_weights(step_dir: Path) -> bool:
+    keys = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+    return any(".lora_" in k for k in keys)
 
 
 def rng_state() -> dict[str, Any]:
@@ -123,6 +160,12 @@ class Checkpointer:
         _barrier()
         if self.rank == 0:
             meta = {"step": step, "eval_loss": eval_loss, "world_size": self.world_size}
+            adapters = {name: m.peft_config[m.active_adapter] for name, m in peft_modules(model).items()}
+            for name, config in adapters.items():
+                config.save_pretrained(str(path / ADAPTERS / name))
+            if adapters:
+                meta["adapters"] = {name: str(getattr(c.peft_type, "value", c.peft_type))
+                                    for name, c in adapters.items()}
             tmp = path / (META + ".tmp")
             tmp.write_text(json.dumps(meta))
             tmp.rename(path / META)
@@ -171,9 +214,13 @@ def _resolve_checkpoint(checkpoint_dir: Path) -> tuple[Path, Path]:
     return checkpoint_dir, done[-1][1]
 
 
-def export_hf(checkpoint_dir: Path, out_dir: Path) -> Path:
+def export_hf(checkpoint_dir: Path, out_dir: Path, adapters: dict[str, Any] | None = None) -> Path:
     """Consolidate a sharded checkpoint (a root = its latest, or a step dir) into a Hugging Face-format model
-    directory that `pipeline.models.vpt.load_exported` reloads. Runs in one process, no process group."""
+    directory that `pipeline.models.vpt.load_exported` reloads. Runs in one process, no process group.
+
+    A LoRA-finetuned checkpoint is rebuilt with the adapters it was saved with (`adapters/` of the step dir),
+    loaded, and exported with them merged into the weights (peft `merge_and_unload`): a plain VPT.
+    `adapters` (module name -> peft config) stands in for that record on a checkpoint that lacks it."""
     from transformers import AutoConfig, AutoTokenizer, T5ForConditionalGeneration
 
     root, step_dir = _resolve_checkpoint(checkpoint_dir)
@@ -181,7 +228,26 @@ def export_hf(checkpoint_dir: Path, out_dir: Path) -> Path:
     backbone = T5ForConditionalGeneration(AutoConfig.from_pretrained(root / "backbone"))
     tokenizer = AutoTokenizer.from_pretrained(root / "backbone")
     model = VPT(cfg, backbone)
+    wrapped = saved_adapters(step_dir) or dict(adapters or {})
+    if not wrapped and _has_adapter_weights(step_dir):
+        raise ValueError(f"{step_dir} holds LoRA weights but no record of their config ({ADAPTERS}/): pass "
+                         "`adapters` (module name -> peft config, e.g. the finetune run's LoraConfig)")
+    if wrapped:
+        from peft import get_peft_model
+
+        for name, config in wrapped.items():
+            # the base is this checkpoint's backbone, not the directory the finetuning once loaded it from
+            config = copy.copy(config)
+            config.base_model_name_or_path = None
+            _set_submodule(model, name, get_peft_model(model.get_submodule(name), config))
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
     model.load_state_dict(state["model"])
+    for name in wrapped:
+        _set_submodule(model, name, model.get_submodule(name).merge_and_unload())
     return save_exported(model, tokenizer, Path(out_dir))
+
+
+def _set_submodule(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
