@@ -1,9 +1,11 @@
 """Keyed join of one video's stage outputs into rows of `pipeline.schema.ROW_SCHEMA` (one per segment).
 
 Every pairing is by explicit keys, never by list order:
-- segments: the ASR segments (video_id, segment_idx); a video without speech gets consecutive `window_s`
-  windows over its duration (segment_idx 0, 1, ... -- the same rule the audio stage uses for its spans), marked
-  is_speech=False, when `keep_no_speech` is on;
+- segments: the ASR segments (video_id, segment_idx); a video without speech gets, when `keep_no_speech` is on,
+  the audio stage's windows as that stage wrote them (its rows' exact spans: the window count at the tail depends
+  on the length of its own decode, which the ASR duration need not match), marked is_speech=False; only when the
+  audio stage has no row for the video are `window_s` windows planned over the ASR duration (the audio stage's
+  rule; such rows have no audio and the verifier refuses them);
 - frames -> segment by PTS: a frame belongs to a segment when start - frame_tolerance_s <= pts < end
   (a frame within the tolerance of a boundary may belong to both neighbours); a segment with no frame inside
   gets the nearest frame within `nearest_frame_tolerance_s` (flag "nearest_frame"), else none (flag
@@ -68,8 +70,11 @@ def plan_segments(inputs: dict[str, dict[str, list[dict]]], params: JoinParams) 
                  "is_speech": True, "text": s.get("text") or "", "words": s.get("words") or []} for s in segments]
     if not params.keep_no_speech:
         return []
+    audio = sorted(inputs.get("audio", {}).get("audio", []), key=lambda r: int(r["segment_idx"]))
+    spans = ([(int(r["segment_idx"]), float(r["start"]), float(r["end"])) for r in audio] if audio
+             else windows(video_duration(inputs), params.window_s))
     return [{"segment_idx": i, "start": a, "end": b, "is_speech": False, "text": "", "words": []}
-            for i, a, b in windows(video_duration(inputs), params.window_s)]
+            for i, a, b in spans]
 
 
 def frames_of_span(frames: list[dict], pts: list[float], start: float, end: float,
@@ -143,11 +148,11 @@ def join_video(video_id: str, inputs: dict[str, dict[str, list[dict]]], params: 
             "frame_kind": [str(f.get("kind") or "") for f in chosen],
             "frame_shot": [int(f.get("shot") or 0) for f in chosen],
             "frames": [f.get("jpeg") or b"" for f in chosen],
-            "clip": [_embedding(c["embedding"]) for c in clips],
+            "clip": [_embedding(c.get("embedding")) for c in clips],
             "clip_frame_idx": [int(c["frame_idx"]) for c in clips],
             "clip_pts": [float(c["pts"]) for c in clips],
             "clip_model": ",".join(clip_models),
-            "audio": _embedding(audio["embedding"]) if audio else [],
+            "audio": _embedding(audio.get("embedding")) if audio else [],
             "has_audio": audio is not None,
             "audio_start": float(audio["start"]) if audio else None,
             "audio_end": float(audio["end"]) if audio else None,

@@ -8,7 +8,8 @@ The interface matches `pipeline.train.data.BatchSource`:
         def load_state_dict(self, state: dict) -> None: ...
 
 Each batch follows the contract in `pipeline.schema` (video_id, segment_idx, text, prev_text, clip, clip_mask,
-frame_time, audio, audio_mask, scene_text). Use it from training with
+frame_time, audio, audio_mask, scene_text). A row whose CLIP embeddings do not number its frames is an error
+(ValueError naming the row), never truncated. Use it from training with
 `data.source: pipeline.loader:build_source` and `data.path: <dataset URL>`.
 
 - Splits by video: a video's split is a stable hash of its video_id against `split_fractions` (train, val,
@@ -189,8 +190,13 @@ class DeepLakeSource:
         for s in samples:
             clip = np.asarray(s["clip"], dtype=np.float32)
             pts = np.asarray(s["frame_pts"], dtype=np.float64)
-            n = min(len(pts), clip.shape[0] if clip.ndim == 2 else 0)
-            clip, pts = (clip[:n], pts[:n]) if n else (np.zeros((0, self.d_clip or 0), np.float32), pts[:0])
+            n = clip.shape[0] if clip.ndim == 2 and clip.size else 0
+            if n != len(pts):   # pairing them by position would put embeddings on the wrong frames' times
+                raise ValueError(f"dataset {self.url} row ({s['video_id']!r}, {int(s['segment_idx'])}): {n} CLIP "
+                                 f"embeddings for {len(pts)} frames; the row is misaligned (check the run with "
+                                 f"`python -m pipeline verify run_dir=...`)")
+            if not n:
+                clip, pts = np.zeros((0, self.d_clip or 0), np.float32), pts[:0]
             if n > cfg.max_frames:        # evenly spaced frames keep the whole span
                 idx = np.linspace(0, n - 1, cfg.max_frames).round().astype(int)
                 clip, pts = clip[idx], pts[idx]

@@ -5,7 +5,7 @@ One row = one ASR segment (or, for a video without speech, one fixed window) of 
 
     video_id, segment_idx, start, end (seconds)   is_speech (False for windows)   text, words, prev_text
     frame_idx, frame_pts, frame_kind, frame_shot, frames (JPEG bytes)      -- the frames of [start, end)
-    clip (n_frames x D, float16; row k = frame_idx[k]), clip_model
+    clip (n_frames x D, float16; row k = clip_frame_idx[k] = frame_idx[k]), clip_frame_idx, clip_pts, clip_model
     audio (D_audio float16, the embedding of exactly [start, end)), has_audio, audio_labels, audio_scores
     scene_graphs (per frame: frame_idx, pts, text, objects+relations as JSON), scene_text ("; "-joined texts)
     flags ("no_frames", "nearest_frame", "no_audio"... comma-separated), shard, provenance (JSON)
@@ -72,7 +72,9 @@ def deeplake_columns() -> dict[str, Any]:
 
     Frames are handed over as the JPEG bytes the frames stage wrote (a Sequence of jpg Images accepts encoded
     bytes, so ingest never decodes them; readers get decoded HxWx3 uint8 arrays). Lists of text that may be empty are kept in Dict columns (Deep Lake 4.7 rejects an
-    empty Sequence(Text)).
+    empty Sequence(Text)). The frame keys of every modality are stored (frame_idx, clip_frame_idx, each scene
+    graph's frame_idx) so that the dataset itself can be checked; a dataset made before clip_frame_idx existed
+    gets the column on its next ingest write, with None for its old rows (re-ingest to have them checked).
     """
     from deeplake import types
 
@@ -85,12 +87,13 @@ def deeplake_columns() -> dict[str, Any]:
         "frame_info": types.Dict(),                                   # {"kind": [...], "shot": [...]}
         "frames": types.Sequence(types.Image(sample_compression="jpg")),
         "clip": types.Array(types.Float16(), dimensions=2),           # ragged n_frames x D
+        "clip_frame_idx": types.Array(types.Int64(), dimensions=1),   # the frame of each clip row: == frame_idx
         "clip_model": types.Text(),
         "audio": types.Array(types.Float16(), dimensions=1),          # empty when has_audio is False
         "has_audio": types.Bool(),
         "audio_start": types.Float64(), "audio_end": types.Float64(),  # the audio row's span (NaN: none)
         "audio_tags": types.Dict(),                                   # {"labels": [...], "scores": [...]}
-        "scene_graphs": types.Dict(),                                 # {"frames": [{frame_idx, text, graph}]}
+        "scene_graphs": types.Dict(),                                 # {"frames": [{frame_idx, pts, text, graph}]}
         "scene_text": types.Text(),
         "flags": types.Text(), "shard": types.Int64(), "provenance": types.Dict(),
     }
@@ -115,6 +118,7 @@ def to_deeplake_columns(table: pa.Table) -> dict[str, list]:
         "frame_pts": [np.asarray(x or [], np.float64) for x in d["frame_pts"]],
         "frame_info": [{"kind": k or [], "shot": s or []} for k, s in zip(d["frame_kind"], d["frame_shot"])],
         "frames": [list(x or []) for x in d["frames"]],
+        "clip_frame_idx": [np.asarray(x or [], np.int64) for x in d["clip_frame_idx"]],
         "clip_model": d["clip_model"],
         "audio": [np.asarray(x or [], np.float16) for x in d["audio"]],
         "has_audio": d["has_audio"],

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import deeplake
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from conftest import REPO
 
@@ -114,10 +115,16 @@ def test_crash_during_replace_leaves_the_old_rows(run):
     run_ingest_shards(cfg)
     url = write_dataset(cfg, **QUIET)["dataset"]
     before = sorted(dataset_keys(url))
-    # rewrite shard 0's rows + marker (one row fewer) and die after deleting/appending, before the commit
+    # re-finalize shard 0 as a retry that failed one video would (its rows gone, the ledger says why), then die
+    # after deleting/appending, before the commit
     s0 = ShardStore(run, "ingest", 0)
     rows = s0.read_table(TABLE)
-    s0.finalize(s0.read_ledger(), {TABLE: rows.slice(1)}, {}, s0.marker())
+    vid = rows.column("video_id")[0].as_py()
+    ledger = [{**r, "status": "failed", "reason": "misaligned: test"} if r["video_id"] == vid else r
+              for r in s0.read_ledger()]
+    kept = rows.filter(pc.not_equal(rows.column("video_id"), vid))
+    assert 0 < kept.num_rows < rows.num_rows
+    s0.finalize(ledger, {TABLE: kept}, {}, s0.marker())
     script = KILL_AFTER_APPEND.format(repo=str(REPO), run=str(run), shard=0)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr

@@ -139,3 +139,26 @@ def test_build_source_factory(dataset):
                        world_size=1)
     batch = next(src.batches(0))
     assert len(batch["video_id"]) == 2 and batch["clip"].shape[1] <= 4
+
+
+def test_row_with_fewer_clip_embeddings_than_frames_is_an_error(dataset, tmp_path):
+    """CLIP rows are paired with frame times by position: a row whose counts differ is refused, not truncated."""
+    import pyarrow as pa
+
+    from pipeline.schema import ROW_SCHEMA, to_deeplake_columns
+    from pipeline.stages.ingest import open_or_create
+
+    _, source = dataset
+    rows = sorted(source.values(), key=lambda r: (r["video_id"], r["segment_idx"]))[:6]
+    bad = next(r for r in rows if len(r["frame_idx"]) >= 2)
+    bad = {**bad, "clip": bad["clip"][:-1], "clip_frame_idx": bad["clip_frame_idx"][:-1]}
+    rows = [bad if (r["video_id"], r["segment_idx"]) == (bad["video_id"], bad["segment_idx"]) else r for r in rows]
+    url = f"file://{tmp_path / 'bad'}"
+    ds = open_or_create(url)
+    ds.append(to_deeplake_columns(pa.Table.from_pylist(rows, schema=ROW_SCHEMA)))
+    ds.commit("one misaligned row")
+    src = DeepLakeSource(url, LoaderConfig(batch_size=len(rows), split_fractions=ALL_TRAIN, shuffle=False))
+    n = len(bad["frame_idx"])
+    with pytest.raises(ValueError, match=rf"\('{bad['video_id']}', {bad['segment_idx']}\): {n - 1} CLIP embeddings "
+                                         rf"for {n} frames"):
+        next(src.batches(0))

@@ -2,12 +2,17 @@
 
 Per shard (an engine stage): each video's upstream rows are joined on explicit keys (`pipeline.join`) into
 table `rows` keyed (video_id, segment_idx), schema `pipeline.schema.ROW_SCHEMA`. The verifier then checks the
-video's rows (`pipeline.verify`); a video with any violation fails as "misaligned: <first violations>" and
-none of its rows are written.
+video's rows and its upstream keys and counts (`pipeline.verify`); a video with any violation fails as
+"misaligned: <first violations>" and none of its rows are written.
 
 After every shard is joined, `write_dataset(cfg)` (the stage's `finish`) brings ONE Deep Lake dataset at
 `stage.dataset_path` (default `<run_dir>/dataset`; any URL Deep Lake supports) up to date with the complete
-shards, appending in batches of `append_batch_rows` with a commit per `shards_per_commit` shards. In the same
+shards, appending in batches of `append_batch_rows` with a commit per `shards_per_commit` shards. Before a
+shard's rows are appended they pass the run-level verifier (`pipeline.verify.verify_shard`, on the very rows
+read for the append: every frame of each span, counts against the stage ledgers...); a shard that fails is not
+committed (logged, and listed with its first violations in the result's `shards_refused`; no tag while any is),
+and after the commits the dataset-level check runs over the rows just committed (`dataset_violations`; no tag
+unless clean). Reports on videos ingest itself refused do not hold a shard back. In the same
 commit as the rows, `ds.metadata["ingested_shards"]` lists the shards the dataset holds and
 `ds.metadata["ingested_fingerprints"]` records per shard the sha256 of its `_SUCCESS` marker (rewritten by every
 finalize) and of the `rows.parquet` bytes that were ingested. A re-run appends the shards not yet listed, and a
@@ -36,7 +41,8 @@ from ..atomic import read_json
 from ..join import JoinParams, join_video, plan_segments
 from ..schema import KEY, ROW_SCHEMA, TABLE, deeplake_columns, to_deeplake_columns
 from ..shards import MARKER, ShardStore
-from ..verify import DROPPED_NOTE, Tolerances, check_keys, check_video
+from ..verify import (DROPPED_NOTE, Tolerances, check_counts, check_keys, check_video, check_windows,
+                      verify_dataset, verify_shard)
 from .base import ItemResult, Resources, Stage, StageConfig, WorkItem
 
 MODEL_KEYS = ("model", "pretrained", "checkpoint", "backend", "detector")
@@ -47,7 +53,7 @@ FINGERPRINTS = "ingested_fingerprints"     # dataset metadata: per shard, what o
 class IngestConfig(StageConfig):
     name: str = "ingest"
     dataset_path: Optional[str] = None    # Deep Lake URL or path; null = <run_dir>/dataset
-    window_s: float = 10.0                # windows for videos without speech (must equal stage audio.window_s)
+    window_s: float = 10.0                # no-speech windows where the audio stage wrote none (else its spans)
     keep_no_speech: bool = True           # give videos without speech windows (else they have no rows)
     frame_tolerance_s: float = 0.001      # frame PTS slack at span boundaries (float rounding of rational PTS)
     nearest_frame_tolerance_s: float = 2.0  # a span without frames borrows the nearest one this close
@@ -106,9 +112,12 @@ class IngestStage(Stage):
 
     def process_item(self, item: WorkItem) -> ItemResult:
         rows, dropped = join_video(item.video_id, item.inputs, self.params, self.ctx.shard, self.provenance)
-        expected = [s["segment_idx"] for s in plan_segments(item.inputs, self.params)]
+        segments = plan_segments(item.inputs, self.params)
+        expected = [s["segment_idx"] for s in segments]
         violations = check_keys(item.video_id, item.inputs, self.params)
-        violations += check_video(item.video_id, rows, self.tol, expected, dropped)
+        violations += check_windows(item.video_id, item.inputs, self.params, self.tol)
+        violations += check_video(item.video_id, rows, self.tol, expected, dropped, segments)
+        violations += check_counts(item.video_id, item.inputs)
         if violations:
             self.refused += 1
             shown = "; ".join(str(v) for v in violations[:3])
@@ -140,7 +149,14 @@ def open_or_create(url: str):
     import deeplake
 
     if deeplake.exists(url):
-        return deeplake.open(url)
+        ds = deeplake.open(url)
+        have = {c.name for c in ds.schema.columns}
+        missing = {k: v for k, v in deeplake_columns().items() if k not in have}
+        if missing:     # a dataset made before these columns: its old rows read them as None
+            for name, dtype in missing.items():
+                ds.add_column(name, dtype)
+            ds.commit(f"schema: add columns {sorted(missing)}")
+        return ds
     ds = deeplake.create(url)
     for name, dtype in deeplake_columns().items():
         ds.add_column(name, dtype)
@@ -210,14 +226,23 @@ def current_version_tagged(ds) -> bool:
     return any(ds.tags[name].version == version for name in ds.tags.names())
 
 
+def _keys(table: pa.Table | None) -> set[tuple[str, int]]:
+    if table is None or not table.num_rows:
+        return set()
+    return set(zip(table.column("video_id").to_pylist(), table.column("segment_idx").to_pylist()))
+
+
 def write_dataset(cfg: Any, log: Callable[[str], None] = print,
                   after_append: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Bring the dataset up to date with every complete ingest shard; commit per `shards_per_commit` shards.
 
     A shard not yet in the dataset is appended; one whose rows changed since it was ingested (re-finalized by
     retry_failed or upstream catch-up) has its old rows deleted and the new ones appended in the same commit.
+    Either only once its rows pass `verify_shard`; a shard that fails keeps what the dataset had of it.
     `cfg` is the run config (run_dir + stage). Returns what was done. `after_append(shard)` is a test hook.
     """
+    from ..manifest import load_items
+
     run_dir = Path(cfg.run_dir)
     stage = cfg.stage
     url = dataset_url(stage, run_dir)
@@ -225,9 +250,13 @@ def write_dataset(cfg: Any, log: Callable[[str], None] = print,
     num_shards = int(geometry.get("num_shards", 0))
     per_commit = max(1, int(stage.shards_per_commit))
     batch = max(1, int(stage.append_batch_rows))
-    t0, rows_written, rows_deleted, commits = time.perf_counter(), 0, 0, 0
+    tol, params = Tolerances.from_config(stage), JoinParams.from_config(stage)
+    t0, rows_written, rows_deleted, commits, verify_s = time.perf_counter(), 0, 0, 0, 0.0
     written: list[int] = []
     replaced: list[int] = []
+    refused: dict[int, list[str]] = {}
+    shard_keys: dict[int, set[tuple[str, int]]] = {}
+    problems: list[str] = []
     with writer_lock(run_dir, log):
         ds = open_or_create(url)        # (re)read under the lock: another writer may have just committed
         done = set(ingested_shards(ds))
@@ -237,13 +266,26 @@ def write_dataset(cfg: Any, log: Callable[[str], None] = print,
         # only makes the next run re-check the rows, never a fresh marker digest recorded over stale rows.
         markers = {s: marker_digest(ShardStore(run_dir, "ingest", s)) for s in complete}
         todo = [s for s in complete if s not in done or prints.get(str(s), {}).get("marker") != markers[s]]
+        videos: dict[int, list[str]] = {}
+        if todo:
+            for item in load_items(run_dir):
+                videos.setdefault(item.shard, []).append(item.video_id)
         for g in range(0, len(todo), per_commit):
             group = todo[g:g + per_commit]
+            accepted = []
             for shard in group:
                 table, digest = read_rows(ShardStore(run_dir, "ingest", shard))
                 num_rows = table.num_rows if table is not None else 0
                 # Re-finalized with identical rows (e.g. a retry that failed again): only the marker is new.
                 if shard not in done or prints.get(str(shard), {}).get("rows") != digest:
+                    t1 = time.perf_counter()
+                    bad = verify_shard(run_dir, shard, videos.get(shard, []), tol, params, table).blocking()
+                    verify_s += time.perf_counter() - t1
+                    if bad:
+                        refused[shard] = [str(v) for v in bad[:5]]
+                        log(f"ingest: shard {shard} NOT committed, {len(bad)} violation(s) of the run-level check: "
+                            + "; ".join(refused[shard][:3]))
+                        continue
                     if shard in done:
                         rows_deleted += delete_shard_rows(ds, shard)
                         replaced.append(shard)
@@ -253,19 +295,35 @@ def write_dataset(cfg: Any, log: Callable[[str], None] = print,
                             ds.append(to_deeplake_columns(table.slice(start, batch)))
                         rows_written += num_rows
                     written.append(shard)
+                shard_keys[shard] = _keys(table)
                 prints[str(shard)] = {"marker": markers[shard], "rows": digest, "num_rows": num_rows}
+                accepted.append(shard)
                 if after_append is not None:
                     after_append(shard)
-            done |= set(group)
+            if not accepted:
+                continue
+            done |= set(accepted)
             # Deletes, appends and metadata land in one commit: a crash leaves the old rows or the new, not both.
             ds.metadata["ingested_shards"] = sorted(done)
             ds.metadata[FINGERPRINTS] = prints
-            ds.commit(f"ingest shards {json.dumps(group)}")
+            ds.commit(f"ingest shards {json.dumps(accepted)}")
             commits += 1
-            log(f"ingest: committed shards {group} to {url}")
+            log(f"ingest: committed shards {accepted} to {url}")
         tag = None
-        # Tagged whenever complete and untagged, so a crash between the last commit and the tag is repaired.
-        if num_shards and len(complete) == num_shards and not current_version_tagged(ds):
+        ready = bool(num_shards) and len(complete) == num_shards and not refused and not current_version_tagged(ds)
+        if commits or ready:
+            t1 = time.perf_counter()
+            for shard in done - set(shard_keys) - set(refused):      # unchanged since ingested: keys only
+                path = ShardStore(run_dir, "ingest", shard).table_path(TABLE)
+                shard_keys[shard] = _keys(pq.read_table(path, columns=["video_id", "segment_idx"])
+                                          if path.exists() else None)
+            problems = [str(v) for v in verify_dataset(run_dir, stage, shard_keys, tol, shards=written, ds=ds)]
+            verify_s += time.perf_counter() - t1
+            if problems:
+                log(f"ingest: dataset check after the commit: {len(problems)} violation(s), not tagged: "
+                    + "; ".join(problems[:3]))
+        # Tagged whenever complete, verified and untagged, so a crash between the last commit and the tag is repaired.
+        if ready and not problems:
             base = tag = f"{stage.tag_prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{len(ds)}rows"
             taken, n = set(ds.tags.names()), 1
             while tag in taken:         # a replace within the same second can give the same name
@@ -276,4 +334,5 @@ def write_dataset(cfg: Any, log: Callable[[str], None] = print,
         rows = len(ds)
     seconds = time.perf_counter() - t0
     return {"dataset": url, "shards_written": written, "shards_replaced": replaced, "rows_written": rows_written,
-            "rows_deleted": rows_deleted, "commits": commits, "tag": tag, "rows": rows, "seconds": seconds}
+            "rows_deleted": rows_deleted, "commits": commits, "tag": tag, "rows": rows, "seconds": seconds,
+            "shards_refused": refused, "dataset_violations": problems, "verify_seconds": verify_s}
