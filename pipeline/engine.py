@@ -59,9 +59,11 @@ def make_context(cfg: DictConfig, shard: int, logger: logging.Logger | None = No
 
 
 class UpstreamRows:
-    """Rows of the upstream stages' outputs for one shard, grouped by video id (memory-mapped, read by key)."""
+    """Rows of the upstream stages' outputs for one shard, grouped by video id (memory-mapped, read by key).
+    `skip_columns`: columns not read at all (the verifier leaves out JPEG bytes and embeddings)."""
 
-    def __init__(self, run_dir: Path, shard: int, upstream: dict[str, tuple[str, ...]]):
+    def __init__(self, run_dir: Path, shard: int, upstream: dict[str, tuple[str, ...]],
+                 skip_columns: frozenset[str] = frozenset()):
         self.tables: dict[tuple[str, str], pa.Table] = {}
         self.index: dict[tuple[str, str], dict[str, list[int]]] = {}
         self.status: dict[str, dict[str, dict]] = {}
@@ -72,7 +74,7 @@ class UpstreamRows:
                                          f"(no marker in {store.dir}); run stage={stage} first")
             self.status[stage] = {r["video_id"]: r for r in store.read_ledger()}
             for name in tables:
-                t = store.read_table(name)
+                t = store.read_table(name, skip_columns)
                 if t is None:
                     continue
                 groups: dict[str, list[int]] = defaultdict(list)

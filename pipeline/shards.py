@@ -75,11 +75,14 @@ class ShardStore:
     def table_path(self, table: str) -> Path:
         return self.dir / f"{table}.parquet"
 
-    def read_table(self, table: str) -> pa.Table | None:
+    def read_table(self, table: str, skip_columns: frozenset[str] = frozenset()) -> pa.Table | None:
         p = self.table_path(table)
         if not p.exists():
             return None
-        return pq.read_table(p, memory_map=True)
+        if not skip_columns:
+            return pq.read_table(p, memory_map=True)
+        f = pq.ParquetFile(p, memory_map=True)
+        return f.read(columns=[c for c in f.schema_arrow.names if c not in skip_columns])
 
     def read_ledger(self) -> list[dict]:
         t = self.read_table(LEDGER)

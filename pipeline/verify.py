@@ -38,7 +38,7 @@ from .schema import FLAG_NEAREST, FLAG_NO_FRAMES, TABLE, dict_value, flags_of
 
 PTS_MATCH_S = 1e-6     # the same frame's PTS as carried by two stages (copied floats)
 DROPPED_NOTE = "dropped_no_frames="
-HEAVY_COLUMNS = ("jpeg", "embedding")   # upstream columns no check reads: left unread (the bulk of the bytes)
+HEAVY_COLUMNS = frozenset({"jpeg", "embedding"})  # upstream columns no check reads: left unread (the bulk of the bytes)
 
 
 @dataclass(frozen=True)
@@ -331,53 +331,6 @@ def _rows_without_images(source: Any) -> list[dict]:
     return t.to_pylist()
 
 
-class UpstreamKeys:
-    """The upstream rows ingest joined, for checking: like `engine.UpstreamRows`, but without the JPEG and
-    embedding columns (no check reads them, and they are most of the bytes)."""
-
-    def __init__(self, run_dir: Path, shard: int, upstream: dict[str, tuple[str, ...]]):
-        from .engine import UpstreamIncomplete
-        from .shards import LEDGER, ShardStore
-
-        self.status: dict[str, dict[str, dict]] = {}
-        self.tables: dict[tuple[str, str], tuple[pa.Table, dict[str, list[int]]]] = {}
-        for stage, tables in upstream.items():
-            store = ShardStore(run_dir, stage, shard)
-            if not store.is_complete():
-                raise UpstreamIncomplete(f"upstream stage {stage!r} shard {shard} is not complete "
-                                         f"(no marker in {store.dir}); run stage={stage} first")
-            ledger = store.table_path(LEDGER)
-            self.status[stage] = ({r["video_id"]: r for r in _read_parquet(ledger).to_pylist()}
-                                  if ledger.exists() else {})
-            for name in tables:
-                path = store.table_path(name)
-                if not path.exists():
-                    continue
-                t = _read_parquet(path, lambda c: c not in HEAVY_COLUMNS)
-                groups: dict[str, list[int]] = defaultdict(list)
-                for i, vid in enumerate(t.column("video_id").to_pylist()):
-                    groups[vid].append(i)
-                self.tables[(stage, name)] = (t, groups)
-
-    def upstream_problem(self, video_id: str) -> str | None:
-        from .shards import OK
-
-        for stage, ledger in self.status.items():
-            row = ledger.get(video_id)
-            if row is None:
-                return f"upstream_missing: {stage} has no ledger row for this item"
-            if row["status"] != OK:
-                return f"upstream_{row['status']}: {stage}: {row['reason']}"
-        return None
-
-    def rows_for(self, video_id: str) -> dict[str, dict[str, list[dict]]]:
-        out: dict[str, dict[str, list[dict]]] = defaultdict(dict)
-        for (stage, name), (t, groups) in self.tables.items():
-            idx = groups.get(video_id, [])
-            out[stage][name] = t.take(idx).to_pylist() if idx else []
-        return dict(out)
-
-
 @dataclass
 class ShardReport:
     violations: list[Violation]
@@ -394,7 +347,7 @@ def verify_shard(run_dir: Path, shard: int, videos: Iterable[str], tol: Toleranc
                  table: pa.Table | None = None) -> ShardReport:
     """The run-level checks of one ingest shard (`videos`: the manifest's videos of the shard). `table`: its
     rows table as already read (ingest verifies the very rows it then appends), else read from the shard."""
-    from .engine import UpstreamIncomplete
+    from .engine import UpstreamIncomplete, UpstreamRows
     from .shards import LEDGER, OK, ShardStore
     from .stages.ingest import IngestStage
 
@@ -403,7 +356,7 @@ def verify_shard(run_dir: Path, shard: int, videos: Iterable[str], tol: Toleranc
     if not store.is_complete():
         return ShardReport([Violation(where, None, "ingest shard not complete")], None, set())
     try:
-        up = UpstreamKeys(run_dir, shard, IngestStage.upstream)
+        up = UpstreamRows(run_dir, shard, IngestStage.upstream, skip_columns=HEAVY_COLUMNS)
     except UpstreamIncomplete as exc:
         return ShardReport([Violation(where, None, str(exc))], None, set())
     out: list[Violation] = []
