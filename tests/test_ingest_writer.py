@@ -6,7 +6,6 @@ engine, the verifier and Deep Lake are the real ones.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,28 +18,16 @@ import pyarrow.compute as pc
 import pytest
 from conftest import REPO
 
-from benchmarks.ingest_bench import ingest_config, make_upstream, run_ingest_shards
+from benchmarks.ingest_bench import ingest_config, run_ingest_shards
 from pipeline.atomic import write_parquet
 from pipeline.engine import run_shard
 from pipeline.schema import TABLE
 from pipeline.shards import LEDGER, LEDGER_SCHEMA, ShardStore, concat_tables
 from pipeline.stages.ingest import dataset_url, write_dataset
 from pipeline.verify import verify_run
+from test_ingest import SHARDS, run, upstream_template  # noqa: F401  (shared fixtures)
 
-SHARDS = 3
 QUIET = {"log": lambda s: None}
-
-
-@pytest.fixture(scope="module")
-def upstream_template(tmp_path_factory) -> Path:
-    return make_upstream(tmp_path_factory.mktemp("upstream") / "run", n_videos=9, num_shards=SHARDS)
-
-
-@pytest.fixture
-def run(upstream_template, tmp_path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(upstream_template, dst)
-    return dst
 
 
 def shard_keys(run: Path) -> list[tuple[str, int]]:
