@@ -4,7 +4,7 @@
     python benchmarks/experts_bench.py --full          # published-size architectures, random weights
     python benchmarks/experts_bench.py --full --device cuda --write
 
-Inputs are real media from ../shared/media: `--videos` copies of 60 s of speech_cuts_1080p.mp4 for audio (half
+Inputs are real media from tests/media: `--videos` copies of 60 s of speech_cuts_1080p.mp4 for audio (half
 with hand-made 5 s "ASR" segments, half without speech -> 10 s windows) and frames sampled every 0.5 s from
 fades.mp4 / counter.mp4 (as JPEG rows, like the frames stage writes) for scenegraph. `--full` builds a random
 Cnn14 of the published size (81.8 M parameters) and a random DETR-ResNet-50 (timm backbone, no download) and runs
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MEDIA = REPO.parent / "shared" / "media"
+MEDIA = REPO / "tests" / "media"
 RESULTS = REPO / "benchmarks" / "results" / "experts.md"
 
 

@@ -19,7 +19,7 @@ from pipeline.stages.frames import FramesConfig, detect_cuts, plan_times
 from pipeline.video import decode_at, encode_jpeg, probe, resize_short_side
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_VIDEO = REPO.parent / "shared" / "media" / "speech_cuts_1080p.mp4"
+DEFAULT_VIDEO = REPO / "tests" / "media" / "speech_cuts_1080p.mp4"
 
 
 def timed(fn):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SHARED_MEDIA = REPO.parent / "shared" / "media"
+SHARED_MEDIA = REPO / "tests" / "media"
 
 from pipeline.inference.runner import (FixedLatencyModel, RunnerConfig, ensure_ray,  # noqa: E402
                                        fixed_latency_preprocess, run_inference)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_MEDIA = REPO.parent / "shared" / "media"
+SHARED_MEDIA = REPO / "tests" / "media"  # real sample media shipped with the repo (see its SOURCES.md)
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helper modules (slurm_cluster, ...)
 
 from slurm_cluster import slurm_cluster  # noqa: E402,F401  (session fixture: a real local Slurm)
