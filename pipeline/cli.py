@@ -62,6 +62,30 @@ def redacted(container: dict) -> dict:
     return out
 
 
+def check_run_dir(run_dir: Path, min_free_gb: float) -> None:
+    """run_dir (or the nearest folder above it that exists) is a writable directory on a filesystem with at least
+    `min_free_gb` free. Checked without writing anything; a ConfigError line otherwise."""
+    import os
+
+    base = Path(os.path.abspath(run_dir))
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise ConfigError(f"run_dir {run_dir}: {base} is not a directory")
+    try:
+        st = os.statvfs(base)
+    except OSError as exc:
+        raise ConfigError(f"run_dir {run_dir}: cannot stat {base}: {exc.strerror}") from None
+    if st.f_flag & os.ST_RDONLY:
+        raise ConfigError(f"run_dir {run_dir} is on a read-only filesystem ({base})")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(f"run_dir {run_dir} is not writable ({base}: permission denied)")
+    free_gb = st.f_bavail * st.f_frsize / 2**30
+    if free_gb < min_free_gb:
+        raise ConfigError(f"run_dir {run_dir}: only {free_gb:.2f} GB free on its filesystem ({base}), "
+                          f"min_free_gb={min_free_gb:g}")
+
+
 def _stage_names() -> str:
     from .stages import available
 
@@ -86,11 +110,13 @@ def launch_stage(overrides: list[str]):
     from .status import format_status, stage_status, write_summary
 
     cfg = compose(overrides)
+    # Preflight, before anything is written to run_dir: Slurm answers, run_dir writable with room.
     if cfg.launcher.name == "slurm":
-        from .launchers.slurm import require_sbatch
+        from .launchers.slurm import require_slurm
 
-        require_sbatch()  # before anything is written to run_dir
+        require_slurm(float(cfg.launcher.preflight_timeout_s))
     run_dir = Path(cfg.run_dir)
+    check_run_dir(run_dir, float(cfg.min_free_gb))
     geo, items, is_new = plan_geometry(run_dir, cfg.input, cfg.num_shards, cfg.items_per_shard)
     shards = list(cfg.shards) if cfg.shards is not None else list(range(geo.num_shards))
     bad = [s for s in shards if not 0 <= s < geo.num_shards]
@@ -187,6 +213,13 @@ def main(argv: list[str] | None = None) -> int:
         return run_stage(argv)
     except ConfigError as exc:
         return fail(str(exc))
+    except OSError as exc:
+        import errno
+
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            return fail(f"{exc.strerror}: {exc.filename or ''} (completed shards and parts are kept; "
+                        "free space or fix permissions, then re-run the same command)")
+        raise
     except KeyboardInterrupt:
         print("interrupted: completed shards and parts are kept; re-run the same command to resume", file=sys.stderr)
         return 130

@@ -34,6 +34,7 @@ class SlurmLauncherConfig:
     max_array_size: Optional[int] = None
     dependency: Optional[str] = None
     poll_seconds: float = 2.0
+    preflight_timeout_s: float = 20.0   # sinfo/squeue must answer within this before anything is written
 
 
 LAUNCHERS = {"local": LocalLauncherConfig, "slurm": SlurmLauncherConfig}
@@ -69,6 +70,9 @@ class RunConfig:
     models: str = "real"
     cache_dir: str = "~/.cache/vpt-pipeline"
     device: str = "auto"
+    on_leased_shard: str = "wait"   # a shard another live launch is running: wait for it, or skip it
+    lease_ttl_s: float = 120.0      # a lease whose heartbeat is older than this (owner on another host) is stale
+    min_free_gb: float = 1.0        # launch preflight: free space needed on the run dir's filesystem
 
 
 def _one_line(exc: BaseException) -> str:
@@ -142,6 +146,10 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"device must be auto, cpu or cuda, got {top.device!r}")
     if top.num_shards is not None and top.num_shards < 1:
         raise ConfigError(f"num_shards must be >= 1, got {top.num_shards}")
+    if top.on_leased_shard not in ("wait", "skip"):
+        raise ConfigError(f"on_leased_shard must be wait or skip, got {top.on_leased_shard!r}")
+    if top.lease_ttl_s <= 0:
+        raise ConfigError(f"lease_ttl_s must be > 0, got {top.lease_ttl_s}")
     if top.items_per_shard < 1:
         raise ConfigError(f"items_per_shard must be >= 1, got {top.items_per_shard}")
     if top.input is not None and not Path(top.input).exists():

@@ -8,9 +8,15 @@ ledger file exists), and the next attempt skips every item a part already holds.
 unless `retry_failed=true` and it has failed items, or an upstream stage has since completed items that were
 skipped here for want of upstream output.
 
-An item that kills the worker itself (native crash, OOM kill, time-out) must not block its shard forever: the items
-in flight are kept on disk (`shards.InFlight`); the next attempt runs those suspects one at a time, first, and
-records an item failed with reason `crashed` once it has died alone in flight `stage.max_item_crashes` times.
+An item that kills the worker itself (native crash, OOM kill) must not block its shard forever: the items in flight
+are kept on disk (`shards.InFlight`); the next attempt runs those suspects one at a time, first, and records an item
+failed with reason `crashed` once it has died alone in flight `stage.max_item_crashes` times. A death counts only
+when the task outlived its worker (`shards.Witness`): a task killed from outside as a whole (preemption, a kill of
+its process group, node failure) counts against no item.
+
+Only the holder of a shard's lease (`shards.ShardLease`) reads its parts and writes anything into it: a second
+launch of the same stage waits for a shard that is running elsewhere (`on_leased_shard=wait`, then finds it
+complete) or leaves it (`skip`). A shard is marked complete only when its ledger has exactly one row per item.
 """
 from __future__ import annotations
 
@@ -28,7 +34,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import stage_config_hash
 from .manifest import Item, load_items
-from .shards import FAILED, OK, SKIPPED, ShardStore, concat_tables, dedupe_sorted
+from .shards import (FAILED, FAILED_MARKER, OK, SKIPPED, LeaseLost, ShardLease, ShardStore, Witness,
+                     concat_tables, dedupe_sorted, describe_owner)
 from .stages import get_stage
 from .stages.base import ItemResult, RunContext, Stage, WorkItem
 
@@ -137,16 +144,40 @@ def plan_pending(cfg: DictConfig, store: ShardStore, items: list[Item],
 
 
 def run_shard(cfg: DictConfig, shard: int, logger: logging.Logger | None = None) -> dict[str, Any]:
-    """Run (or resume, or skip) one shard. Returns its stats; raises if the shard could not complete."""
+    """Run (or resume, or skip) one shard under its lease. Returns its stats (with `leased_by` when another live
+    owner holds the shard and `on_leased_shard=skip`); raises if the shard could not complete, after recording
+    why in its `_FAILED`."""
     lg = logger or log
     stage_cls = get_stage(cfg.stage.name)
-    run_dir = Path(cfg.run_dir)
-    store = ShardStore(run_dir, stage_cls.name, shard)
+    store = ShardStore(Path(cfg.run_dir), stage_cls.name, shard)
+    lease = ShardLease(store.dir, ttl_s=float(cfg.get("lease_ttl_s", 120.0)))
+    wait = cfg.get("on_leased_shard", "wait") == "wait"
+    owner = lease.acquire(wait=wait, on_wait=lambda o: lg.info(
+        f"{stage_cls.name} shard {shard}: leased by {describe_owner(o)}; waiting for it"))
+    if owner is not None:
+        lg.info(f"{stage_cls.name} shard {shard}: leased by {describe_owner(owner)}; left to it")
+        return {"stage": stage_cls.name, "shard": shard, "skipped_shard": True, "leased_by": describe_owner(owner)}
+    try:
+        return _run_leased(cfg, stage_cls, store, lease, lg)
+    except LeaseLost:
+        raise
+    except BaseException as exc:
+        if not lease.lost:
+            store.record_failure(f"{type(exc).__name__}: {exc}".strip()[:2000])
+        raise
+    finally:
+        lease.release()
+
+
+def _run_leased(cfg: DictConfig, stage_cls: type[Stage], store: ShardStore, lease: ShardLease,
+                lg: logging.Logger) -> dict[str, Any]:
+    shard, run_dir = store.shard, store.run_dir
     if store.resume_finalize():
         lg.info(f"{stage_cls.name} shard {shard}: finished installing the outputs a killed attempt had staged")
     items = load_items(run_dir, shard)
     pending, kept_ledger = plan_pending(cfg, store, items, stage_cls.upstream)
     if store.is_complete() and not pending:
+        (store.dir / FAILED_MARKER).unlink(missing_ok=True)  # left by an attempt that died after another finished
         lg.info(f"{stage_cls.name} shard {shard}: complete, nothing to do")
         return {**store.stats(), "skipped_shard": True}
 
@@ -182,13 +213,19 @@ def run_shard(cfg: DictConfig, shard: int, logger: logging.Logger | None = None)
         unknown = set(rows) - set(stage_cls.tables)
         if unknown:
             raise RuntimeError(f"stage {stage_cls.name} produced undeclared tables {sorted(unknown)}")
+        lease.check()
         store.write_part([_ledger_row(r, a) for r, a in buffer_results],
                          {n: _to_table(stage_cls, n, rs) for n, rs in rows.items()})
         buffer_results.clear()
 
     inflight = store.in_flight()  # before the stage starts: it counts the crashes of the previous attempt
     max_crashes = int(getattr(cfg.stage, "max_item_crashes", MAX_ITEM_CRASHES))
-    stage = stage_cls(cfg.stage, make_context(cfg, shard, lg))
+    witness = Witness(inflight.path, lease)  # counts a death of this process that the task outlives
+    try:
+        stage = stage_cls(cfg.stage, make_context(cfg, shard, lg))
+    except BaseException:
+        witness.stop()
+        raise
     try:
         runnable: list[WorkItem] = []
         position = {it.video_id: n for n, it in enumerate(items)}
@@ -203,7 +240,7 @@ def run_shard(cfg: DictConfig, shard: int, logger: logging.Logger | None = None)
                 lg.info(f"{item.video_id}: failed: crashed the worker {crashes} times")
                 buffer_results.append((ItemResult.failed(item.video_id, (
                     f"crashed: the worker process died {crashes} times while processing this item alone "
-                    "(native crash, out of memory or time-out)")), attempts + 1))
+                    "(native crash or out of memory)")), attempts + 1))
                 continue
             runnable.append(WorkItem(item.video_id, item.url, position[item.video_id], attempts=attempts))
 
@@ -243,10 +280,13 @@ def run_shard(cfg: DictConfig, shard: int, logger: logging.Logger | None = None)
         inflight.clear()  # the process lives on: the items in flight did not crash it
         raise
     finally:
-        stage.close()
+        try:
+            stage.close()
+        finally:
+            witness.stop()
 
     part_ledger, part_tables = store.read_parts()
-    ledger = kept_ledger + part_ledger
+    ledger = _one_row_per_item(kept_ledger + part_ledger, items, f"{stage_cls.name} shard {shard}")
     tables: dict[str, pa.Table] = {}
     for name, keys in stage_cls.tables.items():
         t = concat_tables(kept_tables.get(name, []) + part_tables.get(name, []))
@@ -260,10 +300,25 @@ def run_shard(cfg: DictConfig, shard: int, logger: logging.Logger | None = None)
     stats = {"stage": stage_cls.name, "shard": shard, "seconds": seconds, "processed": processed,
              "items_per_s": processed / seconds if seconds > 0 else 0.0,
              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **extra}
+    lease.check()
     store.finalize(ledger, tables, stats, {"stage": stage_cls.name, "shard": shard,
                                            "config_hash": stage_config_hash(cfg)})
     lg.info(f"{stage_cls.name} shard {shard}: complete in {seconds:.1f}s")
     return store.stats()
+
+
+def _one_row_per_item(rows: list[dict], items: list[Item], what: str) -> list[dict]:
+    """The ledger of a shard: the last row per item (parts written later win), exactly one for every item of the
+    shard. A shard whose rows do not cover its items is never marked complete."""
+    last: dict[str, dict] = {}
+    for r in rows:
+        last[r["video_id"]] = r
+    want = {i.video_id for i in items}
+    missing, extra = sorted(want - set(last)), sorted(set(last) - want)
+    if missing or extra:
+        raise RuntimeError(f"{what}: ledger does not match the shard's items (missing {missing[:5]}, "
+                           f"not in the shard {extra[:5]}); not marking it complete")
+    return [last[v] for v in sorted(last)]
 
 
 def container(cfg: DictConfig) -> dict:

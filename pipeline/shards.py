@@ -10,14 +10,24 @@
         _SUCCESS                            completion marker, written last
         _FAILED                             the error of the last task that died on this shard (cleared on success)
         .finalize/                          the next outputs, staged whole before they replace the current ones
+        .lease.lock, lease.json             who runs the shard now (see ShardLease)
+
+Only the holder of the shard's lease writes any of this: a second launch of the same stage waits for (or skips)
+a shard that is leased and alive, and takes over a lease whose owner is gone.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
@@ -178,23 +188,25 @@ class ShardStore:
 
 class InFlight:
     """The items a running attempt has handed to its stage and not yet got back, on disk: a worker that dies
-    (native crash, OOM kill, time-out) cannot record anything itself, so the next attempt reads here what it was
-    processing. Opening the file turns those leftovers into suspects (`crashes` has a key for each); a crash
-    counts against an item only when it was alone in flight, since then nothing else can have caused it."""
+    (native crash, OOM kill) cannot record anything itself, so what it was processing stays here.
+
+    Opening the file turns leftovers into suspects (`crashes` has a key for each): the next attempt runs them one at
+    a time, first. A death counts against an item only when it was alone in flight AND the task outlived its
+    worker: the task's `Witness` sees the worker die and counts it. A task killed from outside as a whole (SIGKILL
+    of its process group, preemption, node failure, Slurm's time limit) takes its witness with it, so nothing is
+    counted and the items are only suspects."""
 
     def __init__(self, path: Path):
         self.path = path
         state = read_json(path, {}) or {}
-        self.crashes: dict[str, int] = dict(state.get("crashes", {}))
+        self.crashes: dict[str, int] = {k: int(v) for k, v in state.get("crashes", {}).items()}
         left = state.get("inflight", [])
         for vid in left:
             self.crashes.setdefault(vid, 0)
-        if len(left) == 1:
-            self.crashes[left[0]] += 1
         self.items: set[str] = set()
         self._lock = threading.Lock()  # a stage may pull items on another thread than it yields results
         if left:
-            self._save()  # counted once: this attempt may die before it starts anything
+            self._save()  # the leftovers become suspects: this attempt may die before it starts anything
 
     def start(self, video_id: str) -> None:
         with self._lock:
@@ -215,6 +227,237 @@ class InFlight:
 
     def _save(self) -> None:
         write_json(self.path, {"inflight": sorted(self.items), "crashes": self.crashes})
+
+
+# Runs in a bare interpreter (python -S -c): it must start fast and import nothing of the pipeline.
+_WITNESS = r"""
+import json, os, select, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+worker, path = int(sys.argv[1]), sys.argv[2]
+try:
+    pidfd = os.pidfd_open(worker)
+except (AttributeError, OSError):
+    pidfd = None
+while True:
+    ready = select.select([0] + ([pidfd] if pidfd is not None else []), [], [], 0.5)[0]
+    if 0 in ready:
+        data = os.read(0, 16)
+        if data.startswith(b"done"):
+            sys.exit(0)
+        if not data and pidfd is None:
+            break
+    if pidfd is not None and pidfd in ready:
+        break
+    if pidfd is None and os.getppid() != worker:
+        break
+try:
+    with open(path) as f:
+        state = json.load(f)
+except (OSError, ValueError):
+    sys.exit(0)
+left = state.get("inflight", [])
+if not left:
+    sys.exit(0)
+crashes = state.get("crashes", {})
+for vid in left:
+    crashes.setdefault(vid, 0)
+if len(left) == 1:
+    crashes[left[0]] += 1
+tmp = f"{path}.witness-{os.getpid()}"
+with open(tmp, "w") as f:
+    json.dump({"inflight": [], "crashes": crashes, "witnessed": {"worker_pid": worker, "inflight": left}}, f,
+              indent=2, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+os.replace(tmp, path)
+"""
+
+
+class Witness:
+    """A small process beside the worker (same process group, holding the shard's lease with it): if the worker
+    dies and the witness lives, the worker died on its own (native crash, OOM kill of that process), and the
+    witness counts the death against the item that was alone in flight. A kill of the whole task kills the witness
+    too, and then nothing is counted. The lease is released only when both are gone, so the next attempt reads
+    the count."""
+
+    def __init__(self, inflight_path: Path, lease: "ShardLease | None" = None):
+        fds = (lease.fd,) if lease is not None and lease.fd is not None else ()
+        self.proc: subprocess.Popen | None = None
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-S", "-c", _WITNESS, str(os.getpid()), str(inflight_path)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, pass_fds=fds)
+        except OSError:  # no witness: deaths are not counted, items in flight are still suspects
+            self.proc = None
+
+    def stop(self) -> None:
+        """The worker ends alive: the witness leaves without counting anything."""
+        if self.proc is None:
+            return
+        try:
+            self.proc.stdin.write(b"done\n")
+            self.proc.stdin.flush()
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+LEASE_LOCK = ".lease.lock"
+LEASE_FILE = "lease.json"
+LEASE_TTL_S = 120.0
+
+
+class ShardLeased(RuntimeError):
+    """The shard is leased by a live owner (another launch is running it)."""
+
+    def __init__(self, owner: dict):
+        super().__init__(f"shard is being run by {describe_owner(owner)}")
+        self.owner = owner
+
+
+class LeaseLost(RuntimeError):
+    """Another owner took the lease over (ours looked stale): this process must not write into the shard."""
+
+
+def describe_owner(owner: dict | None) -> str:
+    if not owner:
+        return "another process (owner unknown)"
+    job = f" slurm job {owner['slurm_job']}" if owner.get("slurm_job") else ""
+    age = time.time() - float(owner.get("heartbeat", 0))
+    return f"host {owner.get('host')} pid {owner.get('pid')}{job} (heartbeat {age:.0f}s ago)"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lease_owner(shard_dir: Path, ttl_s: float = LEASE_TTL_S) -> dict | None:
+    """The live owner of a shard's lease, from its lease file (no locking: what `status` shows), else None."""
+    try:
+        owner = read_json(shard_dir / LEASE_FILE)
+    except (OSError, ValueError):
+        return None
+    if not owner:
+        return None
+    if owner.get("host") == socket.gethostname():
+        return owner if _pid_alive(int(owner.get("pid", 0))) else None
+    return owner if time.time() - float(owner.get("heartbeat", 0)) < ttl_s else None
+
+
+class ShardLease:
+    """Who may write into a shard: an exclusive `flock` on `<shard>/.lease.lock` (the kernel drops it when its
+    holders die, so a dead owner never blocks anyone) plus `lease.json` naming the owner (host, pid, Slurm job)
+    with a heartbeat. The file also guards filesystems whose locks are node-local: a lease whose owner runs on
+    another host and whose heartbeat is fresher than `ttl_s` is respected; an older one is stale and taken over.
+    The owner re-reads the file at every heartbeat and before each write (`check`): if another owner took it over,
+    it stops writing (LeaseLost)."""
+
+    def __init__(self, shard_dir: Path, ttl_s: float = LEASE_TTL_S, heartbeat_s: float | None = None):
+        self.dir = Path(shard_dir)
+        self.ttl_s = float(ttl_s)
+        self.heartbeat_s = heartbeat_s or max(0.5, self.ttl_s / 8)
+        self.token = uuid.uuid4().hex
+        self.fd: int | None = None
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _info(self) -> dict:
+        return {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+                "slurm_job": os.environ.get("SLURM_JOB_ID", ""),
+                "slurm_array_task": os.environ.get("SLURM_ARRAY_TASK_ID", ""),
+                "heartbeat": time.time(), "since": getattr(self, "_since", time.time())}
+
+    def try_acquire(self) -> dict | None:
+        """Take the lease: None when taken, else the live owner that holds it."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / LEASE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            owner = read_json(self.dir / LEASE_FILE) or {}
+            return owner or {"host": "?", "pid": "?", "heartbeat": time.time()}
+        # The kernel lock is ours. An owner on another host may still hold the lease where locks do not reach.
+        owner = read_json(self.dir / LEASE_FILE)
+        if owner and owner.get("token") != self.token and owner.get("host") != socket.gethostname() \
+                and time.time() - float(owner.get("heartbeat", 0)) < self.ttl_s:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            return owner
+        self.fd = fd
+        self._since = time.time()
+        write_json(self.dir / LEASE_FILE, self._info())
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{self.dir.name}", daemon=True)
+        self._thread.start()
+        return None
+
+    def acquire(self, wait: bool = True, poll_s: float = 0.5, on_wait=None) -> dict | None:
+        """Take the lease; with wait=False return the live owner instead of waiting for it."""
+        told = False
+        while True:
+            owner = self.try_acquire()
+            if owner is None:
+                return None
+            if not wait:
+                return owner
+            if not told and on_wait is not None:
+                on_wait(owner)
+                told = True
+            time.sleep(poll_s)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                current = read_json(self.dir / LEASE_FILE)
+                if not current or current.get("token") != self.token:
+                    self.lost = True
+                    return
+                write_json(self.dir / LEASE_FILE, self._info())
+            except (OSError, ValueError):
+                continue  # a full or flaky filesystem: try again at the next beat
+
+    def check(self) -> None:
+        """Raise LeaseLost unless this process still holds the lease."""
+        if self.fd is None:
+            raise LeaseLost(f"{self.dir}: lease not held")
+        current = read_json(self.dir / LEASE_FILE)
+        if self.lost or not current or current.get("token") != self.token:
+            self.lost = True
+            raise LeaseLost(f"{self.dir}: the lease was taken over by {describe_owner(current)}; "
+                            "this attempt stops without writing")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self.fd is None:
+            return
+        try:
+            current = read_json(self.dir / LEASE_FILE)
+            if current and current.get("token") == self.token:
+                (self.dir / LEASE_FILE).unlink(missing_ok=True)
+        except (OSError, ValueError):
+            pass
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
 
 
 def concat_tables(tables: Iterable[pa.Table]) -> pa.Table | None:

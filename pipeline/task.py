@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import from_container
-from .shards import ShardStore, shard_name
+from .shards import shard_name
 
 
 def task_logger(run_dir: str, stage: str, shard: int) -> logging.Logger:
@@ -41,10 +41,8 @@ def run_task(cfg_container: dict[str, Any], shard: int) -> dict[str, Any]:
     logger.info(f"task start: stage={cfg.stage.name} shard={shard} pid={os.getpid()} host={os.uname().nodename} "
                 f"slurm_job={os.environ.get('SLURM_JOB_ID', '-')}")
     try:
-        return run_shard(cfg, shard, logger)
-    except BaseException as exc:
-        ShardStore(cfg.run_dir, cfg.stage.name, shard).record_failure(
-            f"{type(exc).__name__}: {exc}".strip()[:2000])
+        return run_shard(cfg, shard, logger)  # records a failure in the shard's _FAILED itself, under its lease
+    except BaseException:
         logger.error(traceback.format_exc())
         raise
 

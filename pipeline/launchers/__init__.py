@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 class LaunchResult:
     shards: list[int]
     failed_shards: dict[int, str] = field(default_factory=dict)   # shard -> error
+    busy_shards: dict[int, str] = field(default_factory=dict)     # shard -> the live owner that runs it (skipped)
     job_ids: list[str] = field(default_factory=list)
     waited: bool = True
 

@@ -54,6 +54,8 @@ def launch(cfg, shards: list[int], task: Callable[[dict, int], Any] = run_task) 
                 slot = futures[fut]
                 try:
                     stats = fut.result()
+                    if stats.get("leased_by"):
+                        result.busy_shards[shards[slot]] = stats["leased_by"]
                     items += stats.get("items", 0)
                     ok += stats.get("ok", 0)
                 except BrokenProcessPool:

@@ -113,6 +113,33 @@ def require_sbatch() -> None:
                           "source its env.sh, or run on a login node)")
 
 
+def _answers(cmd: list[str], timeout_s: float) -> str | None:
+    """None if `cmd` answers (exit 0) within the timeout, else one line saying how it failed."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except FileNotFoundError:
+        return f"{cmd[0]} is not on PATH"
+    except subprocess.TimeoutExpired:
+        return f"`{' '.join(cmd)}` did not answer within {timeout_s:g}s"
+    except OSError as exc:
+        return f"`{' '.join(cmd)}` could not run: {exc.strerror or exc}"
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
+        return f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}"
+    return None
+
+
+def require_slurm(timeout_s: float = 20.0) -> None:
+    """Launch preflight: sbatch installed and the controller answering (`sinfo`, `squeue`), before anything is
+    written or submitted. One ConfigError line otherwise (e.g. the controller is down for maintenance)."""
+    require_sbatch()
+    user = os.environ.get("USER") or os.environ.get("LOGNAME") or str(os.getuid())
+    for cmd in (["sinfo", "-h", "-o", "%P"], ["squeue", "-h", "-u", user, "-o", "%i"]):
+        problem = _answers(cmd, timeout_s)
+        if problem:
+            raise ConfigError(f"launcher=slurm but Slurm is not reachable: {problem}")
+
+
 def secretless(plain: dict, _path: tuple[str, ...] = ()) -> tuple[dict, dict[str, str]]:
     """(payload to pickle for Slurm, environment for sbatch): each secret becomes a reference to an env var."""
     payload, env = {}, {}
@@ -191,7 +218,10 @@ def launch(cfg, shards: list[int]) -> LaunchResult:
                 continue
             del pending[shard]
             try:
-                job.results()  # one per task: a multi-node task's workers return None, its first task the stats
+                # one per task: a multi-node task's workers return None, its first task the stats
+                leased = [r["leased_by"] for r in job.results() if isinstance(r, dict) and r.get("leased_by")]
+                if leased:
+                    result.busy_shards[shard] = leased[0]
             except Exception as exc:  # noqa: BLE001 - FailedJobError, UncompletedJobError: reported per shard
                 result.failed_shards[shard] = f"{type(exc).__name__}: {str(exc).strip()[:500]}"
             bar.update(1)
