@@ -27,7 +27,8 @@ def dataset(tmp_path_factory) -> tuple[str, dict]:
 
 
 def keys_of(batches) -> list[tuple[str, int]]:
-    return [(v, int(i)) for b in batches for v, i in zip(b["video_id"], b["segment_idx"])]
+    """The row keys of the real samples (sample_mask True) of `batches`, in order."""
+    return [(v, int(i)) for b in batches for v, i, m in zip(b["video_id"], b["segment_idx"], b["sample_mask"]) if m]
 
 
 def test_batches_follow_contract_and_equal_source_rows(dataset):
@@ -121,17 +122,6 @@ def test_resume_yields_exactly_the_remaining_batches(dataset):
         other.load_state_dict(state)
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_ranks_are_disjoint_with_equal_batch_counts(dataset, world_size):
-    url, source = dataset
-    cfg = LoaderConfig(batch_size=2, split_fractions=ALL_TRAIN, block_rows=4, shuffle_buffer_rows=8)
-    per_rank = [keys_of(DeepLakeSource(url, cfg, rank=r, world_size=world_size).batches(1))
-                for r in range(world_size)]
-    assert len({len(k) for k in per_rank}) == 1 and per_rank[0]
-    flat = [k for ks in per_rank for k in ks]
-    assert len(flat) == len(set(flat)) and set(flat) <= set(source)
-
-
 def test_build_source_factory(dataset):
     url, _ = dataset
     src = build_source({"source": "pipeline.loader:build_source", "batch_size": 2, "path": url,
@@ -162,3 +152,153 @@ def test_row_with_fewer_clip_embeddings_than_frames_is_an_error(dataset, tmp_pat
     with pytest.raises(ValueError, match=rf"\('{bad['video_id']}', {bad['segment_idx']}\): {n - 1} CLIP embeddings "
                                          rf"for {n} frames"):
         next(src.batches(0))
+
+
+# ---------------------------------------------------------------------------------------------- every row once
+
+UNEVEN = (0.5, 0.3, 0.2)
+
+
+def split_keys(source: dict, fractions) -> dict[str, set]:
+    """The oracle: each row's split from sha1 of its video id (rows of this dataset have no content id)."""
+    out = {s: set() for s in ("train", "val", "test")}
+    for key in source:
+        out[split_of(key[0], fractions)].add(key)
+    return out
+
+
+def one_epoch(url, cfg, split, world_size, epoch=1, stop_at=None):
+    """Every rank's batches of `epoch`; with `stop_at`, each rank stops after that many steps, is checkpointed
+    (state_dict), and a fresh source resumes it (load_state_dict + resume) to the end of the epoch."""
+    per_rank = []
+    for rank in range(world_size):
+        src = DeepLakeSource(url, cfg, split, rank=rank, world_size=world_size)
+        if stop_at is None:
+            per_rank.append(list(src.batches(epoch)))
+            continue
+        it = src.batches(epoch)
+        head = [next(it) for _ in range(stop_at)]
+        state = src.state_dict()
+        resumed = DeepLakeSource(url, cfg, split, rank=rank, world_size=world_size)
+        resumed.load_state_dict(state)
+        per_rank.append(head + list(resumed.resume()))
+    return per_rank
+
+
+def assert_every_row_once(per_rank, want: set, batch_size: int):
+    counts: dict = {}
+    for batches in per_rank:
+        for key in keys_of(batches):
+            counts[key] = counts.get(key, 0) + 1
+    assert set(counts) == want and set(counts.values()) <= {1}, \
+        (len(want), len(counts), sorted(k for k, c in counts.items() if c > 1)[:5])
+    steps = {len(b) for b in per_rank}
+    assert len(steps) == 1, steps                                 # ranks in lockstep
+    n_steps = steps.pop()
+    longest = -(-len(want) // len(per_rank))
+    assert n_steps == -(-longest // batch_size)
+    for step in range(n_steps):                                   # the same batch size on every rank at a step
+        sizes = {len(b[step]["video_id"]) for b in per_rank}
+        assert len(sizes) == 1 and 0 < sizes.pop() <= batch_size
+    for batches in per_rank:
+        for b in batches:
+            assert b["sample_mask"].dtype == torch.bool and b["sample_mask"].shape == (len(b["video_id"]),)
+
+
+@pytest.mark.parametrize("world_size", range(1, 17))
+def test_every_row_exactly_once_per_epoch_over_all_ranks(dataset, world_size):
+    """Counted over all ranks, every row of each split (uneven sizes: 50/30/20 %) is yielded exactly once per
+    epoch, for shuffled and sequential orders, several block sizes and batch sizes, also when each rank is
+    checkpointed mid-epoch and resumed by a fresh source. Oracle: the split of each row from sha1 of its id."""
+    url, source = dataset
+    want = split_keys(source, UNEVEN)
+    assert sorted(len(v) for v in want.values()) != [len(source) / 3] * 3 and all(want.values())
+    for split in ("train", "val", "test"):
+        for shuffle in (True, False):
+            for block_rows, batch_size in ((1, 1), (5, 3), (64, 4)):
+                cfg = LoaderConfig(batch_size=batch_size, block_rows=block_rows, shuffle_buffer_rows=7,
+                                   shuffle=shuffle, split_fractions=UNEVEN, seed=world_size)
+                whole = one_epoch(url, cfg, split, world_size)
+                assert_every_row_once(whole, want[split], batch_size)
+                steps = len(whole[0])
+                if steps >= 2 and block_rows == 5:
+                    resumed = one_epoch(url, cfg, split, world_size, stop_at=steps // 2)
+                    assert_every_row_once(resumed, want[split], batch_size)
+                    assert [keys_of(b) for b in resumed] == [keys_of(b) for b in whole]
+
+
+def test_a_split_smaller_than_the_world_pads_every_empty_rank(dataset):
+    """16 ranks over a split of fewer rows: every rank still has one batch (eval loss is defined), the ranks
+    without a row of their own carry only padding, and the real rows are each there once."""
+    url, source = dataset
+    val = split_keys(source, (0.9, 0.05, 0.05))["val"]
+    assert 0 < len(val) < 16
+    per_rank = one_epoch(url, LoaderConfig(batch_size=4, split_fractions=(0.9, 0.05, 0.05)), "val", 16)
+    assert_every_row_once(per_rank, val, 4)
+    assert sum(1 for b in per_rank if not b[0]["sample_mask"].any()) == 16 - len(val)
+
+
+def test_padding_samples_are_real_rows_marked_false(dataset):
+    url, source = dataset
+    cfg = LoaderConfig(batch_size=4, split_fractions=ALL_TRAIN, shuffle=False)
+    per_rank = one_epoch(url, cfg, "train", 3)      # 76 rows: 26 + 25 + 25, the short ranks pad once
+    padded = [b[-1] for b in per_rank if not b[-1]["sample_mask"].all()]
+    assert len(padded) == 3 - len(source) % 3
+    for b in padded:
+        fake = [i for i, m in enumerate(b["sample_mask"].tolist()) if not m]
+        assert fake and all((b["video_id"][i], int(b["segment_idx"][i])) in source for i in fake)
+
+
+# ---------------------------------------------------------------------------------------------- changed settings
+
+
+@pytest.mark.parametrize("change", [{"block_rows": 8}, {"shuffle_buffer_rows": 16}, {"shuffle": False},
+                                    {"world_size": 3}, {"batch_size": 2}, {"seed": 9}])
+def test_changed_loader_settings_mid_epoch_are_refused_in_one_line(dataset, change):
+    url, _ = dataset
+    base = dict(batch_size=3, block_rows=4, shuffle_buffer_rows=8, split_fractions=ALL_TRAIN, seed=1)
+    src = DeepLakeSource(url, LoaderConfig(**base), rank=0, world_size=2)
+    it = src.batches(1)
+    next(it), next(it)
+    state = src.state_dict()
+    world = change.get("world_size", 2)
+    cfg = LoaderConfig(**{**base, **{k: v for k, v in change.items() if k != "world_size"}})
+    other = DeepLakeSource(url, cfg, rank=0, world_size=world)
+    with pytest.raises(ValueError) as err:
+        other.load_state_dict(state)
+    msg = str(err.value)
+    assert "\n" not in msg and "middle of epoch 1" in msg and next(iter(change)) in msg
+
+
+def test_changed_settings_at_an_epoch_boundary_replan_the_next_epoch(dataset):
+    """A checkpoint at the end of an epoch resumes under new settings (another world size, block size): the
+    finished epoch yields nothing more and the next one holds every row once under the new plan."""
+    url, source = dataset
+    old = LoaderConfig(batch_size=4, block_rows=4, shuffle_buffer_rows=8, split_fractions=ALL_TRAIN)
+    new = LoaderConfig(batch_size=3, block_rows=16, shuffle_buffer_rows=8, split_fractions=ALL_TRAIN)
+    states = []
+    for rank in range(2):
+        src = DeepLakeSource(url, old, rank=rank, world_size=2)
+        list(src.batches(1))
+        states.append(src.state_dict())
+    assert states[0]["step"] == states[0]["epoch_steps"]
+    resumed = []
+    for rank in range(3):
+        src = DeepLakeSource(url, new, rank=rank, world_size=3)
+        src.load_state_dict(states[0])
+        assert list(src.resume()) == []                # epoch 1 is complete
+        resumed.append(list(src.batches(2)))
+    assert_every_row_once(resumed, set(source), 3)
+    start = DeepLakeSource(url, new, rank=0, world_size=3)     # at step 0 any settings are fine
+    start.load_state_dict({**states[0], "step": 0})
+    assert keys_of(start.resume()) == keys_of(DeepLakeSource(url, new, rank=0, world_size=3).batches(1))
+
+
+def test_another_split_or_dataset_is_always_refused(dataset):
+    url, _ = dataset
+    src = DeepLakeSource(url, LoaderConfig(batch_size=3, split_fractions=UNEVEN), "train")
+    state = src.state_dict()
+    for kwargs in ({"split": "val"}, {}):
+        cfg = LoaderConfig(batch_size=3, split_fractions=UNEVEN if kwargs else (0.6, 0.2, 0.2))
+        with pytest.raises(ValueError, match="split"):
+            DeepLakeSource(url, cfg, **kwargs).load_state_dict({**state, "step": 0})

@@ -9,13 +9,20 @@ A batch is a dict of B samples (one sample = one ASR segment of one video, or on
     frame_time: FloatTensor[B, F]     frame PTS relative to the segment start, seconds
     audio: FloatTensor[B, D_audio];   audio_mask: BoolTensor[B]
     scene_text: list[str]        scene-graph serialisation, e.g. "person holding cup; cup on table"
+    sample_mask: BoolTensor[B]   optional; False marks a padding sample (a repeat that evens out the ranks):
+                                 no loss, no token count, no metric, no prediction
+
+`Prefetcher` runs a batch source (reading, collation) and the `InputBuilder` (tokenisation) in a background
+thread, a bounded number of batches ahead of the training step (`data.prefetch`).
 """
 from __future__ import annotations
 
 import hashlib
 import importlib
+import queue
+import threading
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
 
 import torch
 
@@ -69,9 +76,11 @@ class InputBuilder:
         self.cfg = cfg
         self.pad_id = tokenizer.pad_token_id
         self.eos_id = tokenizer.eos_token_id
+        self._lock = threading.Lock()     # a prefetch thread and the eval loop may tokenise at the same time
 
     def _ids(self, texts: list[str], max_len: int, keep: str) -> list[list[int]]:
-        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        with self._lock:
+            ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         room = max(max_len - 1, 0)
         # the prompt keeps its end (the words right before the segment); everything else keeps its start
         cut = [(x[-room:] if room else []) if keep == "end" else x[:room] for x in ids]
@@ -109,20 +118,29 @@ class InputBuilder:
         out = self.encoder_inputs(batch)
         out["labels"], out["decoder_attention_mask"] = self.labels(batch["text"])
         if "sample_mask" in batch:      # padding rows (evening out the ranks) must not count in any loss
-            out["labels"][~batch["sample_mask"].bool()] = -100
+            out["sample_mask"] = batch["sample_mask"].bool()
+            out["labels"][~out["sample_mask"]] = -100
         return out
 
     def token_counts(self, inputs: dict[str, torch.Tensor]) -> dict[str, int]:
         """Positions in use: `encoder` (every encoder part in use), of them `frames` and `audio`, and `decoder`
-        (target tokens). The tokens/s figure is encoder + decoder; MFU weighs each by its own FLOPs."""
+        (target tokens). The tokens/s figure is encoder + decoder; MFU weighs each by its own FLOPs. Padding
+        samples (`sample_mask` False) count nothing."""
         cfg = self.cfg
-        frames = int(inputs["clip_mask"].sum()) if cfg.use_frames else 0
-        audio = int(inputs["audio_mask"].sum()) if cfg.use_audio else 0
+        real = inputs.get("sample_mask")
+        if real is None:
+            real = torch.ones(inputs["audio_mask"].shape[0], dtype=torch.bool, device=inputs["audio_mask"].device)
+
+        def used(mask: torch.Tensor) -> int:
+            return int(mask[real].sum())
+
+        frames = used(inputs["clip_mask"]) if cfg.use_frames else 0
+        audio = used(inputs["audio_mask"]) if cfg.use_audio else 0
         encoder = frames + audio
         if cfg.use_scene_graph:
-            encoder += int(inputs["scene_mask"].sum())
+            encoder += used(inputs["scene_mask"])
         if cfg.use_prompt:
-            encoder += int(inputs["prompt_mask"].sum())
+            encoder += used(inputs["prompt_mask"])
         return {"encoder": encoder, "frames": frames, "audio": audio,
                 "decoder": int((inputs["labels"] != -100).sum())}
 
@@ -134,6 +152,92 @@ class InputBuilder:
 
 def to_device(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+
+
+class Prefetcher:
+    """Iterates `items` in a background thread, at most `depth` items ahead of the consumer, applying `fn` to
+    each there (e.g. the Deep Lake reads and collation of a source's generator plus tokenisation). Order and
+    values are those of plain iteration; an exception in the thread is raised by `__next__`. depth 0 iterates
+    in the caller's thread.
+
+    The thread runs while the consumer computes (torch, tokenizers and Deep Lake release the GIL in their native
+    code), so the input work of the next batches overlaps the training step. `close()` stops it (it is a
+    daemon thread, so a process that exits without closing does not wait for it)."""
+
+    _END = object()
+
+    def __init__(self, items: Iterable[Any], depth: int = 2, fn: Callable[[Any], Any] | None = None,
+                 pin_memory: bool = False):
+        self.fn = fn or (lambda x: x)
+        self.depth, self.pin_memory = int(depth), pin_memory
+        self._items = iter(items)
+        self._stop = threading.Event()
+        self._done = False
+        if self.depth > 0:
+            self._queue: queue.Queue = queue.Queue(maxsize=self.depth)
+            self._thread = threading.Thread(target=self._run, name="batch-prefetch", daemon=True)
+            self._thread.start()
+
+    def _prepare(self, item: Any) -> Any:
+        out = self.fn(item)
+        if self.pin_memory:
+            out = _pinned(out)
+        return out
+
+    def _put(self, value: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for item in self._items:
+                if not self._put(("item", self._prepare(item))):
+                    return
+            self._put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            self._put(("error", exc))
+
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        if self.depth <= 0:
+            try:
+                return self._prepare(next(self._items))
+            except StopIteration:
+                self._done = True
+                raise
+        kind, value = self._queue.get()
+        if kind == "item":
+            return value
+        self._done = True
+        if kind == "error":
+            raise value
+        raise StopIteration
+
+    def close(self) -> None:
+        self._stop.set()
+        self._done = True
+        if self.depth > 0 and self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+
+
+def _pinned(value: Any) -> Any:
+    """Tensors (also inside dicts and tuples) in page-locked memory, for asynchronous host-to-GPU copies."""
+    if isinstance(value, torch.Tensor):
+        return value.pin_memory()
+    if isinstance(value, dict):
+        return {k: _pinned(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_pinned(v) for v in value)
+    return value
 
 
 # ---------------------------------------------------------------------------------------------- synthetic data

@@ -16,7 +16,7 @@ import signal
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -24,7 +24,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from pipeline.models.vpt import VPT, VPTConfig, build_vpt, lm_losses, load_exported
 from pipeline.train.checkpoint import Checkpointer
-from pipeline.train.data import BatchSource, InputBuilder, build_source, to_device
+from pipeline.train.data import BatchSource, InputBuilder, Prefetcher, build_source, to_device
 from pipeline.train.metrics import (ActivationNorms, MetricsWriter, Throughput, count_params, flop_params,
                                     grad_norms, mfu, train_flops)
 
@@ -113,28 +113,52 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def token_weighted_losses(logits: torch.Tensor, labels: torch.Tensor, z_loss_coef: float, device: torch.device,
+                          extra: list[float] = ()) -> tuple[torch.Tensor, float, float, list[float]]:
+    """(loss to backpropagate on this rank, cross-entropy, z-loss, `extra` summed over ranks).
+
+    The cross-entropy and z-loss are means over the target tokens of ALL ranks, so a rank with fewer target
+    tokens (shorter answers, padding samples with `sample_mask` False, whose labels are all -100) weighs by its
+    tokens, not as a whole rank: this rank's loss is its token sum x world_size / all ranks' tokens, and the
+    gradient average of FSDP (a mean over ranks) makes that the gradient of the global token mean. One
+    all-reduce (of 3 + len(extra) numbers) before backward."""
+    ce, z, n = lm_losses(logits, labels)
+    world = dist.get_world_size()
+    n_local = float(n)
+    ce_sum, z_sum, n_all, *rest = all_reduce_sum(
+        [float(ce.detach()) * n_local, float(z.detach()) * n_local, n_local, *extra], device)
+    share = n_local * world / n_all if n_all else 0.0
+    loss = (ce + z_loss_coef * z) * share
+    return loss, (ce_sum / n_all if n_all else float("nan")), (z_sum / n_all if n_all else float("nan")), rest
+
+
 @torch.no_grad()
-def evaluate(model: VPT, source: BatchSource, builder: InputBuilder, device: torch.device, max_steps: int) -> float:
-    """Token-weighted cross-entropy over (at most `max_steps` batches of) the held-out split, all ranks.
+def evaluate(model: VPT, source: BatchSource, builder: InputBuilder, device: torch.device, max_steps: int,
+             prefetch: int = 0) -> float:
+    """Token-weighted cross-entropy over (at most `max_steps` batches of) the held-out split, all ranks; padding
+    samples (`sample_mask` False) have no labels and do not count.
 
     Every forward all-gathers weights from every rank, so the ranks agree before each batch that they all have
     one: a source yielding more batches on one rank fails here with a message instead of hanging."""
     model.eval()
     world = dist.get_world_size()
     ce_sum, n_sum = 0.0, 0.0
-    batches = iter(source.batches(0, 0))
-    for i in itertools.count():
-        batch = next(batches, None) if not (max_steps and i >= max_steps) else None
-        have = int(all_reduce_sum([float(batch is not None)], device)[0])
-        if have == 0:
-            break
-        if have != world:
-            raise RuntimeError(f"eval batch {i}: only {have} of {world} ranks have one; a data source must "
-                               "yield the same number of batches on every rank (pad with `sample_mask`)")
-        inputs = to_device(builder(batch), device)
-        ce, _, n = lm_losses(model(inputs), inputs["labels"])
-        ce_sum += float(ce) * float(n)
-        n_sum += float(n)
+    batches = Prefetcher(source.batches(0, 0), prefetch, fn=builder, pin_memory=device.type == "cuda")
+    try:
+        for i in itertools.count():
+            inputs = next(batches, None) if not (max_steps and i >= max_steps) else None
+            have = int(all_reduce_sum([float(inputs is not None)], device)[0])
+            if have == 0:
+                break
+            if have != world:
+                raise RuntimeError(f"eval batch {i}: only {have} of {world} ranks have one; a data source must "
+                                   "yield the same number of batches on every rank (pad with `sample_mask`)")
+            inputs = to_device(inputs, device)
+            ce, _, n = lm_losses(model(inputs), inputs["labels"])
+            ce_sum += float(ce) * float(n)
+            n_sum += float(n)
+    finally:
+        batches.close()
     model.train()
     ce_sum, n_sum = all_reduce_sum([ce_sum, n_sum], device)
     return ce_sum / n_sum if n_sum else float("nan")  # nan: the held-out split is empty
@@ -155,23 +179,38 @@ def load_object(spec: str) -> Any:
 
 
 class BatchStream:
-    """Endless batches over epochs from a resumable position (epoch, step within the epoch)."""
+    """Endless batches over epochs from a resumable position (epoch, step within the epoch), each passed through
+    `prepare` (e.g. the `InputBuilder`). With `prefetch` > 0 the source's reading and collation and `prepare`
+    run in a background thread up to `prefetch` batches ahead (`Prefetcher`); the position (and so every
+    checkpoint) is that of the batches handed out by `next()`, not of those read ahead."""
 
-    def __init__(self, source: BatchSource, epoch: int = 0, step_in_epoch: int = 0):
+    def __init__(self, source: BatchSource, epoch: int = 0, step_in_epoch: int = 0,
+                 prepare: Callable[[dict], Any] | None = None, prefetch: int = 0, pin_memory: bool = False):
         self.source, self.epoch, self.step_in_epoch = source, epoch, step_in_epoch
-        self._it: Iterator[dict] | None = None
+        self.prepare = prepare or (lambda b: b)
+        self._feed = Prefetcher(self._positions(), prefetch, fn=lambda x: (x[0], x[1], self.prepare(x[2])),
+                                pin_memory=pin_memory)
 
-    def next(self) -> dict[str, Any]:
-        for _ in range(2):
-            if self._it is None:
-                self._it = iter(self.source.batches(self.epoch, self.step_in_epoch))
-            batch = next(self._it, None)
-            if batch is not None:
-                self.step_in_epoch += 1
-                return batch
-            self._it, self.epoch, self.step_in_epoch = None, self.epoch + 1, 0
-        raise RuntimeError(f"the data source yielded no batch for epoch {self.epoch}: is its split empty? "
-                           "(few videos: check the split fractions, e.g. data.loader.split_fractions)")
+    def _positions(self) -> Iterator[tuple[int, int, dict]]:
+        epoch, step = self.epoch, self.step_in_epoch
+        empty = 0
+        while True:
+            for batch in self.source.batches(epoch, step):
+                step += 1
+                empty = 0
+                yield epoch, step, batch
+            empty += 1
+            if empty == 2:
+                raise RuntimeError(f"the data source yielded no batch for epoch {epoch}: is its split empty? "
+                                   "(few videos: check the split fractions, e.g. data.loader.split_fractions)")
+            epoch, step = epoch + 1, 0
+
+    def next(self) -> Any:
+        self.epoch, self.step_in_epoch, out = next(self._feed)
+        return out
+
+    def close(self) -> None:
+        self._feed.close()
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "source": self.source.state_dict()}
@@ -218,7 +257,7 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
         optimizer, warmup_cosine(ocfg["warmup_steps"], tcfg["max_steps"], ocfg["min_lr_ratio"]))
     ckpt = Checkpointer(Path(ccfg["dir"]), ccfg["keep_last"], d.rank, d.world_size)
     ckpt.write_static(model_cfg, model.backbone.config, tokenizer)
-    step, stream = 0, BatchStream(train_source)
+    step, position = 0, (0, 0)
     torch.manual_seed(cfg["seed"] + 1000 * (d.rank + 1))      # dropout differs per rank
     # resume_from: roll back to an earlier checkpoint (past a loss spike); the newer ones are moved aside
     if tcfg.get("resume_from") is not None:
@@ -229,12 +268,17 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
         state = ckpt.load(latest, model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
-        train_source.load_state_dict(state["data"]["source"])
-        stream = BatchStream(train_source, state["data"]["epoch"], state["data"]["step_in_epoch"])
+        position = (int(state["data"]["epoch"]), int(state["data"]["step_in_epoch"]))
+        # the stream's position is that of the consumed batches (the source's own may be read ahead)
+        train_source.load_state_dict({**state["data"]["source"], "epoch": position[0], "step": position[1]})
         if tcfg.get("resume_lr") is not None:
             set_base_lr(optimizer, scheduler, float(tcfg["resume_lr"]))
         if d.rank == 0:
             print(f"resumed from {latest} at step {step}", flush=True)
+
+    prefetch = int(cfg["data"].get("prefetch", 0) or 0)
+    stream = BatchStream(train_source, *position, prepare=builder, prefetch=prefetch,
+                         pin_memory=d.device.type == "cuda")
 
     # ---- metrics
     writer = MetricsWriter(run_dir, d.rank, tensorboard=cfg["logging"]["tensorboard"],
@@ -248,13 +292,14 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
     # ---- steps
     model.train()
     while step < tcfg["max_steps"]:
-        inputs = to_device(builder(stream.next()), d.device)
+        inputs = to_device(stream.next(), d.device)
         log_detail = (step + 1) % tcfg["log_every"] == 0
         act_norms.enabled = log_detail
 
         logits = model(inputs)
-        ce, z_loss, n_target = lm_losses(logits, inputs["labels"])
-        loss = ce + tcfg["z_loss_coef"] * z_loss
+        counts = builder.token_counts(inputs)         # padding samples count nothing
+        loss, ce_mean, z_mean, totals = token_weighted_losses(logits, inputs["labels"], tcfg["z_loss_coef"],
+                                                              d.device, [float(v) for v in counts.values()])
         loss.backward()
 
         detail = grad_norms(norm_groups, d.device, d.world_size) if log_detail else {}
@@ -265,12 +310,9 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        counts = builder.token_counts(inputs)
-        ce_sum, z_sum, *totals = all_reduce_sum(
-            [float(ce.detach()), float(z_loss.detach()), *map(float, counts.values())], d.device)
         counts = dict(zip(counts, map(int, totals)))          # all ranks' positions, per part
         meter.add(counts["encoder"] + counts["decoder"], train_flops(flop_weights, counts))
-        scalars = {"loss": ce_sum / d.world_size, "z_loss": z_sum / d.world_size,
+        scalars = {"loss": ce_mean, "z_loss": z_mean,
                    "grad_norm": float(total_norm), "lr": scheduler.get_last_lr()[0], "epoch": stream.epoch}
         if log_detail:
             tokens_per_s, flops_per_s = meter.rate()
@@ -284,7 +326,7 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
         eval_now = eval_source is not None and step % tcfg["eval_every"] == 0
         if eval_now:
             with meter.paused():        # tokens/s and MFU measure training steps only
-                eval_loss = evaluate(model, eval_source, builder, d.device, tcfg["eval_steps"])
+                eval_loss = evaluate(model, eval_source, builder, d.device, tcfg["eval_steps"], prefetch)
             if math.isnan(eval_loss):
                 eval_now, eval_loss = False, None
                 if d.rank == 0:
@@ -305,6 +347,7 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
         summary["loss"] = scalars["loss"]
 
     # ---- done
+    stream.close()
     act_norms.remove()
     writer.close()
     latest, best = ckpt.latest(), ckpt.best()     # None with checkpoint.every=0
