@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,8 @@ class CrashyConfig(StageConfig):
     raise_on: str = ""      # this video raises out of process(): a shard error, the process lives on
     batch: int = 1          # items taken before any result is returned (a stage with several in flight)
     max_item_crashes: int = 2
+    hold_on: str = ""       # this video waits until the file `gate` exists (writes `<gate>.reached` first)
+    gate: str = ""
 
 
 class CrashyStage(Stage):
@@ -51,6 +54,10 @@ class CrashyStage(Stage):
 
     def _run(self, batch):
         for w in batch:
+            if w.video_id == self.cfg.hold_on:
+                Path(self.cfg.gate + ".reached").write_text(str(os.getpid()))
+                while not Path(self.cfg.gate).exists():
+                    time.sleep(0.02)
             if w.video_id == self.cfg.crash_on:
                 os.kill(os.getpid(), signal.SIGKILL)
             if w.video_id == self.cfg.raise_on:
@@ -208,3 +215,53 @@ def test_local_launcher_survives_a_dead_worker(tmp_path):
     assert launch(cfg, [0], task=_task).ok
     ledger = {r["video_id"]: r for r in ShardStore(run, "crashy", 0).read_ledger()}
     assert ledger[bad]["reason"].startswith("crashed") and ledger[bad]["status"] == "failed"
+
+
+def _group_alive(pgid: int) -> list[int]:
+    import psutil
+
+    alive = []
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p.pid)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return alive
+
+
+def test_outside_kill_of_the_whole_task_is_not_counted_against_the_item(tmp_path):
+    """Preemption / a kill of the task's process group while one healthy video is alone in flight, twice: the
+    video is a suspect (run alone first) but not `crashed`, nothing of the task outlives the kill, and the
+    re-run completes it. (A death of the worker alone is counted: test_item_that_kills_its_worker_...)"""
+    run = _run_dir(tmp_path, 4)
+    store = ShardStore(run, "crashy", 0)
+    gate = tmp_path / "gate"  # never opened: v2 stays in flight until the kill
+    cfg = _cfg(run, hold_on="v2", gate=str(gate), flush_every=1)
+    script = (f"import sys, json; sys.path.insert(0, {str(TESTS)!r})\n"
+              "import test_engine_crash as t\n"
+              "t._task(json.loads(sys.argv[1]), 0)\n")
+    for attempt in range(2):
+        reached = Path(str(gate) + ".reached")
+        reached.unlink(missing_ok=True)
+        proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(container(cfg))], cwd=TESTS.parent,
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while not reached.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert reached.exists(), "the task never reached v2"
+        assert json.loads((store.parts_dir / "inflight.json").read_text())["inflight"] == ["v2"]  # alone
+        os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+        deadline = time.time() + 10
+        while _group_alive(proc.pid) and time.time() < deadline:
+            time.sleep(0.05)
+        assert _group_alive(proc.pid) == []  # the witness went with the task
+        assert not store.is_complete()
+    assert store.in_flight().crashes == {"v2": 0}   # a suspect, never counted
+
+    assert _run_in_subprocess(_cfg(run, flush_every=1)) == 0
+    ledger = {r["video_id"]: r for r in store.read_ledger()}
+    assert sorted(ledger) == ["v0", "v1", "v2", "v3"] and len(store.read_ledger()) == 4
+    assert all(r["status"] == "ok" for r in ledger.values()), ledger
+    assert store.read_table("rows").column("video_id").to_pylist() == ["v0", "v1", "v2", "v3"]
