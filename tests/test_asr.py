@@ -88,8 +88,14 @@ def _assert_well_formed(res, video_id: str, duration: float) -> None:
 def test_segments_are_well_formed(results, video_id, duration):
     res = results[0][video_id]
     _assert_well_formed(res, video_id, duration)
-    starts = [s["start"] for s in res.rows["segments"]]
-    assert starts == sorted(starts)  # batched: one segment per VAD chunk, in time order
+    segments = res.rows["segments"]
+    starts = [s["start"] for s in segments]
+    assert starts == sorted(starts)  # sentences re-cut from the words of all chunks, in time order
+    for s in segments:  # a row's text is its words, from its first word's start to its last word's end
+        assert "".join(w["word"] for w in s["words"]).strip() == s["text"]
+        assert s["start"] == s["words"][0]["start"] and s["end"] == max(w["end"] for w in s["words"])
+    for a, b in zip(segments, segments[1:]):
+        assert a["end"] <= b["start"]
 
 
 @pytest.mark.parametrize("video_id", ["lecture", "cuts"])
@@ -149,14 +155,21 @@ def test_sequential_path_matches_structure(clip15, cache_dir, tmp_path):
     bat = _run_inline(AsrConfig(batch_size=8, beam_size=1), clip15, cache_dir, tmp_path / "bat")
     for res in (seq, bat):
         _assert_well_formed(res, "lecture15", 15.0)
-    # Segmentation differs by design (model timestamp tokens vs one segment per VAD chunk), and with random
-    # timestamps and word alignment the sequential segments need not be time-ordered; the rows' shape, the audio
-    # they cover and the language detected from the same speech must agree.
+    # Both paths re-cut their decoded words into sentences; with the random model their texts differ (the
+    # sequential decoder is prompted with its previous text and emits timestamp tokens), so the rows' shape, the
+    # audio they cover and the language detected from the same speech must agree.
     (seq_video,), (bat_video,) = seq.rows["videos"], bat.rows["videos"]
     assert seq_video["duration"] == bat_video["duration"]
     assert seq_video["language"] == bat_video["language"]
     assert seq_video["language_probability"] == pytest.approx(bat_video["language_probability"], rel=0.1)
-    assert len(seq.rows["segments"]) > len(bat.rows["segments"])  # the sequential path did split at timestamps
+    from pipeline.stages.asr import ends_sentence
+
+    for res in (seq, bat):  # rows are sentences: a word that ends a sentence ends its row
+        segments = res.rows["segments"]
+        assert len(segments) >= 2
+        assert sum(bool(s["words"]) for s in segments) >= 2
+        for s in segments:
+            assert not any(ends_sentence(w["word"]) for w in s["words"][:-1])
 
 
 def test_batched_without_vad_decodes_fixed_windows(media, cache_dir, tmp_path):
@@ -172,8 +185,10 @@ def test_batched_without_vad_decodes_fixed_windows(media, cache_dir, tmp_path):
     _assert_well_formed(res, "lecture", 60.0)
     segments, duration = res.rows["segments"], res.rows["videos"][0]["duration"]
     windows = _fixed_windows(duration, 30.0)  # the copied 60 s mp3 runs a few ms over: a short third window
-    assert 1 <= len(segments) <= len(windows)  # at most one segment per window, each inside its window
-    assert all(any(w["start"] <= s["start"] <= s["end"] <= w["end"] for w in windows) for s in segments)
+    # each window is decoded and aligned on its own: every word lies inside one window (rows are then re-cut
+    # into sentences over the words of all windows)
+    words = [w for s in segments for w in s["words"]]
+    assert words and all(any(x["start"] <= w["start"] <= w["end"] <= x["end"] for x in windows) for w in words)
 
 
 @pytest.mark.parametrize("language", ["en", "de"])

