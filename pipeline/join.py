@@ -12,7 +12,8 @@ Every pairing is by explicit keys, never by list order:
   "no_frames"; the row is kept or dropped per `keep_no_frames`);
 - CLIP and scene graphs by (video_id, frame_idx); audio by (video_id, segment_idx);
 - prev_text: the texts of the `prev_segments` speech segments directly before this one (by segment_idx),
-  never the segment's own text.
+  never the segment's own text;
+- content_id: the download stage's content identity of the video, on every row ("" when it has none).
 Whether the joined modalities actually agree (spans, PTS, frame sets) is the verifier's job (`pipeline.verify`).
 """
 from __future__ import annotations
@@ -116,6 +117,8 @@ def join_video(video_id: str, inputs: dict[str, dict[str, list[dict]]], params: 
     audio_by_segment = {int(r["segment_idx"]): r for r in inputs.get("audio", {}).get("audio", [])}
     clip_models = sorted({str(r.get("model")) for r in clip_by_frame.values() if r.get("model")})
     prov = json.dumps({**provenance, "clip_model": ",".join(clip_models)}, sort_keys=True)
+    downloaded = inputs.get("download", {}).get("videos", [])
+    content = str(downloaded[0].get("content_id") or "") if downloaded else ""
 
     segments = plan_segments(inputs, params)
     speech_texts: list[tuple[int, str]] = [(s["segment_idx"], s["text"]) for s in segments if s["is_speech"]]
@@ -163,7 +166,7 @@ def join_video(video_id: str, inputs: dict[str, dict[str, list[dict]]], params: 
                                                    "relations": s.get("relations") or []}, default=str)}
                              for s in scenes],
             "scene_text": "; ".join(s.get("text") for s in scenes if s.get("text")),
-            "flags": ",".join(flags), "shard": shard, "provenance": prov,
+            "flags": ",".join(flags), "shard": shard, "provenance": prov, "content_id": content,
         })
     return rows, dropped
 

@@ -9,6 +9,9 @@ One row = one ASR segment (or, for a video without speech, one fixed window) of 
     audio (D_audio float16, the embedding of exactly [start, end)), has_audio, audio_labels, audio_scores
     scene_graphs (per frame: frame_idx, pts, text, objects+relations as JSON), scene_text ("; "-joined texts)
     flags ("no_frames", "nearest_frame", "no_audio"... comma-separated), shard, provenance (JSON)
+    content_id   the video's content identity from the download stage (`youtube:<id>`, `sha256:<file hash>`):
+                 what the loader splits by, so duplicates of one content stay in one split ("": unknown; rows of
+                 datasets made before the column existed read None; both fall back to video_id)
 
 Time origin: every time is seconds on the container's timeline. Frame PTS are stream PTS; ASR/audio times index
 `pipeline.audio.load_audio` samples, which start at time 0 (an audio track that starts late is preceded by
@@ -22,6 +25,9 @@ Batch contract (what `pipeline.loader` yields and `pipeline.train.data` consumes
     frame_time: FloatTensor[B, F] frame PTS minus segment start (seconds)
     audio: FloatTensor[B, D_audio];   audio_mask: BoolTensor[B]
     scene_text: list[str]        scene-graph texts of the segment's frames joined with "; "
+    sample_mask: BoolTensor[B]   False for padding samples: repeated rows that give every rank the same number
+                                 of equally sized batches (a split that does not divide by the ranks); losses,
+                                 token counts, metrics and predictions leave them out
 """
 from __future__ import annotations
 
@@ -59,6 +65,7 @@ ROW_SCHEMA = pa.schema([
     ("audio_labels", pa.list_(pa.string())), ("audio_scores", pa.list_(pa.float32())),
     ("scene_graphs", pa.list_(SCENE)), ("scene_text", pa.string()),
     ("flags", pa.string()), ("shard", pa.int64()), ("provenance", pa.string()),
+    ("content_id", pa.string()),
 ])
 COLUMNS = tuple(ROW_SCHEMA.names)
 
@@ -96,6 +103,7 @@ def deeplake_columns() -> dict[str, Any]:
         "scene_graphs": types.Dict(),                                 # {"frames": [{frame_idx, pts, text, graph}]}
         "scene_text": types.Text(),
         "flags": types.Text(), "shard": types.Int64(), "provenance": types.Dict(),
+        "content_id": types.Text(),                                   # split key; added to older datasets
     }
 
 
@@ -129,6 +137,7 @@ def to_deeplake_columns(table: pa.Table) -> dict[str, list]:
         "scene_graphs": [{"frames": sg or []} for sg in d["scene_graphs"]],
         "scene_text": d["scene_text"], "flags": d["flags"], "shard": d["shard"],
         "provenance": [json.loads(p) if p else {} for p in d["provenance"]],
+        "content_id": [c or "" for c in d.get("content_id", [None] * n)],
     }
     clips = []
     for m in d["clip"]:

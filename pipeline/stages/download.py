@@ -8,9 +8,19 @@ unsupported_url, live, too_long, too_large, not_a_file, error.
 Requests are paced: `sleep_between_s` after every attempt, exponential backoff before a retry, a longer one after
 each HTTP 429, all with jitter. The cookies file is read through a private per-task copy (yt-dlp rewrites the
 cookie file it is given), and the proxy never appears in a recorded reason or log line.
+
+Content identity: every video gets a `content_id` in the `videos` table, what the dataset's train/val/test split
+is decided by (`pipeline.loader`), so that one piece of content under two ids never lands in two splits:
+- a video from a site extractor of yt-dlp: `<extractor>:<id>` as yt-dlp canonicalises it (`youtube:dQw4w9WgXcQ`
+  for youtu.be/..., watch?v=...&t=..., shorts/..., or the bare id alike); the bytes of a site video depend on
+  the format chosen, its id does not;
+- a local file, a `file://` URL or a direct media URL (yt-dlp's `generic` extractor): `sha256:<hex>` of the
+  file's bytes, so a copy of a file, or one file under two URLs, is one content.
+Duplicates (a content id with more than one video id) are listed by `python -m pipeline status`.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -319,7 +329,8 @@ class DownloadStage(Stage):
             src = max(files, key=lambda p: p.stat().st_size)
             final = out_dir / f"{item.video_id}{src.suffix}"
             os.replace(src, final)
-            keep = {k: info.get(k) for k in ("title", "duration", "extractor", "format_id", "fps")} if info else {}
+            keep = ({k: info.get(k) for k in ("title", "duration", "extractor", "extractor_key", "id", "format_id",
+                                              "fps")} if info else {})
             return "ok", "", final, keep
         except Exception as exc:  # noqa: BLE001 - DownloadError and friends: classified, recorded
             if guard.refused:
@@ -334,8 +345,26 @@ class DownloadStage(Stage):
         row = {"video_id": item.video_id, "url": item.url, "path": str(path), "source": source,
                "filesize": path.stat().st_size, "duration": facts.get("duration") or info.get("duration"),
                "width": facts.get("width"), "height": facts.get("height"), "vcodec": facts.get("vcodec"),
-               "acodec": facts.get("acodec"), "title": info.get("title"), "extractor": info.get("extractor")}
+               "acodec": facts.get("acodec"), "title": info.get("title"), "extractor": info.get("extractor"),
+               "content_id": content_id(path, info)}
         return ItemResult(item.video_id, rows={"videos": [row]})
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def content_id(path: Path, info: dict) -> str:
+    """The identity of a video's content (see the module docstring): `<extractor>:<id>` for a site video,
+    `sha256:<hex>` of the file for local files and direct media URLs."""
+    extractor = str(info.get("extractor_key") or info.get("extractor") or "").lower()
+    if extractor and extractor != "generic" and info.get("id"):
+        return f"{extractor}:{info['id']}"
+    return f"sha256:{file_sha256(path)}"
 
 
 def _parse_bytes(size) -> int | None:
