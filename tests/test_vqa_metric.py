@@ -1,12 +1,18 @@
-"""The official VQAv2 accuracy: each normalisation rule, which side it applies to and when, partial credit,
-an oracle transcription of the official loop, whole-set scoring."""
+"""The official VQAv2 accuracy: each normalisation rule, which side it applies to and when, partial credit, for
+the current official script (a013f00, 2021) and the legacy one (458a8b2, 2016); both checked against the official
+files themselves (tests/reference/) on generated questions; whole-set scoring."""
 
+import copy
 import json
 import random
+import re
+import warnings
+from pathlib import Path
 
 import pytest
 
 from pipeline.eval.vqa import (
+    METRICS,
     evaluate,
     majority_baseline,
     normalize_answer,
@@ -81,7 +87,64 @@ def test_full_normalisation_chain():
     assert normalize_answer("\tThe Two, dogs!\n") == "2 dogs"
 
 
-# --------------------------------------------------------------------------- the prediction: always normalised
+# --------------------------------------------------------------------------- current: nothing is normalised when
+# the annotators agree, both sides fully normalised when they differ
+
+
+def test_t_shirt_example():
+    assert vqa_accuracy("t-shirt", ["t-shirt"] * 10) == 1.0
+    assert vqa_accuracy("t-shirt", ["t-shirt"] * 10, metric="legacy") == 0.0  # legacy: prediction -> "t shirt"
+
+
+@pytest.mark.parametrize("prediction, gt, expected", [
+    ("yes", "yes", 1.0),
+    (" yes\n", "yes", 1.0),              # newlines/tabs to spaces, stripped
+    ("\tyes", "yes", 1.0),
+    ("yes", " yes\t", 1.0),              # ...on the ground truth too
+    ("Yes", "yes", 0.0),                  # no lower-casing
+    ("yes!", "yes", 0.0),                 # no punctuation processing
+    ("yes.", "yes", 0.0),
+    ("yes.", "yes.", 1.0),
+    ("two", "2", 0.0),                    # no number words
+    ("two", "two", 1.0),
+    ("the left", "left", 0.0),            # no articles
+    ("the red", "the red", 1.0),
+    ("dont", "dont", 1.0),                # no contractions
+    ("dont", "don't", 0.0),
+    ("t-shirt", "t-shirt", 1.0),
+    ("Yes", "Yes", 1.0),
+])
+def test_identical_answers_are_compared_as_written(prediction, gt, expected):
+    assert vqa_accuracy(prediction, [gt] * 10) == expected
+
+
+def test_differing_answers_normalise_both_sides():
+    assert vqa_accuracy("Yes", ["yes"] * 9 + ["no"]) == 1.0                      # lower-cased
+    assert vqa_accuracy("yes!", ["yes"] * 9 + ["no"]) == 1.0                     # punctuation
+    assert vqa_accuracy("yes", ["yes!"] * 9 + ["no"]) == 1.0                     # ...on the answers too
+    assert vqa_accuracy("two", ["2"] * 9 + ["3"]) == 1.0                         # number words
+    assert vqa_accuracy("2", ["two"] * 8 + ["2"] * 2) == 1.0                     # ...on the answers too
+    assert vqa_accuracy("the red", ["Red."] * 3 + ["blue"] * 7) == pytest.approx(0.9)
+    assert vqa_accuracy("red", ["the red"] * 2 + ["blue"] * 8) == pytest.approx(0.6)  # articles dropped
+    assert vqa_accuracy("don't", ["dont"] * 9 + ["no"]) == 1.0                   # contractions
+    assert vqa_accuracy("cat", ["Cat.", "cat"] + ["dog"] * 8) == pytest.approx(0.6)
+    assert vqa_accuracy("t-shirt", ["t-shirt"] * 9 + ["shirt"]) == 1.0          # both -> "t shirt"
+    assert vqa_accuracy("t-shirt", ["t shirt"] * 9 + ["shirt"]) == 1.0
+    assert vqa_accuracy("1000", ["1,000"] * 9 + ["many"]) == 1.0                 # comma between digits deleted
+
+
+def test_agreement_is_decided_after_whitespace_cleaning():
+    # "yes" and "yes " are one answer once stripped: identical, so "Yes" is not lower-cased and scores 0
+    assert vqa_accuracy("Yes", ["yes"] * 5 + ["yes "] * 5) == 0.0
+    assert vqa_accuracy("Yes", ["yes"] * 5 + ["yes."] * 5) == 1.0  # differ -> normalised
+
+
+def test_normalize_answer_is_the_full_chain():
+    assert normalize_answer("\tThe Two, dogs!\n") == "2 dogs"
+
+
+# --------------------------------------------------------------------------- legacy (2016-2021): the prediction
+# always normalised, the ground truth as written or punctuation-only when the answers differ
 
 
 @pytest.mark.parametrize("prediction, gt, expected", [
@@ -100,49 +163,60 @@ def test_full_normalisation_chain():
     ("1,000", "1000", 1.0),              # comma between digits deleted
     ("black/white", "black white", 1.0),
     ("eleven", "11", 0.0),               # only none/zero..ten are number words
+    ("t-shirt", "t-shirt", 0.0),         # the prediction became "t shirt"
 ])
-def test_prediction_is_always_normalised(prediction, gt, expected):
+def test_legacy_prediction_is_always_normalised(prediction, gt, expected):
     # Ten identical answers: the ground truth is not processed at all, only the prediction is
-    assert vqa_accuracy(prediction, [gt] * 10) == expected
+    assert vqa_accuracy(prediction, [gt] * 10, metric="legacy") == expected
 
 
-# --------------------------------------------------------------------------- the ground truth: as written, or
-# punctuation only when the answers differ
+def test_legacy_identical_gt_answers_are_not_processed_at_all():
+    def legacy(prediction, gts):
+        return vqa_accuracy(prediction, gts, metric="legacy")
+
+    assert legacy("yes", ["yes."] * 10) == 0.0         # no punctuation processing
+    assert legacy("yes.", ["yes."] * 10) == 0.0        # ...but the prediction lost its period
+    assert legacy("Yes", ["Yes"] * 10) == 0.0          # not lower-cased (the prediction is)
+    assert legacy("yes", [" yes"] * 10) == 0.0         # not stripped
+    assert legacy("yes", ["yes\n"] * 10) == 0.0
+    assert legacy("two", ["two"] * 10) == 0.0          # the prediction became "2"
+    assert legacy("the red", ["the red"] * 10) == 0.0  # the prediction became "red"
+    assert legacy("dont", ["dont"] * 10) == 0.0        # the prediction became "don't"
 
 
-def test_identical_gt_answers_are_not_processed_at_all():
-    assert vqa_accuracy("yes", ["yes."] * 10) == 0.0         # no punctuation processing
-    assert vqa_accuracy("yes.", ["yes."] * 10) == 0.0        # ...but the prediction lost its period
-    assert vqa_accuracy("Yes", ["Yes"] * 10) == 0.0          # not lower-cased (the prediction is)
-    assert vqa_accuracy("yes", [" yes"] * 10) == 0.0         # not stripped
-    assert vqa_accuracy("yes", ["yes\n"] * 10) == 0.0
-    assert vqa_accuracy("two", ["two"] * 10) == 0.0          # the prediction became "2"
-    assert vqa_accuracy("the red", ["the red"] * 10) == 0.0  # the prediction became "red"
-    assert vqa_accuracy("dont", ["dont"] * 10) == 0.0        # the prediction became "don't"
+def test_legacy_differing_gt_answers_get_punctuation_only():
+    def legacy(prediction, gts):
+        return vqa_accuracy(prediction, gts, metric="legacy")
+
+    assert legacy("yes", ["yes."] * 9 + ["no"]) == 1.0                     # period stripped
+    assert legacy("1000", ["1,000"] * 9 + ["many"]) == 1.0                 # comma deleted
+    assert legacy("cat", ["Cat.", "cat"] + ["dog"] * 8) == pytest.approx(0.3)  # keeps its capital
+    assert legacy("RED!", ["Red"] * 8 + ["red."] * 2) == pytest.approx(0.6)
+    assert legacy("red", ["the red"] * 2 + ["blue"] * 8) == 0.0             # keeps its article
+    assert legacy("2", ["two"] * 8 + ["2"] * 2) == pytest.approx(0.6)      # number words stay
+    assert legacy("two", ["two"] * 5 + ["2"] * 5) == 1.0
+    assert legacy("don't", ["dont"] * 9 + ["no"]) == 0.0                   # no contractions
+    assert legacy("yes", ["yes!"] * 9 + ["no"]) == 0.0                     # "yes!" -> "yes "
 
 
-def test_differing_gt_answers_get_punctuation_only():
-    assert vqa_accuracy("yes", ["yes."] * 9 + ["no"]) == 1.0                     # period stripped
-    assert vqa_accuracy("1000", ["1,000"] * 9 + ["many"]) == 1.0                 # comma deleted
-    assert vqa_accuracy("cat", ["Cat.", "cat"] + ["dog"] * 8) == pytest.approx(0.3)  # keeps its capital
-    assert vqa_accuracy("RED!", ["Red"] * 8 + ["red."] * 2) == pytest.approx(0.6)
-    assert vqa_accuracy("red", ["the red"] * 2 + ["blue"] * 8) == 0.0             # keeps its article
-    assert vqa_accuracy("2", ["two"] * 8 + ["2"] * 2) == pytest.approx(0.6)      # number words stay
-    assert vqa_accuracy("two", ["two"] * 5 + ["2"] * 5) == 1.0
-    assert vqa_accuracy("don't", ["dont"] * 9 + ["no"]) == 0.0                   # no contractions
-    assert vqa_accuracy("yes", ["yes!"] * 9 + ["no"]) == 0.0                     # "yes!" -> "yes "
-
-
-def test_gt_whitespace_is_neither_cleaned_nor_stripped():
+def test_legacy_gt_whitespace_is_neither_cleaned_nor_stripped():
     # Raw strings decide whether the answers differ: "yes " is another answer, and punctuation keeps the space
-    assert vqa_accuracy("yes", ["yes"] * 2 + ["yes "] * 8) == pytest.approx(0.6)
-    assert vqa_accuracy("yes", ["yes"] * 9 + ["yes \t"]) == 1.0
-    assert vqa_accuracy("yes", ["yes\n"] * 9 + ["yes"]) == pytest.approx(0.3)  # only the last one matches
+    assert vqa_accuracy("yes", ["yes"] * 2 + ["yes "] * 8, metric="legacy") == pytest.approx(0.6)
+    assert vqa_accuracy("yes", ["yes"] * 9 + ["yes \t"], metric="legacy") == 1.0
+    assert vqa_accuracy("yes", ["yes\n"] * 9 + ["yes"], metric="legacy") == pytest.approx(0.3)
+
+
+def test_unknown_metric_is_an_error():
+    with pytest.raises(ValueError, match="vqa.metric"):
+        vqa_accuracy("yes", ["yes"], metric="2017")
+    with pytest.raises(ValueError, match="vqa.metric"):
+        evaluate([{"question_id": 1, "answer": "yes"}], None, [_annotation(1, "yes/no", ["yes"])], metric="x")
 
 
 # --------------------------------------------------------------------------- min(1, n/3) averaged over 10 choose 9
 
 
+@pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("n_matching, expected", [
     (0, 0.0),
     # 1 match: leaving out the matching annotator gives 0, each of the 9 others 1/3 -> 9 * (1/3) / 10
@@ -155,47 +229,71 @@ def test_gt_whitespace_is_neither_cleaned_nor_stripped():
     (4, 1.0),
     (10, 1.0),
 ])
-def test_partial_credit(n_matching, expected):
+def test_partial_credit(n_matching, expected, metric):
     gts = ["cat"] * n_matching + ["dog"] * (10 - n_matching)
-    assert vqa_accuracy("cat", gts) == pytest.approx(expected)
+    assert vqa_accuracy("cat", gts, metric=metric) == pytest.approx(expected)
 
 
-def test_partial_credit_counts_punctuation_matches_only():
-    # "cat." -> "cat" matches, "Cat" does not (no lower-casing), "a cat" does not (no article removal)
-    assert vqa_accuracy("cat", ["cat", "cat.", "Cat", "a cat"] + ["dog"] * 6) == pytest.approx(0.6)
-    assert vqa_accuracy("cat", ["cat", "cat.", "cat!"] + ["dog"] * 7) == pytest.approx(0.6)  # "cat!" -> "cat "
+def test_partial_credit_counts_normalised_matches():
+    gts = ["cat", "cat.", "Cat", "a cat"] + ["dog"] * 6
+    assert vqa_accuracy("cat", gts) == 1.0                                      # all four -> "cat"
+    assert vqa_accuracy("cat", gts, metric="legacy") == pytest.approx(0.6)    # "Cat", "a cat" do not match
+    assert vqa_accuracy("cat", ["cat", "cat.", "cat!"] + ["dog"] * 7) == pytest.approx(0.9)
+    assert vqa_accuracy("cat", ["cat", "cat.", "cat!"] + ["dog"] * 7, metric="legacy") == pytest.approx(0.6)
 
 
-# --------------------------------------------------------------------------- reference oracle
+# --------------------------------------------------------------------------- the official files as the oracle
+
+REFERENCE = Path(__file__).parent / "reference"
+OFFICIAL_FILES = {"current": "vqaEval_a013f00.py", "legacy": "vqaEval_458a8b2.py"}
 
 
-def _official_per_question(prediction, answer_dicts):
-    """A straight transcription of the official per-question loop, kept independent of `vqa_accuracy`.
-
-    Works on annotation dicts and drops the held-out annotator by dict inequality, as the official code does.
-    """
-    answer = prediction.replace("\n", " ")
-    answer = answer.replace("\t", " ")
-    answer = answer.strip()
-    answer = process_punctuation(answer)
-    answer = process_digit_article(answer)
-    answer_dicts = [dict(d) for d in answer_dicts]
-    raw = [d["answer"] for d in answer_dicts]
-    if len(set(raw)) > 1:
-        for d in answer_dicts:
-            d["answer"] = process_punctuation(d["answer"])
-    scores = []
-    for left_out in answer_dicts:
-        others = [d for d in answer_dicts if d != left_out]
-        matching = [d for d in others if d["answer"] == answer]
-        scores.append(min(1, float(len(matching)) / 3))
-    return float(sum(scores)) / len(scores)
+def _official_vqaeval(metric):
+    """The official `VQAEval` class, run from the unmodified file (its two Python 2 prints made calls)."""
+    path = REFERENCE / OFFICIAL_FILES[metric]
+    source, n = re.subn(r'^(\s*)print "([^"\n]*)"$', r'\1print("\2")', path.read_text(), flags=re.M)
+    assert n == 2, "not the expected official file"
+    namespace = {"__name__": f"official_vqaeval_{metric}"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "\d" in a non-raw string
+        exec(compile(source, str(path), "exec"), namespace)
+    return namespace["VQAEval"]
 
 
-_POOL = ["yes", "Yes", "YES", "yes.", "yes!", "yes ", " yes", "yes\n", "no", "No.",
-         "2", "two", "Two", "2.", "2.5", "1,000", "1000", "10", "ten",
+class _OfficialAnnotations:
+    """What `VQAEval` reads of the official `VQA` helper: `getQuesIds()` and `qa` (question id -> annotation)."""
+
+    def __init__(self, annotations):
+        self.qa = {a["question_id"]: copy.deepcopy(a) for a in annotations}  # VQAEval edits the answers in place
+
+    def getQuesIds(self):  # noqa: N802 (the official name)
+        return list(self.qa)
+
+
+class _OfficialResults:
+    def __init__(self, results):
+        self.qa = {r["question_id"]: dict(r) for r in results}
+
+
+def _run_official(metric, annotations, results, ndigits):
+    vqa_eval = _official_vqaeval(metric)(_OfficialAnnotations(annotations), _OfficialResults(results), n=ndigits)
+    vqa_eval.evaluate()
+    return vqa_eval
+
+
+def test_reference_files_are_the_named_commits():
+    current = (REFERENCE / OFFICIAL_FILES["current"]).read_text()
+    legacy = (REFERENCE / OFFICIAL_FILES["legacy"]).read_text()
+    assert "resAns = self.processDigitArticle(resAns)" in current and "if len(set(gtAnswers)) > 1:" in current
+    assert current.index("if len(set(gtAnswers)) > 1:") < current.index("resAns = self.processPunctuation(resAns)")
+    assert legacy.index("resAns      = self.processPunctuation(resAns)") < legacy.index("if len(set(gtAnswers)) > 1:")
+
+
+_POOL = ["yes", "Yes", "YES", "yes.", "yes!", "yes ", " yes", "yes\n", "\tyes", "no", "No.",
+         "2", "two", "Two", "2.", "2.5", "1,000", "1000", "10", "ten", "none", "0",
          "red", "Red", "the red", "The red.", "red/blue", "red blue", "red, blue",
-         "left", "the left", "on the left", "dont", "don't", "Im", "a", "", "cat", "Cat.", "cat!", "a cat"]
+         "left", "the left", "on the left", "dont", "don't", "Im", "a", "", " ", "cat", "Cat.", "cat!", "a cat",
+         "t-shirt", "T-Shirt", "t shirt", "tshirt", "black and white", "black & white", "3:30", "mr.x"]
 
 
 def _random_case(rng):
@@ -210,16 +308,49 @@ def _random_case(rng):
     return prediction, answers
 
 
-def test_matches_a_transcription_of_the_official_loop():
-    rng = random.Random(0)
-    seen = set()
-    for _ in range(3000):
+def _generated_set(seed, n):
+    rng = random.Random(seed)
+    annotations, results = [], []
+    for i in range(n):
         prediction, answers = _random_case(rng)
-        dicts = [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)]
-        expected = _official_per_question(prediction, dicts)
-        assert vqa_accuracy(prediction, answers) == expected, (prediction, answers)
+        kind = rng.choice(["yes/no", "number", "other"])
+        annotations.append(_annotation(1000 + i, kind, answers, rng.choice(["what", "is the", "how many"])))
+        results.append({"question_id": 1000 + i, "answer": prediction})
+    return annotations, results
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_matches_the_official_script(metric, capsys):
+    annotations, results = _generated_set(seed=0, n=3000)
+    official = _run_official(metric, annotations, results, ndigits=10)
+    seen = set()
+    for annotation, result in zip(annotations, results):
+        ours = vqa_accuracy(result["answer"], [a["answer"] for a in annotation["answers"]], metric=metric)
+        expected = official.evalQA[annotation["question_id"]]
+        assert round(100 * ours, 10) == expected, (metric, result["answer"], annotation["answers"])
         seen.add(round(expected, 6))
-    assert {0.0, 0.3, 0.6, 0.9, 1.0} <= seen  # the generated cases reach every partial-credit level
+    assert {0.0, 30.0, 60.0, 90.0, 100.0} <= seen  # the generated cases reach every partial-credit level
+
+    # The whole-set figures, rounded as the official script reports them
+    official = _run_official(metric, annotations, results, ndigits=2)
+    scores = evaluate(results, None, annotations, metric=metric)
+    assert scores["overall"] == official.accuracy["overall"]
+    assert scores["per_answer_type"] == official.accuracy["perAnswerType"]
+    assert scores["per_question_type"] == official.accuracy["perQuestionType"]
+    assert scores["per_question"] == official.evalQA
+
+
+def test_the_two_official_versions_disagree_on_generated_cases(capsys):
+    # The oracle comparison above is not vacuous: the two scripts score many of these cases differently
+    annotations, results = _generated_set(seed=1, n=500)
+    current = _run_official("current", annotations, results, ndigits=10).evalQA
+    legacy = _run_official("legacy", annotations, results, ndigits=10).evalQA
+    differ = [qid for qid in current if current[qid] != legacy[qid]]
+    assert len(differ) > 50
+    t_shirt = [_annotation(1, "other", ["t-shirt"] * 10)]
+    answer = [{"question_id": 1, "answer": "t-shirt"}]
+    assert _run_official("current", t_shirt, answer, 2).evalQA == {1: 100.0}
+    assert _run_official("legacy", t_shirt, answer, 2).evalQA == {1: 0.0}
 
 
 def test_empty_ground_truth_is_an_error():
@@ -256,17 +387,25 @@ def test_evaluate_tiny_set(tiny_vqa, tmp_path):
     questions_path, annotations_path = tiny_vqa
     results_path = write_results(tmp_path / "results.json", [(10, "Yes"), (20, "2"), (30, "The red.")])
     scores = evaluate(results_path, questions_path, annotations_path)
-    # q10: "Yes" is lower-cased -> 100; q20: 2 matches -> 60; q30: "The red." -> "red", 1 match -> 30
-    assert scores["per_question"] == {10: 100.0, 20: 60.0, 30: 30.0}
-    assert scores["overall"] == pytest.approx(63.33)
-    assert scores["per_answer_type"] == {"number": 60.0, "other": 30.0, "yes/no": 100.0}
+    # q10: ten identical "yes", nothing normalised: "Yes" does not match -> 0; q20: 2 matches -> 60;
+    # q30: answers differ, "The red." -> "red", 1 match -> 30
+    assert scores["per_question"] == {10: 0.0, 20: 60.0, 30: 30.0}
+    assert scores["overall"] == 30.0
+    assert scores["per_answer_type"] == {"number": 60.0, "other": 30.0, "yes/no": 0.0}
     assert scores["per_question_type"]["how many"] == 60.0
     assert scores["n_questions"] == 3
 
-    scores = evaluate([{"question_id": 10, "answer": "yes!"}, {"question_id": 20, "answer": "three"},
-                       {"question_id": 30, "answer": "blue"}], questions_path, annotations_path)
-    # the prediction is always normalised: "yes!" -> "yes", "three" -> "3" with 8 matches
-    assert scores["overall"] == 100.0
+    legacy = evaluate(results_path, questions_path, annotations_path, metric="legacy")
+    # legacy: the prediction is always normalised, so "Yes" -> "yes" matches all ten -> 100
+    assert legacy["per_question"] == {10: 100.0, 20: 60.0, 30: 30.0}
+    assert legacy["overall"] == pytest.approx(63.33)
+
+    predictions = [{"question_id": 10, "answer": "yes!"}, {"question_id": 20, "answer": "three"},
+                   {"question_id": 30, "answer": "blue"}]
+    # current: "yes!" is not "yes" (identical answers); "three" -> "3" with 8 matches (answers differ)
+    assert evaluate(predictions, questions_path, annotations_path)["per_question"] == {10: 0.0, 20: 100.0, 30: 100.0}
+    # legacy: "yes!" -> "yes"
+    assert evaluate(predictions, questions_path, annotations_path, metric="legacy")["overall"] == 100.0
 
 
 def test_evaluate_rejects_incomplete_or_foreign_results(tiny_vqa):

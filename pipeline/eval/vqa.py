@@ -1,22 +1,29 @@
 """The official VQAv2 accuracy metric, the majority-answer baselines and the results file format.
 
-`vqa_accuracy` reproduces the per-question loop of `VQAEval.evaluate` in the official evaluation script
-(GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py, current master), including its quirks,
-because published VQAv2 numbers are computed with exactly that code. The two sides are treated differently:
+`vqa_accuracy` reproduces the per-question loop of `VQAEval.evaluate` in the official evaluation script,
+GT-Vision-Lab/VQA `PythonEvaluationTools/vqaEvaluation/vqaEval.py` at commit a013f0043c1e ("Fixed processing
+answers bug", March 2021, the current master), including its quirks, because VQAv2 numbers are computed with
+exactly that code (`metric="current"`, the default). Per question:
 
-1. The prediction, ALWAYS: ``.replace('\\n', ' ').replace('\\t', ' ').strip()``, then `process_punctuation`,
-   then `process_digit_article` (lower-casing, number words to digits, articles dropped, contractions);
-   this whole chain is `normalize_answer`.
-2. The ground-truth answers are taken as written: no whitespace cleaning, no lower-casing, never
-   `process_digit_article`. ONLY when the raw answers contain more than one distinct string does each of
-   them go through `process_punctuation` (and nothing else). So "Yes" scores 1.0 against ten "yes" and
-   "two" against ten "2" (the prediction is normalised), but "cat" against ["Cat.", "cat"] + 8 x "dog"
-   scores 0.3 ("Cat." only loses its period and keeps its capital), "red" against 2 x "the red" + 8 x "blue"
-   scores 0 (the article stays), "yes" against ten "yes." scores 0 (identical answers are not even
-   punctuation-processed), and "two" against ten "two" scores 0 (the prediction became "2").
+1. Every ground-truth answer and the prediction: ``.replace('\\n', ' ').replace('\\t', ' ').strip()``
+   (`clean_whitespace`).
+2. ONLY when these cleaned ground-truth answers hold more than one distinct string, each of them AND the
+   prediction go through `process_punctuation` and then `process_digit_article` (lower-casing, number words to
+   digits, articles dropped, contractions); this chain is `normalize_answer`. When all the annotators wrote the
+   same string, nothing is normalised: the prediction must equal it exactly (after whitespace cleaning). So
+   "t-shirt" against ten "t-shirt" scores 1.0, "Yes" against ten "yes" scores 0, "two" against ten "2"
+   scores 0, while "Yes" against 9 x "yes" + "no" scores 1.0 and "the red" against 3 x "Red." + 7 x "blue"
+   scores 0.9.
 3. For each of the annotators (ten in VQAv2), the accuracy against the others is ``min(1, matches / 3)``;
    the question's accuracy is the mean of these values (the "10 choose 9" average). So 1 match scores 0.3,
    2 matches 0.6, 3 matches 0.9 and 4 or more 1.0.
+
+`metric="legacy"` (config `vqa.metric=legacy`) is the loop as it was from 2016 to March 2021 (commit 458a8b2),
+which numbers published before then were computed with: the prediction is ALWAYS whitespace-cleaned and fully
+normalised; the ground-truth answers are taken as written (no whitespace cleaning, never
+`process_digit_article`) and, only when the raw answers differ, go through `process_punctuation` alone. There
+"Yes" scores 1.0 against ten "yes", but "t-shirt" scores 0 against ten "t-shirt" (the prediction became
+"t shirt") and "cat" scores 0.3 against ["Cat.", "cat"] + 8 x "dog" ("Cat." keeps its capital).
 
 Quirks of `process_punctuation` kept on purpose (changing them changes the score):
 - the period regex ``(?!<=\\d)(\\.)(?!\\d)`` was meant as a look-behind but is a look-ahead for the text
@@ -24,12 +31,12 @@ Quirks of `process_punctuation` kept on purpose (changing them changes the score
   The script also passes ``re.UNICODE`` (= 32) as the positional `count` of ``sub``, so at most 32 periods go.
 - one comma between two digits anywhere in the text ("1,000") turns replacement-by-space into deletion for
   EVERY punctuation mark of that text; so does a mark followed or preceded by a space in the text.
-- ``'`` and ``:`` are not punctuation (contractions like "don't" survive); it never strips or lower-cases,
-  so a ground-truth answer keeps its case and its surrounding whitespace ("yes " never matches).
+- ``'`` and ``:`` are not punctuation (contractions like "don't" survive); it never strips or lower-cases.
 - contraction keys with capitals ("Im") can never match because the text is lower-cased first.
 
 The official script removes the held-out annotator by dict inequality (answers have distinct answer_ids);
-here the held-out annotator is removed by position, which is the same thing.
+here the held-out annotator is removed by position, which is the same thing. `tests/reference/` holds both
+official files; the tests score generated cases with them and compare.
 """
 
 from __future__ import annotations
@@ -83,10 +90,11 @@ _CONTRACTIONS = {
 }
 
 ANSWER_TYPES = ("yes/no", "number", "other")
+METRICS = ("current", "legacy")  # official vqaEval.py since March 2021 (a013f00) | 2016 to March 2021 (458a8b2)
 
 
 def clean_whitespace(text: str) -> str:
-    """Newlines and tabs to spaces, then strip: the first step for the prediction (never for ground truth)."""
+    """Newlines and tabs to spaces, then strip (the official script's first step)."""
     return text.replace("\n", " ").replace("\t", " ").strip()
 
 
@@ -111,30 +119,46 @@ def process_digit_article(text: str) -> str:
 
 
 def normalize_answer(text: str) -> str:
-    """Whitespace cleaning + punctuation + digits/articles/contractions: what the official script does to
-    the PREDICTION. Ground-truth answers get only `process_punctuation`, and only when they differ."""
+    """Whitespace cleaning + punctuation + digits/articles/contractions: the official normalisation of an
+    answer (applied by the metric only when the annotators' answers differ, see the module docstring)."""
     return process_digit_article(process_punctuation(clean_whitespace(text)))
 
 
-def vqa_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
+def check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise ValueError(f"vqa.metric must be one of {', '.join(METRICS)}, not {metric!r}")
+    return metric
+
+
+def _credit(prediction: str, gts: list[str]) -> float:
+    """Mean over annotators of min(1, matches among the others / 3)."""
+    matches_total = sum(answer == prediction for answer in gts)
+    per_annotator = [min(1.0, (matches_total - (held_out == prediction)) / 3) for held_out in gts]
+    return sum(per_annotator) / len(per_annotator)
+
+
+def vqa_accuracy(prediction: str, gt_answers: Sequence[str], metric: str = "current") -> float:
     """Official VQA accuracy of one prediction against the annotators' answers (10 in VQAv2), in [0, 1].
 
-    The prediction is always fully normalised (`normalize_answer`); the ground-truth answers are compared
-    as written, except that each goes through `process_punctuation` when the raw answers are not all the
-    same string (see the module docstring).
+    `metric="current"`: both sides whitespace-cleaned; both fully normalised (`normalize_answer`) only when the
+    cleaned answers are not all the same string. `metric="legacy"` (pre-March-2021 script): the prediction always
+    fully normalised, the answers as written, punctuation-processed only when they differ.
     """
+    check_metric(metric)
     if not gt_answers:
         raise ValueError("vqa_accuracy needs at least one ground-truth answer")
-    pred = normalize_answer(prediction)
-    gts = list(gt_answers)
+    if metric == "legacy":
+        pred = normalize_answer(prediction)
+        gts = list(gt_answers)
+        if len(set(gts)) > 1:
+            gts = [process_punctuation(answer) for answer in gts]
+        return _credit(pred, gts)
+    pred = clean_whitespace(prediction)
+    gts = [clean_whitespace(answer) for answer in gt_answers]
     if len(set(gts)) > 1:
-        gts = [process_punctuation(answer) for answer in gts]
-    matches_total = sum(answer == pred for answer in gts)
-    per_annotator = []
-    for held_out in gts:
-        matches_among_others = matches_total - (held_out == pred)
-        per_annotator.append(min(1.0, matches_among_others / 3))
-    return sum(per_annotator) / len(per_annotator)
+        gts = [process_digit_article(process_punctuation(answer)) for answer in gts]
+        pred = process_digit_article(process_punctuation(pred))
+    return _credit(pred, gts)
 
 
 # --------------------------------------------------------------------------- files and whole-set evaluation
@@ -197,6 +221,7 @@ def evaluate(
     *,
     ndigits: int = 2,
     require_all: bool = True,
+    metric: str = "current",
 ) -> dict[str, Any]:
     """Score results against VQAv2 annotations, like the official `VQAEval.evaluate`.
 
@@ -207,7 +232,9 @@ def evaluate(
     As the official `loadRes`, the results must cover exactly the annotated questions (`require_all=False`
     scores only the annotated questions present in the results). `questions_json`, if given, must list the
     same question ids as the annotations (a mismatched pair of files is an error, not a silent subset).
+    `metric`: "current" (the official script today) or "legacy" (before March 2021), see `vqa_accuracy`.
     """
+    check_metric(metric)
     answers = load_results(results)
     annotations = {int(annotation["question_id"]): annotation for annotation in load_annotations(annotations_json)}
     if questions_json is not None:
@@ -230,7 +257,7 @@ def evaluate(
     by_question_type: dict[str, list[float]] = defaultdict(list)
     for question_id in scored_ids:
         annotation = annotations[question_id]
-        accuracy = vqa_accuracy(answers[question_id], [gt["answer"] for gt in annotation["answers"]])
+        accuracy = vqa_accuracy(answers[question_id], [gt["answer"] for gt in annotation["answers"]], metric)
         per_question[question_id] = accuracy
         by_answer_type[annotation["answer_type"]].append(accuracy)
         by_question_type[annotation.get("question_type", "")].append(accuracy)
@@ -257,6 +284,7 @@ def majority_baseline(
     eval_annotations: str | Path | Mapping[str, Any] | Sequence[Mapping[str, Any]],
     *,
     ndigits: int = 2,
+    metric: str = "current",
 ) -> dict[str, Any]:
     """Accuracy (percent, official metric) of answering from training-answer statistics alone.
 
@@ -286,7 +314,7 @@ def majority_baseline(
     def score(predict) -> dict[str, Any]:
         results = [{"question_id": annotation["question_id"], "answer": predict(annotation)}
                    for annotation in evaluation]
-        scores = evaluate(results, None, evaluation, ndigits=ndigits)
+        scores = evaluate(results, None, evaluation, ndigits=ndigits, metric=metric)
         scores.pop("per_question")
         return scores
 

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from filelock import FileLock
 
-from pipeline.eval.vqa import evaluate, load_annotations, majority_baseline, write_results
+from pipeline.eval.vqa import METRICS, evaluate, load_annotations, majority_baseline, write_results
 from pipeline.eval.vqa_data import VQAExample, load_image, load_vqa, write_split
 from pipeline.models.vpt import CONFIG_FILE, HEADS_FILE, load_exported
 from pipeline.train.checkpoint import META, complete_checkpoints, export_hf
@@ -474,6 +474,9 @@ def check_vqa(cfg: dict[str, Any]) -> str:
     if cfg["vqa"].get("scene_graph") and not cfg["model"].get("use_scene_graph", True):
         return ("vqa.scene_graph=true makes scene-graph texts that model.use_scene_graph=false never feeds: "
                 "switch one of them")
+    metric = cfg["vqa"].get("metric", "current")
+    if metric not in METRICS:
+        return f"vqa.metric must be one of {', '.join(METRICS)}, not {metric!r}"
     frames = cfg["vqa"].get("contamination", {}).get("frames", "auto")
     if frames not in (None, False, "auto", "none") and not frame_files(frames):
         return f"vqa.contamination.frames={frames}: no frames.parquet there"
@@ -524,8 +527,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any] | None:
     device = torch.device("cuda" if cfg["device"] in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
     predictions = predict(model, tokenizer, source, device, int(cfg["vqa"]["max_new_tokens"]))
     results = write_results(out / "results.json", predictions)
-    scores = evaluate(results, v["eval_questions"], v["eval_annotations"])
-    baselines = majority_baseline(v["train_annotations"], v["eval_annotations"])
+    metric = cfg["vqa"].get("metric", "current")
+    scores = evaluate(results, v["eval_questions"], v["eval_annotations"], metric=metric)
+    baselines = majority_baseline(v["train_annotations"], v["eval_annotations"], metric=metric)
     times["evaluate_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -538,6 +542,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any] | None:
     scores.pop("per_question")
     metrics = {
         "accuracy": scores["overall"],
+        "metric": metric,
         "majority_baseline": baselines["global"]["overall"],
         "majority_answer": baselines["global"]["answer"],
         "per_question_type_prior": baselines["per_question_type"]["overall"],
