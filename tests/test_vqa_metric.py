@@ -454,3 +454,16 @@ def test_majority_baselines():
     # per question type: "is there a" -> "no" gets q7 too; unseen "what shape" falls back to "yes"
     assert baselines["per_question_type"]["overall"] == 75.0
     assert "per_question" not in baselines["global"]
+
+
+def test_vqa_metric_setting_is_checked_before_anything_runs(tmp_path, capsys):
+    from pipeline.eval.vqa_finetune import check_vqa, main
+    from pipeline.train.__main__ import compose
+
+    run_dir = tmp_path / "vqa"
+    assert main([f"run_dir={run_dir}", "models=tiny", "vqa.metric=2017"]) == 2
+    assert "vqa.metric must be one of current, legacy" in capsys.readouterr().err
+    assert not run_dir.exists()
+    for metric in METRICS:
+        assert check_vqa(compose([f"run_dir={run_dir}", f"vqa.metric={metric}"], "train/vqa")) == ""
+    assert compose([f"run_dir={run_dir}"], "train/vqa")["vqa"]["metric"] == "current"
