@@ -80,7 +80,34 @@ def run_status(run_dir: str | Path) -> list[StageStatus]:
         return []
     n = int(geo["num_shards"])
     names = [s for s in STAGES if (run_dir / s).is_dir()]
-    return [stage_status(run_dir, s, n) for s in names]
+    out = [stage_status(run_dir, s, n) for s in names]
+    for st in out:
+        if st.stage == "ingest":
+            dataset_status(run_dir, st)
+    return out
+
+
+def dataset_status(run_dir: Path, st: StageStatus) -> None:
+    """The ingest dataset's head (local datasets): an unreadable one means ingest is not done, whatever its
+    shards say (`verify` or the next `stage=ingest` rolls it back to the last good version)."""
+    from .dataset_health import head_problem, local_dir
+    from .stages.ingest import dataset_url
+    from .verify import ingest_settings
+
+    url = dataset_url(ingest_settings(run_dir), run_dir)
+    if local_dir(url) is None:
+        return
+    problem, info = head_problem(url)
+    if problem is not None:
+        st.extra["dataset_unreadable"] = problem
+        st.extra["dataset"] = (f"NOT DONE: the dataset's head is unreadable ({problem}); `python -m pipeline "
+                               f"verify` or stage=ingest rolls it back to the last good version")
+    elif info:
+        shards = info.get("ingested_shards")
+        tags = [t for t, v in (info.get("tags") or {}).items() if v == info.get("version")]
+        st.extra["dataset"] = (f"{info.get('rows')} rows"
+                               + (f", {len(shards)} of {st.shards_total} shards" if shards is not None else "")
+                               + (f", tagged {', '.join(sorted(tags))}" if tags else ", untagged"))
 
 
 def write_summary(run_dir: str | Path, stage: str) -> dict:
@@ -102,8 +129,11 @@ def format_status(run_dir: str | Path, statuses: list[StageStatus]) -> str:
     for st in statuses:
         shards = f"{st.shards_done}/{st.shards_failed}/{st.shards_partial}/{st.shards_pending} of {st.shards_total}"
         reasons = ", ".join(f"{r} x{c}" for r, c in st.reasons.most_common(3)) or "-"
+        if "dataset_unreadable" in st.extra:
+            reasons = "DATASET UNREADABLE (below); " + reasons
         lines.append(f"{st.stage:<12} {shards:<36} {st.items.get(OK, 0):>9} {st.items.get(FAILED, 0):>7} "
                      f"{st.items.get(SKIPPED, 0):>8}  {reasons}")
+    lines.extend(f"{st.stage} dataset: {st.extra['dataset']}" for st in statuses if st.extra.get("dataset"))
     return "\n".join(lines)
 
 

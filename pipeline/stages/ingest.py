@@ -23,6 +23,14 @@ drops uncommitted changes when a writer dies, so after a crash the dataset holds
 see committed rows only. Writers of one run are serialised by a file lock, `<run_dir>/ingest/dataset.lock`
 (metadata is re-read once it is held). Whenever every shard is complete and ingested and the current version
 has no tag, it is tagged `<tag_prefix>-<time>-<n>rows` (so a crash before the tag is repaired by a re-run).
+
+Full disks (`pipeline.dataset_health`; Deep Lake 4.7 reports no ENOSPC and leaves a head that crashes its readers):
+before each commit's rows are written, the filesystem must have `free_space_margin` x their size (uncompressed,
+from the Parquet metadata) + `free_space_min_mb` free, else nothing of them is written and the run stops with one
+line. Every commit and tag is followed by a read of the new head in a child process: readable, its version log
+is saved as the last good version; unreadable (the disk filled during the commit), the saved log is put back, so
+the dataset is the last good version again, and the run stops saying so. On open an unreadable head is rolled
+back the same way first; a re-run once space is freed then writes what is missing, each row once.
 """
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ from typing import Any, Callable, Iterator, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import dataset_health as health
 from ..atomic import read_json
 from ..join import JoinParams, join_video, plan_segments
 from ..schema import KEY, ROW_SCHEMA, TABLE, deeplake_columns, to_deeplake_columns
@@ -63,6 +72,8 @@ class IngestConfig(StageConfig):
     shards_per_commit: int = 4            # shards per Deep Lake commit (a crash redoes at most this many)
     append_batch_rows: int = 256          # rows per ds.append call
     tag_prefix: str = "ingest"            # tag name prefix of a completed ingest run
+    free_space_margin: float = 2.0        # a commit needs this many times its rows' bytes free on the dataset's disk
+    free_space_min_mb: float = 64.0       # ... plus this much (version log, metadata)
     resources: Resources = field(default_factory=lambda: Resources(cpus=2, gpus=0, mem_gb=8))
 
 
@@ -145,7 +156,7 @@ STAGE = IngestStage
 # ------------------------------------------------------------------------------------------ Deep Lake writer
 
 
-def open_or_create(url: str):
+def open_or_create(url: str, log: Callable[[str], None] = print):
     import deeplake
 
     if deeplake.exists(url):
@@ -155,14 +166,16 @@ def open_or_create(url: str):
         if missing:     # a dataset made before these columns: its old rows read them as None
             for name, dtype in missing.items():
                 ds.add_column(name, dtype)
-            ds.commit(f"schema: add columns {sorted(missing)}")
+            health.write_checked(url, lambda: ds.commit(f"schema: add columns {sorted(missing)}"),
+                                 "the schema migration", log)
         return ds
     ds = deeplake.create(url)
     for name, dtype in deeplake_columns().items():
         ds.add_column(name, dtype)
     ds.metadata["ingested_shards"] = []
     ds.metadata[FINGERPRINTS] = {}
-    ds.commit("create: empty dataset with the row schema")
+    health.write_checked(url, lambda: ds.commit("create: empty dataset with the row schema"), "creating the dataset",
+                         log)
     return ds
 
 
@@ -181,6 +194,15 @@ def marker_digest(store: ShardStore) -> str:
     """sha256 of the shard's completion marker, which every finalize rewrites (it carries the finalize time)."""
     path = store.dir / MARKER
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""
+
+
+def rows_bytes(store: ShardStore) -> int:
+    """Uncompressed bytes of the shard's rows table (Parquet metadata only: nothing is read)."""
+    path = store.table_path(TABLE)
+    if not path.exists():
+        return 0
+    meta = pq.ParquetFile(path).metadata
+    return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
 
 
 def read_rows(store: ShardStore) -> tuple[pa.Table | None, str]:
@@ -258,7 +280,9 @@ def write_dataset(cfg: Any, log: Callable[[str], None] = print,
     shard_keys: dict[int, set[tuple[str, int]]] = {}
     problems: list[str] = []
     with writer_lock(run_dir, log):
-        ds = open_or_create(url)        # (re)read under the lock: another writer may have just committed
+        # a head left unreadable (the disk filled during a commit) goes back to the last good version first
+        health.ensure_readable(url, log, save=True)
+        ds = open_or_create(url, log)   # (re)read under the lock: another writer may have just committed
         done = set(ingested_shards(ds))
         prints = ingested_fingerprints(ds)
         complete = [s for s in range(num_shards) if ShardStore(run_dir, "ingest", s).is_complete()]
@@ -270,9 +294,15 @@ def write_dataset(cfg: Any, log: Callable[[str], None] = print,
         if todo:
             for item in load_items(run_dir):
                 videos.setdefault(item.shard, []).append(item.video_id)
+        margin, min_free = float(stage.free_space_margin), float(stage.free_space_min_mb) * 2**20
         for g in range(0, len(todo), per_commit):
             group = todo[g:g + per_commit]
+            need = sum(rows_bytes(ShardStore(run_dir, "ingest", s)) for s in group)
+            health.check_free_space(url, int(margin * need + min_free),
+                                    f"ingest shards {group} ({need / 2**20:.1f} MiB of rows x {margin:g} + "
+                                    f"{min_free / 2**20:g} MiB)")
             accepted = []
+            from_row = len(ds)          # the rows the commit adds; a replaced shard's delete can shift any row
             for shard in group:
                 table, digest = read_rows(ShardStore(run_dir, "ingest", shard))
                 num_rows = table.num_rows if table is not None else 0
@@ -289,6 +319,7 @@ def write_dataset(cfg: Any, log: Callable[[str], None] = print,
                     if shard in done:
                         rows_deleted += delete_shard_rows(ds, shard)
                         replaced.append(shard)
+                        from_row = 0
                     if table is not None:
                         table = table.select(list(ROW_SCHEMA.names)).cast(ROW_SCHEMA)
                         for start in range(0, num_rows, batch):
@@ -306,7 +337,9 @@ def write_dataset(cfg: Any, log: Callable[[str], None] = print,
             # Deletes, appends and metadata land in one commit: a crash leaves the old rows or the new, not both.
             ds.metadata["ingested_shards"] = sorted(done)
             ds.metadata[FINGERPRINTS] = prints
-            ds.commit(f"ingest shards {json.dumps(accepted)}")
+            message = f"ingest shards {json.dumps(accepted)}"
+            health.write_checked(url, lambda: ds.commit(message), f"ingest: the commit of shards {accepted}", log,
+                                 from_row=from_row)
             commits += 1
             log(f"ingest: committed shards {accepted} to {url}")
         tag = None
@@ -329,7 +362,7 @@ def write_dataset(cfg: Any, log: Callable[[str], None] = print,
             while tag in taken:         # a replace within the same second can give the same name
                 n += 1
                 tag = f"{base}-{n}"
-            ds.tag(tag)
+            health.write_checked(url, lambda: ds.tag(tag), f"ingest: tagging {tag}", log, from_row=len(ds))
             log(f"ingest: tagged {tag} ({len(ds)} rows, shards 0..{num_shards - 1})")
         rows = len(ds)
     seconds = time.perf_counter() - t0

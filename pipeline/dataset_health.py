@@ -1,0 +1,344 @@
+"""Deep Lake dataset health: free space before a write, a crash-proof probe of the head, rollback to the last
+good version.
+
+Deep Lake 4.7 does not report a full disk: a commit on a full filesystem "succeeds", leaving zero-length chunk
+files and a truncated version counter behind, after which reading the new rows kills the reading process
+(SIGSEGV) and every later write fails. The versions before it stay intact: chunk files are immutable (a commit
+only adds new ones) and every version is described by the small version log `<dataset>/_deeplake_log`.
+So, for a dataset on a local filesystem:
+
+- `check_free_space(url, need_bytes, what)`: a write that would not fit is refused before anything is written
+  (`DatasetSpaceError`, one line).
+- `probe(url)`: opens the dataset read-only in a child process (a native crash kills the child, not the caller)
+  and reads it: every row of the columns of scalars, text and small arrays from `from_row` on, and of the
+  bulky columns (images, embeddings, any Sequence) the first and last 64 rows plus every (n/64)-th row.
+- The last good version: after a probe passes, the writer saves a copy of the version log in
+  `<dataset>.lastgood/good/` (with `state.json`: version, rows, tags, a digest of the log). `ensure_readable`
+  (called where ingest, verify and status open the dataset) finds the head as saved (digest equal: no probe) or
+  probes it; an unreadable head is rolled back by putting the saved log in place. Nothing is deleted: the
+  unreadable log is kept in `<dataset>.lastgood/unreadable-<time>/`, and the chunks of the failed commit stay
+  unused. Without a saved version (a dataset written before this existed, or a remote URL) an unreadable head is
+  a one-line `DatasetUnreadable` naming the tags, whose versions stay readable (`ds.tags[name].open()`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError
+
+LOG_DIR = "_deeplake_log"
+GUARD_SUFFIX = ".lastgood"
+GOOD = "good"
+STATE = "state.json"
+PROBE_TIMEOUT_S = 1800
+SAMPLE_ROWS = 64
+BULKY_COLUMNS = frozenset({"frames", "clip", "audio"})
+
+
+class DatasetSpaceError(ConfigError):
+    """Not enough free space for a write: refused before anything is written."""
+
+
+class DatasetUnreadable(ConfigError):
+    """The dataset's head cannot be read and could not be rolled back."""
+
+
+class DatasetWriteError(ConfigError):
+    """A write left the head unreadable (it was rolled back) or failed."""
+
+
+@dataclass
+class Probe:
+    ok: bool
+    problem: str = ""
+    info: dict[str, Any] = field(default_factory=dict)   # version, rows, tags {name: version}, ingested_shards
+
+
+def local_dir(url: str) -> Path | None:
+    """The directory of a dataset on a local filesystem (file:// URL or a plain path); None for remote URLs."""
+    url = str(url)
+    if url.startswith("file://"):
+        return Path(url[len("file://"):])
+    return None if "://" in url else Path(url)
+
+
+def guard_dir(path: Path) -> Path:
+    return path.with_name(path.name + GUARD_SUFFIX)
+
+
+def exists(path: Path | None) -> bool:
+    return path is not None and (path / LOG_DIR).is_dir()
+
+
+def log_digest(path: Path) -> str:
+    """sha256 over the version log's files (names and bytes; lock files left out): equal digests, same head."""
+    h = hashlib.sha256()
+    root = path / LOG_DIR
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.endswith(".lock")):
+        h.update(str(f.relative_to(root)).encode() + b"\0")
+        h.update(f.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes free to an unprivileged writer on the filesystem of `path` (or of its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    st = os.statvfs(p)
+    return st.f_bavail * st.f_frsize
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def check_free_space(url: str, need_bytes: int, what: str) -> int:
+    """Refuse (DatasetSpaceError) a write of `what` needing `need_bytes` where less is free. Returns bytes free
+    (-1 for remote datasets, which are not checked)."""
+    path = local_dir(url)
+    if path is None:
+        return -1
+    free = free_bytes(path)
+    if free < need_bytes:
+        raise DatasetSpaceError(f"not enough free space for {what} in {path}: {_mib(need_bytes)} needed, "
+                                f"{_mib(free)} free; nothing of it was written (free space and re-run)")
+    return free
+
+
+# ------------------------------------------------------------------------------------------------ the probe
+
+
+def _probe_main(url: str, from_row: int) -> None:
+    """Child side: print the head's info as one JSON line, read it, print "ok"."""
+    import deeplake
+
+    ds = deeplake.open_read_only(url)
+    n = len(ds)
+    meta = ds.metadata
+    info = {"version": ds.version, "rows": n,
+            "tags": {name: ds.tags[name].version for name in ds.tags.names()},
+            "ingested_shards": (sorted(int(s) for s in meta["ingested_shards"])
+                                if "ingested_shards" in meta.keys() else None)}
+    print(json.dumps(info), flush=True)
+    step = max(1, n // SAMPLE_ROWS)
+    sample = sorted({*range(0, min(n, SAMPLE_ROWS)), *range(max(0, n - SAMPLE_ROWS), n), *range(0, n, step)})
+    block = 65536
+    for col in ds.schema.columns:
+        kind = str(col.dtype)
+        if col.name in BULKY_COLUMNS or any(k in kind for k in ("Image", "Sequence", "Embedding", "Video")):
+            for i in sample:
+                ds[col.name][i]
+        else:
+            for a in range(max(0, min(from_row, n)), n, block):
+                ds[col.name][a:min(n, a + block)]
+    print("ok", flush=True)
+
+
+def probe(url: str, from_row: int = 0, timeout_s: float = PROBE_TIMEOUT_S) -> Probe:
+    """Read the dataset's head in a child process; `from_row`: rows before it are read only in samples."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pipeline.dataset_health", str(url), str(int(from_row))],
+                              capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return Probe(False, f"reading it took over {timeout_s:.0f} s")
+    lines = proc.stdout.splitlines()
+    info: dict[str, Any] = {}
+    if lines and lines[0].startswith("{"):
+        try:
+            info = json.loads(lines[0])
+        except json.JSONDecodeError:
+            pass
+    if proc.returncode == 0 and lines and lines[-1] == "ok":
+        return Probe(True, "", info)
+    if proc.returncode < 0:
+        try:
+            name = signal.Signals(-proc.returncode).name
+        except ValueError:
+            name = f"signal {-proc.returncode}"
+        problem = f"reading it kills the reader ({name})"
+    else:
+        tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        problem = f"reading it fails: {tail[-1].strip()[:300] if tail else f'exit code {proc.returncode}'}"
+    return Probe(False, problem, info)
+
+
+# ------------------------------------------------------------------------------------ last good version
+
+
+def saved_state(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((guard_dir(path) / GOOD / STATE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in [*root.rglob("*"), root]:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def save_good(url: str, info: dict[str, Any], log: Callable[[str], None] = print) -> bool:
+    """Save the (just probed) head's version log as the last good version. Only a dataset's writer may call it
+    (a copy taken during someone else's commit could be torn). False when it could not be saved (no space):
+    the previous saved version, older but intact, stays."""
+    path = local_dir(url)
+    if not exists(path):
+        return False
+    guard = guard_dir(path)
+    tmp = guard / f".{GOOD}.tmp-{os.getpid()}"
+    old = guard / f".{GOOD}.old-{os.getpid()}"
+    try:
+        guard.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        digest = log_digest(path)
+        shutil.copytree(path / LOG_DIR, tmp / LOG_DIR)
+        if log_digest(tmp) != digest:
+            raise OSError("the version log changed while it was copied")
+        (tmp / STATE).write_text(json.dumps({**info, "digest": digest, "saved": time.time()}, sort_keys=True))
+        _fsync_tree(tmp)
+        if (guard / GOOD).exists():
+            os.rename(guard / GOOD, old)
+        os.rename(tmp, guard / GOOD)
+        shutil.rmtree(old, ignore_errors=True)
+        return True
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not (guard / GOOD).exists():
+            os.rename(old, guard / GOOD)
+        log(f"dataset {path}: could not save the last good version ({exc}); the previous one is kept")
+        return False
+
+
+def _describe(state: dict[str, Any]) -> str:
+    tags = [name for name, version in (state.get("tags") or {}).items() if version == state.get("version")]
+    return (f"version {state.get('version')} ({state.get('rows')} rows, "
+            + (f"tag {', '.join(sorted(tags))}" if tags else "untagged") + ")")
+
+
+def rollback(url: str, problem: str, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Put the last good version's log in place of an unreadable head's. Raises DatasetUnreadable when there is
+    none (or it cannot be put in place). Returns the restored version's state."""
+    path = local_dir(url)
+    state = saved_state(path) if path is not None else None
+    good = guard_dir(path) / GOOD / LOG_DIR if path is not None else None
+    if state is None or good is None or not good.is_dir():
+        tags = ""
+        try:
+            import deeplake
+
+            ds = deeplake.open_read_only(str(url))
+            tags = ", ".join(sorted(ds.tags.names()))
+        except Exception:  # noqa: BLE001 - only for the message
+            pass
+        raise DatasetUnreadable(
+            f"dataset {url}: its head is unreadable ({problem}) and no good version of it was saved to roll back "
+            f"to; " + (f"its tags ({tags}) stay readable with ds.tags[name].open(); " if tags else "")
+            + "move it aside and re-run stage=ingest to rebuild it")
+    keep = guard_dir(path) / f"unreadable-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    try:
+        keep.mkdir(parents=True)
+        os.rename(path / LOG_DIR, keep / LOG_DIR)      # renames: no space needed
+        os.rename(good, path / LOG_DIR)
+    except OSError as exc:
+        if not (path / LOG_DIR).exists() and (keep / LOG_DIR).exists():
+            os.rename(keep / LOG_DIR, path / LOG_DIR)
+        raise DatasetUnreadable(f"dataset {url}: its head is unreadable ({problem}) and the rollback to the last "
+                                f"good {_describe(state)} failed: {exc}") from None
+    log(f"dataset {path}: the head is unreadable ({problem}); rolled back to the last good {_describe(state)}. "
+        f"The unreadable version log is kept in {keep}")
+    try:    # the saved copy went into place: save it again (it may not fit yet; then it is saved after the next write)
+        shutil.copytree(path / LOG_DIR, guard_dir(path) / GOOD / LOG_DIR)
+        _fsync_tree(guard_dir(path) / GOOD)
+    except OSError:
+        shutil.rmtree(guard_dir(path) / GOOD / LOG_DIR, ignore_errors=True)
+    return state
+
+
+def head_problem(url: str) -> tuple[str | None, dict[str, Any]]:
+    """(None, info) when the head is the saved good version or reads cleanly, else (problem, info). Read-only."""
+    path = local_dir(url)
+    if path is not None:
+        if not exists(path):
+            return None, {}
+        state = saved_state(path)
+        if state is not None and state.get("digest") == log_digest(path):
+            return None, state
+    result = probe(url)
+    return (None if result.ok else result.problem), result.info
+
+
+def ensure_readable(url: str, log: Callable[[str], None] = print, save: bool = False) -> dict[str, Any]:
+    """The head's info, after rolling an unreadable head back to the last good version (DatasetUnreadable when
+    it cannot be). {} when there is no dataset. `save` (the dataset's writer only): a readable head that is not
+    the saved one is saved as the last good version."""
+    problem, info = head_problem(url)
+    if problem is None:
+        path = local_dir(url)
+        if save and exists(path) and (saved_state(path) or {}).get("digest") != log_digest(path):
+            save_good(url, info, log)
+        return info
+    state = rollback(url, problem, log)
+    again = probe(url)
+    if not again.ok:
+        raise DatasetUnreadable(f"dataset {url}: rolled back to {_describe(state)}, which is unreadable too "
+                                f"({again.problem})")
+    return again.info
+
+
+def write_checked(url: str, action: Callable[[], Any], what: str, log: Callable[[str], None] = print,
+                  from_row: int = 0) -> None:
+    """Run a write that ends in a new version (`ds.commit`, `ds.tag`), then probe the new head in a child process:
+    readable, it is saved as the last good version; unreadable, it is rolled back to the previous one and
+    DatasetWriteError says so. Remote datasets are written unchecked."""
+    path = local_dir(url)
+    if path is None:
+        action()
+        return
+    try:
+        action()
+        failure = None
+    except Exception as exc:  # noqa: BLE001 - reported with the state it left
+        failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+    result = probe(url, from_row)
+    if failure is None and result.ok:
+        save_good(url, result.info, log)
+        return
+    free = _mib(free_bytes(path))
+    if result.ok:
+        raise DatasetWriteError(f"{what} failed ({failure}; {free} free); the dataset reads fine at version "
+                                f"{result.info.get('version')}: free space if needed and re-run")
+    problem = result.problem + (f" after {failure}" if failure else "")
+    try:
+        state = rollback(url, problem, log)
+    except DatasetUnreadable as exc:
+        raise DatasetWriteError(f"{what} left the dataset unreadable ({free} free): {exc}") from None
+    raise DatasetWriteError(f"{what} left the dataset unreadable ({problem}; {free} free): rolled back to the "
+                            f"last good {_describe(state)}; free space and re-run")
+
+
+if __name__ == "__main__":
+    _probe_main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0)
