@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .atomic import read_json, write_json
 from .manifest import GEOMETRY_FILE
-from .shards import FAILED, OK, SKIPPED, ShardStore, reason_category
+from .shards import FAILED, OK, SKIPPED, ShardStore, describe_owner, lease_owner, reason_category
 from .stages import STAGES
 
 
@@ -47,6 +47,9 @@ def stage_status(run_dir: Path, stage: str, num_shards: int) -> StageStatus:
     busy, n_busy = 0.0, 0
     for shard in range(num_shards):
         store = ShardStore(run_dir, stage, shard)
+        owner = lease_owner(store.dir)
+        if owner is not None:  # leased by a live owner: running now
+            st.extra.setdefault("running", {})[shard] = describe_owner(owner)
         if store.is_complete():
             st.shards_done += 1
             ledger = store.read_ledger()
@@ -133,6 +136,7 @@ def format_status(run_dir: str | Path, statuses: list[StageStatus]) -> str:
             reasons = "DATASET UNREADABLE (below); " + reasons
         lines.append(f"{st.stage:<12} {shards:<36} {st.items.get(OK, 0):>9} {st.items.get(FAILED, 0):>7} "
                      f"{st.items.get(SKIPPED, 0):>8}  {reasons}")
+        lines.extend(f"{'':<12} running: shard {s}: {o}" for s, o in sorted(st.extra.get("running", {}).items()))
     lines.extend(f"{st.stage} dataset: {st.extra['dataset']}" for st in statuses if st.extra.get("dataset"))
     return "\n".join(lines)
 
