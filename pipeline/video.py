@@ -5,15 +5,28 @@ the first frame of a stream whose edit list delays it by 1.075 s has `pts == 1.0
 timestamps of one file are comparable. Frame times always come from the demuxed packet PTS list
 (`VideoInfo.frame_pts`), never from `index / avg_fps`, so variable-frame-rate video stays exact.
 
-Decoding picks frames by their PTS: decord (batch reads) is the fast path; PyAV seek + decode is the fallback
-when decord cannot open the file or its frame index disagrees with ours. Both hold at most `DECODE_CHUNK`
-full-resolution frames at a time and resize each right after decoding, so a request for hundreds of 4K frames
-does not hold them all at full resolution.
+The index holds exactly the frames the decoder outputs: packets the demuxer marks for discard (the pre-roll of
+an MP4 edit list, e.g. a stream copy cut at a non-keyframe) and packets before the first frame the decoder
+produces (an MPEG-TS recording that starts mid-GOP) are left out. MPEG-TS (which starts at ~1.4 s), WebM (VP9,
+Opus), MKV and MP4 are all indexed on their own container timeline.
+
+Decoding picks frames by their PTS: decord (batch reads) is the fast path for the containers whose index it
+reads like ours (MP4/MOV, Matroska); PyAV is the exact path everywhere else and the fallback when decord cannot
+open the file or its frame index disagrees with ours. PyAV seeks to the keyframe before each wanted frame (further
+back when the demuxer's seek lands after it) and decodes forward; every returned frame carries the PTS the
+decoder gave it, and a wanted frame the decoder does not output fails the video (`corrupt`) instead of being
+replaced by a neighbour. Both hold at most `DECODE_CHUNK` full-resolution frames at a time and resize each right
+after decoding, so a request for hundreds of 4K frames does not hold them all at full resolution.
+
+Public timeline API: `probe(path)` (`.frame_pts`, `.first_pts`), `decode_at(info, times, backend=...)` ->
+`[(pts, image)]`, and `pipeline.audio.load_audio(path, sample_rate=...)` for the audio on the same timeline.
 """
 from __future__ import annotations
 
 import io
+import itertools
 import logging
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -29,6 +42,8 @@ log = logging.getLogger(__name__)
 PTS_EPS = 1e-6
 # Full-resolution frames held at once while decoding (a 3840x2160 RGB frame is 25 MB).
 DECODE_CHUNK = 16
+# Containers whose frame index decord builds the way the probe does (its seeks in MPEG-TS land on other frames).
+DECORD_FORMATS = ("mov", "mp4", "matroska", "webm")
 
 
 class VideoError(Exception):
@@ -55,6 +70,8 @@ class VideoInfo:
     frame_pts: np.ndarray        # float64 seconds, sorted, one per frame, absolute stream PTS
     avg_fps: float               # nominal only; never used to compute a time
     has_audio: bool
+    container_format: str = ""   # the demuxer's name, e.g. "mov,mp4,m4a,3gp,3g2,mj2", "mpegts"
+    skipped_packets: int = 0     # packets with no output frame (edit-list pre-roll, before the first keyframe)
 
     @property
     def n_frames(self) -> int:
@@ -111,10 +128,13 @@ def _video_stream(container) -> av.video.stream.VideoStream:
 
 
 def probe(path: str | Path, max_pixels: int | None = None) -> VideoInfo:
-    """Open a file, check it is a decodable video within `max_pixels`, and index every frame's PTS.
+    """Open a file, check it is a decodable video within `max_pixels`, and index the PTS of every frame the
+    decoder outputs.
 
-    Demuxes the whole video stream (no decoding) and decodes its first frame. Raises VideoError with the
-    categories missing | corrupt | no_video_stream | unsupported_codec | too_large.
+    Demuxes the whole video stream (no decoding), leaving out packets the demuxer marks for discard (edit-list
+    pre-roll), then decodes from the start up to the first output frame: packets before it (a stream that starts
+    mid-GOP) output nothing and are left out too. Raises VideoError with the categories
+    missing | corrupt | no_video_stream | unsupported_codec | too_large.
     """
     with _open(path) as container:
         stream = _video_stream(container)
@@ -128,31 +148,57 @@ def probe(path: str | Path, max_pixels: int | None = None) -> VideoInfo:
         if stream.time_base is None:
             raise VideoError("corrupt", "video stream has no time base")
         pts: list[int] = []
+        n_packets = 0
         try:
             for packet in container.demux(stream):
                 if packet.size == 0:
                     continue            # the flush packet
+                n_packets += 1
                 ts = packet.pts if packet.pts is not None else packet.dts
                 if ts is None:
                     raise VideoError("unsupported_codec", "video packets carry no timestamps")
+                if packet.is_discard:
+                    continue            # edit-list pre-roll: decoded for reference, never output
                 pts.append(ts)
         except av.error.FFmpegError as exc:
-            raise VideoError("corrupt", f"demux failed after {len(pts)} packets: {exc}") from exc
+            raise VideoError("corrupt", f"demux failed after {n_packets} packets: {exc}") from exc
         if not pts:
             raise VideoError("corrupt", "no video packets")
         # A file cut short with its index at the front demuxes without error up to where the data ends.
-        if stream.frames and len(pts) < stream.frames - 1:
-            raise VideoError("corrupt", f"truncated: {len(pts)} of {stream.frames} frames present")
-        info = VideoInfo(
-            path=str(path), width=width, height=height, codec=ctx.name, stream_index=stream.index,
-            time_base=Fraction(stream.time_base), frame_pts=np.unique(np.asarray(pts, dtype=np.int64))
-            * float(stream.time_base), avg_fps=float(stream.average_rate or stream.guessed_rate or 0.0),
-            has_audio=bool(container.streams.audio))
-    # A file whose index looks fine can still fail to decode (damaged bitstream).
-    first = decode_at(info, [info.first_pts], backend="pyav")
-    if not first:
+        if stream.frames and n_packets < stream.frames - 1:
+            raise VideoError("corrupt", f"truncated: {n_packets} of {stream.frames} frames present")
+        time_base = Fraction(stream.time_base)
+        fmt = container.format.name if container.format else ""
+        has_audio = bool(container.streams.audio)
+        stream_index, codec = stream.index, ctx.name
+        avg_fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+    # A file whose index looks fine can still fail to decode (damaged bitstream); and the decoder outputs nothing
+    # for packets before the first frame it can reconstruct.
+    first = _first_output_pts(str(path), stream_index)
+    if first is None:
         raise VideoError("corrupt", "first frame does not decode")
-    return info
+    kept = np.unique(np.asarray([t for t in pts if t >= first], dtype=np.int64))
+    if kept.size == 0 or kept[0] != first:
+        raise VideoError("corrupt", f"the decoder's first frame (pts {float(first * time_base):.4f}) is not "
+                                    f"in the stream's packets")
+    return VideoInfo(
+        path=str(path), width=width, height=height, codec=codec, stream_index=stream_index,
+        time_base=time_base, frame_pts=kept * float(time_base),
+        avg_fps=avg_fps, has_audio=has_audio,
+        container_format=fmt, skipped_packets=n_packets - int(kept.size))
+
+
+def _first_output_pts(path: str, stream_index: int) -> int | None:
+    """PTS (stream time base) of the first frame the decoder outputs from the start of the file, or None."""
+    try:
+        with av.open(path) as container:
+            stream = container.streams[stream_index]
+            for frame in container.decode(stream):
+                if frame.pts is not None:
+                    return int(frame.pts)
+    except av.error.FFmpegError as exc:
+        raise VideoError("corrupt", f"first frame does not decode: {exc}") from exc
+    return None
 
 
 def resize_short_side(image: np.ndarray, short_side: int | None) -> np.ndarray:
@@ -180,7 +226,9 @@ def decode_at(info: VideoInfo, times: Sequence[float], short_side: int | None = 
     """Decode the frames shown at `times` (seconds, absolute PTS) as (frame_pts, HxWx3 uint8 RGB).
 
     Each time maps to the frame whose PTS is the last one <= t; duplicates are decoded once. Returned in PTS
-    order, one entry per distinct frame. backend: auto (decord, falling back to PyAV) | decord | pyav.
+    order, one entry per distinct frame, each with the PTS its decoder gave it. backend: auto (decord where it
+    indexes the container like the probe, else or on any decord failure PyAV) | decord (raises where it cannot
+    be trusted) | pyav. A wanted frame that does not decode raises VideoError("corrupt", ...).
     """
     indices = sorted({info.index_at(t) for t in times})
     if not indices:
@@ -195,12 +243,18 @@ def decode_at(info: VideoInfo, times: Sequence[float], short_side: int | None = 
             log.info("decord failed on %s (%s); using PyAV", info.path, exc)
     if images is None:
         images = _decode_pyav(info, indices, short_side)
+    if isinstance(images, dict):        # PyAV: keyed by the wanted PTS, with the PTS each frame decoded at
+        return [images[k] for k in range(len(indices))]
     return [(float(info.frame_pts[i]), img) for i, img in zip(indices, images)]
 
 
 def _decode_decord(info: VideoInfo, indices: list[int], short_side: int | None) -> list[np.ndarray]:
     import decord
 
+    if info.container_format and not any(f in info.container_format.split(",") for f in DECORD_FORMATS):
+        raise RuntimeError(f"decord does not index {info.container_format} frames like the demuxer")
+    if info.skipped_packets:
+        raise RuntimeError(f"decord would output {info.skipped_packets} packets the decoder discards")
     reader = decord.VideoReader(info.path, ctx=decord.cpu(0), num_threads=0)
     if len(reader) != info.n_frames:
         raise RuntimeError(f"decord indexes {len(reader)} frames, the demuxer {info.n_frames}")
@@ -220,44 +274,70 @@ def _decode_decord(info: VideoInfo, indices: list[int], short_side: int | None) 
 
 # Decode forward instead of seeking when the next wanted frame is at most this far ahead.
 _SEEK_GAP_S = 2.0
+# How far before a wanted frame successive seeks go when the demuxer's seek lands after it (None: the start).
+_SEEK_BACK_S = (0.0, 1.0, 4.0, 16.0, None)
 
 
-def _decode_pyav(info: VideoInfo, indices: list[int], short_side: int | None) -> list[np.ndarray]:
-    """Exact fallback: seek to the keyframe before each target and decode until its PTS; each kept frame is
-    resized at once, so one full-resolution RGB frame exists at a time."""
+def _seek_run(container, stream, info: VideoInfo, target: float) -> Iterator:
+    """Decoded frames from a keyframe at or before `target`: seek there (further back while the demuxer's seek
+    lands after the target or on a frame the decoder cannot start from), return the decoded frames from it."""
+    tb = info.time_base
+    run: Iterator | None = None
+    for back in _SEEK_BACK_S:
+        if back is None:
+            offset = int(stream.start_time) if stream.start_time is not None else 0
+        else:
+            offset = int(math.floor(Fraction(target - back) / tb))
+        try:
+            container.seek(offset, stream=stream, backward=True)
+        except av.error.FFmpegError:
+            continue
+        frames = (f for f in container.decode(stream) if f.pts is not None)
+        first = next(frames, None)
+        if first is None:
+            continue
+        run = itertools.chain([first], frames)
+        if float(first.pts * tb) <= target + PTS_EPS and first.key_frame:
+            return run
+    if run is None:
+        raise VideoError("corrupt", f"no frame decodes at or before {target:.4f} s")
+    return run
+
+
+def _decode_pyav(info: VideoInfo, indices: list[int], short_side: int | None) -> dict[int, tuple[float, np.ndarray]]:
+    """Exact path: seek to the keyframe before each wanted frame (or decode forward when it is near) and decode
+    until its PTS; each kept frame is resized at once, so one full-resolution RGB frame exists at a time.
+    Returns {k: (pts the decoder gave the frame, image)}; a wanted frame the decoder does not output is a
+    VideoError naming it, never a neighbour in its place."""
     wanted = [float(info.frame_pts[i]) for i in indices]
-    out: dict[int, np.ndarray] = {}
-    with av.open(info.path) as container:
-        stream = container.streams[info.stream_index]
-        stream.thread_type = "AUTO"
-        frames: Iterator | None = None
-        last_time = -np.inf
-        seeked_for = -1             # seek at most once per wanted frame, then decode forward
-        k = 0
-        while k < len(wanted):
-            target = wanted[k]
-            far = target < last_time - PTS_EPS or target - last_time > _SEEK_GAP_S
-            if frames is None or (far and seeked_for != k):
-                container.seek(int(round(target / float(info.time_base))), stream=stream, backward=True)
-                frames = container.decode(stream)
-                seeked_for = k
-            frame = next(frames, None)
-            if frame is None:
-                break
-            if frame.pts is None:
-                continue
-            last_time = float(frame.pts * info.time_base)
-            while k < len(wanted) and abs(last_time - wanted[k]) < PTS_EPS:
-                out[k] = resize_short_side(frame.to_ndarray(format="rgb24"), short_side)
-                k += 1
-            if k < len(wanted) and last_time > wanted[k] + PTS_EPS:
-                # Passed a target without seeing it (should not happen with an exact index): take this frame.
-                log.warning("%s: frame at %.4f missing, using %.4f", info.path, wanted[k], last_time)
-                out[k] = resize_short_side(frame.to_ndarray(format="rgb24"), short_side)
-                k += 1
-    if len(out) < len(wanted):
-        raise VideoError("corrupt", f"{len(wanted) - len(out)} wanted frames do not decode")
-    return [out[k] for k in range(len(wanted))]
+    tb = info.time_base
+    out: dict[int, tuple[float, np.ndarray]] = {}
+    try:
+        with av.open(info.path) as container:
+            stream = container.streams[info.stream_index]
+            stream.thread_type = "AUTO"
+            k = 0
+            while k < len(wanted):
+                run = _seek_run(container, stream, info, wanted[k])
+                last = -math.inf
+                for frame in run:
+                    t = frame.pts * float(tb)     # as the probe computes frame_pts
+                    if t > wanted[k] + PTS_EPS:
+                        raise VideoError("corrupt", f"frame at {wanted[k]:.4f} s does not decode (the decoder "
+                                                    f"went from {last:.4f} s to {t:.4f} s)")
+                    if abs(t - wanted[k]) < PTS_EPS:
+                        image = resize_short_side(frame.to_ndarray(format="rgb24"), short_side)
+                        out[k] = (t, image)
+                        k += 1
+                        if k == len(wanted) or wanted[k] - t > _SEEK_GAP_S:
+                            break           # done, or seek for the next one
+                    last = t
+                else:
+                    raise VideoError("corrupt", f"frame at {wanted[k]:.4f} s does not decode (the stream ends at "
+                                                f"{last:.4f} s)")
+    except av.error.FFmpegError as exc:
+        raise VideoError("corrupt", f"decode failed: {exc}") from exc
+    return out
 
 
 def iter_small_frames(info: VideoInfo, width: int) -> Iterator[tuple[float, np.ndarray]]:
