@@ -1,0 +1,247 @@
+"""kill -9 soak: `python -m benchmarks.kill_soak [--kills N] [--stages frames,asr,clip,ingest] [--report PATH]`.
+
+Builds a small run from the vendored sample media (plus speech clips cut from `speech_cuts_1080p.mp4` with ffmpeg,
+so that asr and audio have work), runs every stage once uninterrupted (the reference), then for each stage under
+test, N times: copies the run as it was before that stage, launches the stage as a user would
+(`python -m pipeline stage=S ...`, local launcher, 2 shards, flush_every=1) in its own process group, SIGKILLs
+the whole group at a random moment within the reference run's duration, checks that no process of the group
+outlives the kill, re-runs the same command to completion and compares every output of the stage (packed tables,
+ledgers and, for ingest, the Deep Lake dataset) with the reference. Columns that hold timings are left out.
+
+Prints and (with --report) writes a table: per stage, kills that landed mid-run, identical/total, processes left
+behind. Exit code 1 if any re-run differs from the reference or leaves processes behind.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MEDIA = REPO / "tests" / "media"
+ORDER = ["download", "frames", "asr", "clip", "audio", "scenegraph", "ingest"]
+NEEDS = {"frames": ["download"], "asr": ["download"], "clip": ["download", "frames"], "audio": ["download", "asr"],
+         "scenegraph": ["download", "frames"], "ingest": ["download", "frames", "asr", "clip", "audio", "scenegraph"]}
+TIMING_COLUMNS = {"seconds", "time", "ingested_at", "created_at"}
+STAGE_ARGS = ["launcher=local", "launcher.workers=2", "models=tiny", "device=cpu", "stage.flush_every=1"]
+
+
+def _env(cache_dir: Path) -> dict:
+    return {**os.environ, "VPT_CACHE_DIR": str(cache_dir), "RAY_AUTH_MODE": "disabled",
+            "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+
+
+def _cli(args: list[str], env: dict, timeout: float = 1800) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def make_manifest(work: Path, speech_clips: int) -> Path:
+    media = work / "media"
+    media.mkdir(parents=True, exist_ok=True)
+    lines = [f"counter {MEDIA / 'counter.mp4'}", f"fades {MEDIA / 'fades.mp4'}",
+             f"delayed {MEDIA / 'delayed_start.mp4'}"]
+    for k in range(speech_clips):
+        out = media / f"speech{k}.mp4"
+        if not out.exists():
+            subprocess.run(["ffmpeg", "-v", "error", "-y", "-ss", str(5 + 20 * k), "-t", "12", "-i",
+                            str(MEDIA / "speech_cuts_1080p.mp4"), "-vf", "scale=-2:240", "-c:v", "libx264",
+                            "-preset", "veryfast", "-c:a", "aac", str(out)], check=True)
+        lines.append(f"speech{k} {out}")
+    manifest = work / "videos.txt"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def _normalise(value, run_dir: str):
+    if isinstance(value, str):
+        return value.replace(run_dir, "<RUN>")
+    if isinstance(value, dict):
+        return {k: _normalise(v, run_dir) for k, v in value.items() if k not in TIMING_COLUMNS}
+    if isinstance(value, list):
+        return [_normalise(v, run_dir) for v in value]
+    return value
+
+
+def stage_digest(run_dir: Path, stage: str) -> dict[str, str]:
+    """One digest per output file of the stage (tables and ledgers of every shard; ingest: also the dataset)."""
+    import pyarrow.parquet as pq
+
+    out: dict[str, str] = {}
+    for p in sorted((run_dir / stage).glob("shard-*/*.parquet")):
+        t = pq.read_table(p)
+        rows = [_normalise(r, str(run_dir)) for r in t.to_pylist()]
+        out[f"{p.parent.name}/{p.name}"] = hashlib.sha1(json.dumps(rows, sort_keys=True, default=repr)
+                                                        .encode()).hexdigest()
+    for p in sorted((run_dir / stage).glob("shard-*/_SUCCESS")):
+        out[f"{p.parent.name}/_SUCCESS"] = "present"
+    if stage == "ingest":
+        out["dataset"] = dataset_digest(run_dir / "dataset")
+    return out
+
+
+def dataset_digest(path: Path) -> str:
+    import deeplake
+    import numpy as np
+
+    if not path.exists():
+        return "missing"
+    ds = deeplake.open_read_only(str(path))
+    cols = sorted(c.name for c in ds.schema.columns)
+    data = {c: ds[c][:] for c in cols}
+    n = len(ds)
+    rows = []
+    for i in range(n):
+        h = hashlib.sha1()
+        for c in cols:
+            v = data[c][i]
+            if isinstance(v, np.ndarray):
+                h.update(v.tobytes())
+            elif isinstance(v, (bytes, bytearray)):
+                h.update(bytes(v))
+            else:
+                h.update(json.dumps(_normalise(v, str(path.parent)), sort_keys=True, default=repr).encode())
+        rows.append(h.hexdigest())
+    return hashlib.sha1(("\n".join(sorted(rows)) + f"\n{n}").encode()).hexdigest()
+
+
+def _group_alive(pgid: int) -> list[int]:
+    import psutil
+
+    alive = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p.pid)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return alive
+
+
+def kill_once(base: Path, stage: str, work: Path, env: dict, t_ref: float, rng: random.Random,
+              reference: dict[str, str]) -> dict:
+    run = work / "run"
+    shutil.rmtree(run, ignore_errors=True)
+    dropped = {s for s in ORDER if s not in NEEDS[stage]} | {"dataset"}
+    shutil.copytree(base, run, ignore=lambda d, names: [n for n in names if Path(d) == base and
+                                                        (n in dropped or n.startswith(".ingest"))])
+    args = [f"stage={stage}", f"run_dir={run}", *STAGE_ARGS]
+    delay = rng.uniform(0.3, max(0.5, t_ref))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        proc.wait(timeout=delay)
+        landed = False          # the run finished before the kill
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        landed = True
+    deadline = time.time() + 10
+    left = _group_alive(proc.pid)
+    while left and time.time() < deadline:
+        time.sleep(0.2)
+        left = _group_alive(proc.pid)
+    for pid in left:  # counted, then cleaned up so that the next round starts clean
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    rerun = _cli(args, env)
+    got = stage_digest(run, stage) if rerun.returncode == 0 else {}
+    diff = sorted(k for k in set(got) | set(reference) if got.get(k) != reference.get(k))
+    return {"delay_s": round(delay, 2), "landed": landed, "left_behind": len(left), "rerun_rc": rerun.returncode,
+            "identical": rerun.returncode == 0 and not diff, "differs": diff[:5],
+            "rerun_tail": rerun.stderr.strip().splitlines()[-1:] if rerun.returncode else []}
+
+
+def write_report(a, manifest: Path, durations: dict, results: dict[str, list[dict]]) -> bool:
+    """Write the table (and raw JSON); True if any re-run differs or left processes behind."""
+    lines = [f"kill -9 soak, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
+             f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
+             f"{len(manifest.read_text().splitlines())} videos in 2 shards, seed {a.seed}", "",
+             "| stage | reference run (s) | kills | landed mid-run | identical / total | processes left behind |",
+             "|---|---|---|---|---|---|"]
+    failed = False
+    for s, rs in results.items():
+        same = sum(r["identical"] for r in rs)
+        left = sum(r["left_behind"] for r in rs)
+        failed |= same != len(rs) or left > 0
+        lines.append(f"| {s} | {durations[s]:.1f} | {len(rs)} | {sum(r['landed'] for r in rs)} | "
+                     f"{same} / {len(rs)} | {left} |")
+    text = "\n".join(lines)
+    if a.report:
+        Path(a.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.report).write_text(text + "\n")
+    else:
+        print(text)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"durations": durations, "results": results}, indent=1))
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kills", type=int, default=2, help="kills per stage")
+    ap.add_argument("--stages", default="frames,asr,clip,ingest")
+    ap.add_argument("--speech-clips", type=int, default=2)
+    ap.add_argument("--work", default=None, help="work dir (default: a fresh temp dir)")
+    ap.add_argument("--cache-dir", default=None, help="tiny model cache (default: <work>/cache)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--report", default=None, help="write the results as markdown here")
+    ap.add_argument("--json", default=None, help="write the raw results as JSON here")
+    a = ap.parse_args(argv)
+    stages = [s for s in a.stages.split(",") if s]
+    bad = [s for s in stages if s not in NEEDS]
+    if bad:
+        print(f"error: unknown or unsupported stage(s) {bad}; choose from {', '.join(NEEDS)}", file=sys.stderr)
+        return 2
+    import tempfile
+
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="kill-soak-"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = _env(Path(a.cache_dir) if a.cache_dir else work / "cache")
+    rng = random.Random(a.seed)
+    manifest = make_manifest(work, a.speech_clips)
+
+    # The reference: every stage needed, uninterrupted, timed.
+    base = work / "reference"
+    shutil.rmtree(base, ignore_errors=True)
+    needed = [s for s in ORDER if s in set(stages) | {n for s in stages for n in NEEDS[s]}]
+    durations: dict[str, float] = {}
+    for s in needed:
+        extra = [f"input={manifest}", "num_shards=2"] if s == "download" else []
+        t0 = time.time()
+        proc = _cli([f"stage={s}", f"run_dir={base}", *STAGE_ARGS, *extra], env)
+        durations[s] = time.time() - t0
+        if proc.returncode != 0:
+            print(f"error: reference run of {s} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            return 1
+        print(f"reference {s}: {durations[s]:.1f}s", flush=True)
+    references = {s: stage_digest(base, s) for s in stages}
+
+    results: dict[str, list[dict]] = {}
+    failed = False
+    for s in stages:
+        results[s] = []
+        for k in range(a.kills):
+            r = kill_once(base, s, work / "killed", env, durations[s], rng, references[s])
+            results[s].append(r)
+            print(f"{s} kill {k + 1}/{a.kills}: {json.dumps(r)}", flush=True)
+        failed = write_report(a, manifest, durations, results)  # after each stage: partial results survive
+    shutil.rmtree(work / "killed", ignore_errors=True)
+    print(Path(a.report).read_text() if a.report else "")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
