@@ -27,6 +27,7 @@ import io
 import itertools
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -199,6 +200,16 @@ def _first_output_pts(path: str, stream_index: int) -> int | None:
     except av.error.FFmpegError as exc:
         raise VideoError("corrupt", f"first frame does not decode: {exc}") from exc
     return None
+
+
+@contextmanager
+def corrupt_on_decode_error(what: str = "decode failed"):
+    """FFmpeg errors raised inside (damaged data mid-file, found only when decoding gets there) become
+    VideoError("corrupt", ...): a recorded category, not an unexpected exception."""
+    try:
+        yield
+    except av.error.FFmpegError as exc:
+        raise VideoError("corrupt", f"{what}: {exc}") from exc
 
 
 def resize_short_side(image: np.ndarray, short_side: int | None) -> np.ndarray:

@@ -171,3 +171,25 @@ def test_bad_inputs_raise_video_error_with_category(tmp_path, shared_media):
     with pytest.raises(VideoError) as err:
         probe(shared_media / "counter.mp4", max_pixels=1280 * 720)
     assert err.value.category == "too_large" and "1920x1080" in err.value.reason
+
+
+def test_random_bytes_mid_file_are_recorded_corrupt(tmp_path, shared_media):
+    """Damage past the header: the probe passes, decoding reaches it later; the video fails as `corrupt` (a
+    category), not as an unexpected InvalidDataError."""
+    from pipeline.stages.base import RunContext, WorkItem
+    from pipeline.stages.frames import FramesConfig, FramesStage, sample_video
+
+    data = bytearray((shared_media / "fades.mp4").read_bytes())
+    n = len(data)
+    data[n // 3: n // 3 + n // 10] = np.random.default_rng(0).integers(0, 256, n // 10, dtype=np.uint8).tobytes()
+    path = tmp_path / "mid_noise.mp4"
+    path.write_bytes(bytes(data))
+    probe(path)   # the header and the first frame are intact
+    with pytest.raises(VideoError) as err:
+        sample_video(path)
+    assert err.value.category == "corrupt"
+    stage = FramesStage(FramesConfig(), RunContext(run_dir=tmp_path / "run", shard=0, models="tiny",
+                                                   cache_dir=tmp_path, device="cpu"))
+    item = WorkItem("noisy", str(path), 0, inputs={"download": {"videos": [{"video_id": "noisy", "path": str(path)}]}})
+    result = stage.process_item(item)
+    assert result.status == "failed" and result.reason.startswith("corrupt: "), result.reason

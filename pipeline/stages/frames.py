@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ..video import VideoError, VideoInfo, decode_at, encode_jpeg, iter_small_frames, probe
+from ..video import (VideoError, VideoInfo, corrupt_on_decode_error, decode_at, encode_jpeg, iter_small_frames,
+                     probe)
 from .base import ItemResult, Resources, RunContext, Stage, StageConfig, WorkItem
 
 KINDS = ("after_cut", "midpoint", "uniform")
@@ -150,7 +151,8 @@ def sample_video(path: str | Path, cfg: FramesConfig | None = None) -> SampledVi
     cfg = cfg or FramesConfig()
     t0 = time.perf_counter()
     info = probe(path, max_pixels=cfg.max_pixels)
-    cuts = detect_cuts(info, cfg)
+    with corrupt_on_decode_error("decode failed during cut detection"):   # damage past the probed head
+        cuts = detect_cuts(info, cfg)
     t1 = time.perf_counter()
     minutes = max(info.duration, 1e-9) / 60.0
     cpm = len(cuts) / minutes
