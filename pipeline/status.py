@@ -138,7 +138,36 @@ def format_status(run_dir: str | Path, statuses: list[StageStatus]) -> str:
                      f"{st.items.get(SKIPPED, 0):>8}  {reasons}")
         lines.extend(f"{'':<12} running: shard {s}: {o}" for s, o in sorted(st.extra.get("running", {}).items()))
     lines.extend(f"{st.stage} dataset: {st.extra['dataset']}" for st in statuses if st.extra.get("dataset"))
+    dups = duplicate_contents(run_dir)
+    if dups:
+        shown = "; ".join(f"{c} = {', '.join(v)}" for c, v in list(dups.items())[:5])
+        more = f" (+{len(dups) - 5} more)" if len(dups) > 5 else ""
+        lines.append(f"duplicate content: {sum(map(len, dups.values()))} videos are {len(dups)} contents (each kept "
+                     f"in one split): {shown}{more}")
     return "\n".join(lines)
+
+
+def duplicate_contents(run_dir: str | Path) -> dict[str, list[str]]:
+    """content_id -> its video ids, for every content that more than one video id of the run has (the download
+    stage's `videos` tables; see `pipeline.stages.download` for what a content id is)."""
+    import pyarrow.parquet as pq
+
+    run_dir = Path(run_dir)
+    geo = read_json(run_dir / GEOMETRY_FILE)
+    if geo is None or not (run_dir / "download").is_dir():
+        return {}
+    ids: dict[str, set[str]] = {}
+    for shard in range(int(geo["num_shards"])):
+        path = ShardStore(run_dir, "download", shard).table_path("videos")
+        if not path.exists():
+            continue
+        table = pq.read_table(path)
+        if "content_id" not in table.column_names:      # downloaded before content ids were recorded
+            continue
+        for video, content in zip(table["video_id"].to_pylist(), table["content_id"].to_pylist()):
+            if content:
+                ids.setdefault(content, set()).add(video)
+    return {c: sorted(v) for c, v in sorted(ids.items()) if len(v) > 1}
 
 
 def _last_records(path: Path, n_bytes: int = 1 << 16) -> list[dict]:

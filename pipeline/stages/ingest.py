@@ -321,6 +321,9 @@ def write_dataset(cfg: Any, log: Callable[[str], None] = print,
                         replaced.append(shard)
                         from_row = 0
                     if table is not None:
+                        for name in ROW_SCHEMA.names:   # rows joined before a column existed (content_id)
+                            if name not in table.column_names:
+                                table = table.append_column(name, pa.nulls(len(table), ROW_SCHEMA.field(name).type))
                         table = table.select(list(ROW_SCHEMA.names)).cast(ROW_SCHEMA)
                         for start in range(0, num_rows, batch):
                             ds.append(to_deeplake_columns(table.slice(start, batch)))
