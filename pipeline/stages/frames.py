@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from ..cuts import Capture, CutParams, Detection, detect
 from ..video import (VideoError, VideoInfo, corrupt_on_decode_error, decode_at, encode_jpeg, iter_small_frames,
                      probe)
 from .base import ItemResult, Resources, RunContext, Stage, StageConfig, WorkItem
@@ -52,6 +53,8 @@ class FramesConfig(StageConfig):
     jpeg_quality: int = 90
     max_pixels: int = 3840 * 2160        # larger videos are refused (too_large)
     decode_backend: str = "auto"         # auto (decord, PyAV fallback) | decord | pyav
+    detect_skip_loop_filter: bool = False  # detection decode without deblocking: cheaper, no after-cut capture
+    workers: int = 1                     # videos processed at once by one task (a process pool when > 1)
 
 
 @dataclass
@@ -89,12 +92,33 @@ def make_detector(cfg: FramesConfig):
     raise ValueError(f"unknown detector {cfg.detector!r} (content | adaptive)")
 
 
-def detect_cuts(info: VideoInfo, cfg: FramesConfig) -> list[float]:
-    """Cut times (absolute PTS seconds, each the first frame of a new shot) found by PySceneDetect.
+def cut_params(cfg: FramesConfig) -> CutParams:
+    return CutParams(detector=cfg.detector, threshold=cfg.threshold, min_shot_len=float(cfg.min_shot_len),
+                     adaptive_threshold=cfg.adaptive_threshold, min_content_val=cfg.min_content_val,
+                     detect_width=cfg.detect_width, skip_loop_filter=cfg.detect_skip_loop_filter)
 
-    The detector is fed our own decode of the video, scaled to `detect_width` inside the decoder, with
-    timecodes built from each frame's PTS; results are snapped back onto the exact frame PTS list.
+
+def detect_cuts(info: VideoInfo, cfg: FramesConfig) -> list[float]:
+    """Cut times (absolute PTS seconds, each the first frame of a new shot), as PySceneDetect finds them.
+
+    Brightness-only scores (`luma_only`, the default) come from `pipeline.cuts` (one decode, the score
+    computed on the decoder's own planes); otherwise PySceneDetect's detector is fed frames scaled to
+    `detect_width`. Results are snapped onto the exact frame PTS list.
     """
+    return _detect(info, cfg, capture=False).cuts
+
+
+def _detect(info: VideoInfo, cfg: FramesConfig, capture: bool) -> Detection:
+    if cfg.luma_only:
+        keep = Capture(offset=cfg.after_cut_offset, short_side=cfg.short_side or None,
+                       max_frames=max(1, cfg.max_frames_per_video)) if capture else None
+        return detect(info, cut_params(cfg), capture=keep)
+    return Detection(cuts=_detect_pyscenedetect(info, cfg), pts=np.empty(0), scores=np.empty(0),
+                     bounds=np.empty(0))
+
+
+def _detect_pyscenedetect(info: VideoInfo, cfg: FramesConfig) -> list[float]:
+    """PySceneDetect's own detector fed our decode (hue and saturation too: `luma_only=false`)."""
     from scenedetect import FrameTimecode
     from scenedetect.common import Timecode
 
@@ -152,7 +176,8 @@ def sample_video(path: str | Path, cfg: FramesConfig | None = None) -> SampledVi
     t0 = time.perf_counter()
     info = probe(path, max_pixels=cfg.max_pixels)
     with corrupt_on_decode_error("decode failed during cut detection"):   # damage past the probed head
-        cuts = detect_cuts(info, cfg)
+        detection = _detect(info, cfg, capture=True)   # after-cut frames captured on the way
+    cuts = detection.cuts
     t1 = time.perf_counter()
     minutes = max(info.duration, 1e-9) / 60.0
     cpm = len(cuts) / minutes
@@ -163,9 +188,10 @@ def sample_video(path: str | Path, cfg: FramesConfig | None = None) -> SampledVi
     if result.dropped:
         return result
     plan = plan_times(info, cuts, cfg, uniform=result.fallback)
-    decoded = decode_at(info, [t for t, _, _ in plan], short_side=cfg.short_side or None,
+    captured = detection.frames
+    decoded = decode_at(info, [t for t, _, _ in plan if t not in captured], short_side=cfg.short_side or None,
                         backend=cfg.decode_backend)
-    images = {pts: img for pts, img in decoded}
+    images = {**captured, **{pts: img for pts, img in decoded}}
     result.frames = [SampledFrame(pts=t, kind=k, shot=s, image=images[t]) for t, k, s in plan]
     result.seconds_extract = time.perf_counter() - t1
     return result

@@ -1,0 +1,382 @@
+"""Hard-cut detection at the cost of one decode.
+
+Cut detection has to look at every frame, so its floor is one full decode of the video stream. This module
+stays close to that floor:
+
+- **Planes as decoded, no full-frame colour conversion.** The decoder produces YUV. Each frame's planes are
+  read in place and scaled to `detect_width` (bilinear, as PySceneDetect scales its frames): 256x144 luma and
+  128x72 chroma for a 16:9 video, whatever its resolution. Nothing at full resolution is converted to RGB.
+- **PySceneDetect's content score, computed in numpy.** `ContentDetector(luma_only=True)` scores a frame by
+  the mean absolute difference, over the scaled frame, of the HSV "value" channel V = max(R, G, B) of it and
+  the frame before. That is not luma: a cut between two shots of equal brightness but different hue changes
+  V, not Y (tests/media/counter.mp4 has two such cuts). So the score here is the same quantity: V of the
+  scaled planes (BT.601, limited or full range as tagged, chroma repeated 2x2), mean |dV|.
+- **Only where it can matter.** V is 1-Lipschitz in each of R, G, B and those are affine in Y, Cb, Cr, so
+  `mean|dV| <= sY mean|dY| + sC (1.772 mean|dCb| + 1.402 mean|dCr|)`, three `cv2.norm` calls on the small
+  planes. A frame whose bound is below the threshold cannot be a cut; the exact score is computed only for
+  the others (a few per cent of frames). `exact_scores=True` computes it for every frame (tests, stats).
+- **Same decisions as PySceneDetect 0.7.** `ContentCuts` ports `ContentDetector` + its `FlashFilter` (MERGE
+  mode, `min_scene_len` in seconds), `AdaptiveCuts` ports `AdaptiveDetector`. tests/test_cuts.py checks the
+  scores against PySceneDetect's own statistics and the cuts against `scenedetect.detect()` run directly
+  (OpenCV backend, auto-downscale) on the sample media: equal within one frame.
+- **Frame threading** (`thread_type="AUTO"`), and optionally `skip_loop_filter` (deblocking off) for a
+  cheaper decode; the pixels are then not exact, so that mode captures nothing.
+- **One pass.** With exact decoding, the after-cut frame of each shot (`offset` s after its first frame,
+  clamped to the shot's last frame: the sampling policy of pipeline/stages/frames.py) is captured while
+  detecting, converted exactly as `pipeline.video.decode_at` converts (PyAV rgb24, then
+  `resize_short_side`), so only the remaining frames (shot midpoints) need a second, seeking decode.
+
+Times are absolute stream PTS in seconds, snapped onto the probe's frame index (`VideoInfo.frame_pts`).
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import av
+import cv2
+import numpy as np
+
+from .video import VideoError, VideoInfo, resize_short_side
+
+# Frames kept to look back at, so that a cut decided a few frames late (AdaptiveDetector's window, the flash
+# filter) still finds the frame just before it for the capture.
+_LOOKBACK = 8
+# BT.601 YCbCr -> RGB: the largest coefficient of Cb and of Cr over the three channels (B and R).
+_KB, _KR = 1.772, 1.402
+INTERP = cv2.INTER_NEAREST
+
+
+@dataclass
+class CutParams:
+    detector: str = "content"          # content | adaptive
+    threshold: float = 15.0            # content: score threshold
+    min_shot_len: float = 0.5          # seconds between cuts (content: flash filter MERGE; adaptive: suppress)
+    adaptive_threshold: float = 3.0    # adaptive: score / mean score of the window around it
+    min_content_val: float = 15.0      # adaptive: minimum score of a cut
+    window_width: int = 2              # adaptive: frames on each side of the scored frame
+    detect_width: int = 256            # frames scaled to this width (never upscaled), as PySceneDetect does
+    skip_loop_filter: bool = False     # cheaper, inexact decode (no capture then)
+
+
+@dataclass
+class Capture:
+    """Which frames to keep during the detection pass: the frame `offset` s after each shot start (clamped
+    to the shot), resized to `short_side` (None = native), at most `max_frames` of them."""
+    offset: float = 0.5
+    short_side: int | None = None
+    max_frames: int = 256
+
+
+@dataclass
+class Detection:
+    cuts: list[float]                   # absolute PTS (s) of the first frame of each new shot
+    pts: np.ndarray                     # seconds, every decoded frame (canonical PTS)
+    scores: np.ndarray                  # content score per frame (first 0); NaN where only the bound was needed
+    bounds: np.ndarray                  # upper bound of each score
+    frames: dict[float, np.ndarray] = field(default_factory=dict)   # captured frames by canonical PTS
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+class _Small:
+    """One frame scaled down: luma (HxW) and chroma (ceil(H/2) x ceil(W/2)) planes, or a V plane directly."""
+    __slots__ = ("y", "cb", "cr", "v")
+
+    def __init__(self, y=None, cb=None, cr=None, v=None):
+        self.y, self.cb, self.cr, self.v = y, cb, cr, v
+
+
+class _Scorer:
+    """Scales planes and computes PySceneDetect's luma-only content score (mean |dV|, V = max(R, G, B))."""
+
+    def __init__(self, frame: av.VideoFrame, detect_width: int):
+        fmt = frame.format
+        name, c0 = fmt.name, fmt.components[0]
+        self.w, self.h = frame.width, frame.height
+        if detect_width and self.w > detect_width:       # PySceneDetect's auto-downscale: w / detect_width
+            scale = self.w / float(detect_width)
+            self.size = (max(1, round(self.w / scale)), max(1, round(self.h / scale)))
+        else:
+            self.size = (self.w, self.h)
+        self.csize = ((self.size[0] + 1) // 2, (self.size[1] + 1) // 2)
+        planar = (c0.is_luma and c0.plane == 0 and name.startswith(("yuv", "yuvj", "gray"))
+                  and not name.startswith("grayf") and (name.endswith("le") or c0.bits == 8))
+        self.gray = planar and name.startswith("gray")
+        self.planar = planar and (self.gray or (len(fmt.components) >= 3 and fmt.components[1].plane == 1
+                                                and fmt.components[2].plane == 2))
+        self.bits = c0.bits
+        full = name.startswith("yuvj") or frame.color_range == 2      # 2: AVCOL_RANGE_JPEG
+        self.sy = 1.0 if (full or self.gray) else 255.0 / 219.0
+        self.sc = 1.0 if full else 255.0 / 224.0
+        # Each chroma sample covers at most 4 scaled luma pixels: bound factor for odd sizes.
+        self.cover = 4.0 * self.csize[0] * self.csize[1] / float(self.size[0] * self.size[1])
+
+    def _plane(self, frame: av.VideoFrame, i: int, size: tuple[int, int]) -> np.ndarray:
+        plane = frame.planes[i]
+        h, w = plane.height, plane.width
+        if self.bits == 8:
+            a = np.frombuffer(plane, np.uint8).reshape(h, plane.line_size)[:, :w]
+        else:
+            a16 = np.frombuffer(plane, "<u2").reshape(h, plane.line_size // 2)[:, :w]
+            a = (a16 >> (self.bits - 8)).astype(np.uint8)
+        if (w, h) == size:
+            return np.ascontiguousarray(a)
+        return cv2.resize(a, size, interpolation=INTERP)
+
+    def small(self, frame: av.VideoFrame) -> _Small:
+        if not self.planar:   # RGB, paletted, packed or big-endian formats: the library's own conversion
+            bgr = frame.to_ndarray(format="bgr24")
+            if (bgr.shape[1], bgr.shape[0]) != self.size:
+                bgr = cv2.resize(bgr, self.size, interpolation=cv2.INTER_LINEAR)
+            return _Small(v=bgr.max(axis=2))
+        y = self._plane(frame, 0, self.size)
+        if self.gray:
+            return _Small(y=y)
+        return _Small(y=y, cb=self._plane(frame, 1, self.csize), cr=self._plane(frame, 2, self.csize))
+
+    def bound(self, a: _Small, b: _Small) -> float:
+        """An upper bound of the score (exact for gray and converted frames)."""
+        if a.v is not None:
+            return cv2.norm(a.v, b.v, cv2.NORM_L1) / a.v.size
+        n = float(a.y.size)
+        ub = self.sy * cv2.norm(a.y, b.y, cv2.NORM_L1) / n
+        if a.cb is not None:
+            nc = float(a.cb.size)
+            ub += self.sc * self.cover * (_KB * cv2.norm(a.cb, b.cb, cv2.NORM_L1)
+                                          + _KR * cv2.norm(a.cr, b.cr, cv2.NORM_L1)) / nc
+        return ub * (1.0 + 1e-4) + 1e-3    # float slack: never below the exact value
+
+    def value(self, s: _Small) -> np.ndarray:
+        """V = max(R, G, B) of the scaled frame (float32, full-range units, clipped to 0..255)."""
+        if s.v is not None:
+            return s.v.astype(np.float32)
+        if self.gray or s.cb is None:
+            return self.sy * (s.y.astype(np.float32) - (0.0 if self.sy == 1.0 else 16.0))
+        y = s.y.astype(np.float32)
+        if self.sy != 1.0:
+            y = (y - 16.0) * self.sy
+        h, w = s.y.shape
+        cb = np.repeat(np.repeat((s.cb.astype(np.float32) - 128.0) * self.sc, 2, 0), 2, 1)[:h, :w]
+        cr = np.repeat(np.repeat((s.cr.astype(np.float32) - 128.0) * self.sc, 2, 0), 2, 1)[:h, :w]
+        v = np.maximum(np.maximum(y + _KR * cr, y - 0.344136 * cb - 0.714136 * cr), y + _KB * cb)
+        return np.clip(v, 0.0, 255.0)
+
+    def exact(self, a: _Small, b: _Small) -> float:
+        if a.v is not None:
+            return self.bound(a, b)
+        if self.gray:
+            return self.sy * cv2.norm(a.y, b.y, cv2.NORM_L1) / a.y.size
+        return float(np.abs(self.value(a) - self.value(b)).mean(dtype=np.float64))
+
+
+@dataclass
+class _Rec:
+    """One decoded frame as the rules see it."""
+    t: float
+    small: _Small
+    bound: float
+    score: float | None        # exact score, once computed
+
+
+class _Scores:
+    """The frames seen so far (a short history) with lazily computed exact scores."""
+
+    def __init__(self, scorer: _Scorer, keep: int):
+        self.scorer = scorer
+        self.recs: deque[_Rec] = deque(maxlen=keep)
+
+    def add(self, t: float, small: _Small) -> _Rec:
+        prev = self.recs[-1] if self.recs else None
+        if len(self.recs) == self.recs.maxlen:
+            self.recs[0].small = None      # leaves the history: free its planes
+        rec = _Rec(t, small, 0.0 if prev is None else self.scorer.bound(small, prev.small),
+                   0.0 if prev is None else None)
+        self.recs.append(rec)
+        return rec
+
+    def exact(self, k: int) -> float:
+        """Exact score of self.recs[k] (0 = the oldest frame kept)."""
+        rec = self.recs[k]
+        if rec.score is None:
+            rec.score = self.scorer.exact(rec.small, self.recs[k - 1].small) if k > 0 else rec.bound
+        return rec.score
+
+
+# ------------------------------------------------------------------------------------------------ rules
+
+class ContentCuts:
+    """PySceneDetect 0.7 `ContentDetector` decisions: score >= threshold, then its FlashFilter in MERGE mode
+    with `min_shot_len` seconds. Fed every frame in order; returns the cut times decided at that frame."""
+
+    history = 2
+
+    def __init__(self, threshold: float, min_shot_len: float):
+        self.threshold, self.min_len = threshold, min_shot_len
+        self.last_above: float | None = None
+        self.merge_enabled = self.merge_triggered = False
+        self.merge_start = 0.0
+
+    def __call__(self, scores: _Scores) -> list[float]:
+        rec = scores.recs[-1]
+        above = rec.bound >= self.threshold and scores.exact(len(scores.recs) - 1) >= self.threshold
+        return self.step(rec.t, above)
+
+    def step(self, t: float, above: bool) -> list[float]:
+        if self.min_len <= 0:
+            return [t] if above else []
+        if self.last_above is None:
+            self.last_above = t
+        met = t - self.last_above >= self.min_len
+        if above:
+            self.last_above = t
+        if self.merge_triggered:
+            if met and not above and self.last_above - self.merge_start >= self.min_len:
+                self.merge_triggered = False
+                return [self.last_above]
+            return []
+        if not above:
+            return []
+        if met:
+            self.merge_enabled = True
+            return [t]
+        if self.merge_enabled:
+            self.merge_triggered, self.merge_start = True, t
+        return []
+
+
+class AdaptiveCuts:
+    """PySceneDetect 0.7 `AdaptiveDetector` decisions: a frame is a cut when its score is at least
+    `min_content_val` and `adaptive_threshold` times the mean score of the `window_width` frames on each side,
+    and `min_shot_len` seconds have passed since the last cut. Decisions lag `window_width` frames."""
+
+    def __init__(self, adaptive_threshold: float, min_content_val: float, window_width: int, min_shot_len: float):
+        if window_width < 1:
+            raise ValueError("window_width must be at least 1")
+        self.ratio, self.min_val, self.w, self.min_len = adaptive_threshold, min_content_val, window_width, min_shot_len
+        self.history = 2 * window_width + 2
+        self.seen = 0
+        self.last_cut: float | None = None
+
+    def __call__(self, scores: _Scores) -> list[float]:
+        if self.last_cut is None:
+            self.last_cut = scores.recs[-1].t
+        self.seen += 1
+        if self.seen < 2 * self.w + 1:
+            return []
+        n = len(scores.recs)
+        first = n - (2 * self.w + 1)                  # the window: recs[first .. n-1], target in the middle
+        target_k = first + self.w
+        target = scores.recs[target_k]
+        if target.bound < self.min_val:               # cannot be a cut, whatever its neighbours
+            return []
+        score = scores.exact(target_k)
+        window = sum(scores.exact(k) for k in range(first, n) if k != target_k) / (2.0 * self.w)
+        if abs(window) >= 0.00001:
+            ratio = min(score / window, 255.0)
+        else:
+            ratio = 255.0 if score >= self.min_val else 0.0
+        if ratio >= self.ratio and score >= self.min_val and target.t - self.last_cut >= self.min_len:
+            self.last_cut = target.t
+            return [target.t]
+        return []
+
+
+def make_rule(params: CutParams) -> ContentCuts | AdaptiveCuts:
+    if params.detector == "content":
+        return ContentCuts(params.threshold, params.min_shot_len)
+    if params.detector == "adaptive":
+        return AdaptiveCuts(params.adaptive_threshold, params.min_content_val, params.window_width,
+                            params.min_shot_len)
+    raise ValueError(f"unknown detector {params.detector!r} (content | adaptive)")
+
+
+# ---------------------------------------------------------------------------------------------- capture
+
+class _Capturer:
+    """Keeps the after-cut frame of each shot as it is decoded: the frame `offset` s after the shot's first
+    frame or, for a shot that ends before that, its last frame (from a short look-back of recent frames).
+    Any frame kept is exact for its PTS; one it misses is simply decoded later."""
+
+    def __init__(self, frame_pts: np.ndarray, capture: Capture, lookback: int):
+        self.pts, self.cap = frame_pts, capture
+        self.recent: deque[tuple[int, av.VideoFrame]] = deque(maxlen=lookback)
+        self.frames: dict[float, np.ndarray] = {}
+        self.want = self._target(0)       # shot 0 starts at the first frame of the index
+
+    def _target(self, start: int) -> int:
+        t = self.pts[start] + self.cap.offset
+        return max(start, int(np.searchsorted(self.pts, t + 1e-6, side="right")) - 1)
+
+    def _keep(self, idx: int, frame: av.VideoFrame | None) -> None:
+        if frame is not None and len(self.frames) < self.cap.max_frames:
+            image = frame.to_ndarray(format="rgb24")     # exactly as pipeline.video.decode_at converts
+            self.frames[float(self.pts[idx])] = resize_short_side(image, self.cap.short_side)
+
+    def _recent(self, idx: int) -> av.VideoFrame | None:
+        return next((f for i, f in self.recent if i == idx), None)
+
+    def frame(self, idx: int, frame: av.VideoFrame, cuts: list[float]) -> None:
+        """Called for every decoded frame (its index in the PTS index) with the cuts decided at it."""
+        self.recent.append((idx, frame))
+        for c in cuts:
+            start = int(np.searchsorted(self.pts, c - 1e-6))
+            if self.want >= 0 and start > 0:      # the previous shot ended before its after-cut frame
+                self._keep(start - 1, self._recent(start - 1))
+            self.want = self._target(start)
+            if self.want < idx:                   # decided late: the target may already be behind us
+                self._keep(self.want, self._recent(self.want))
+                self.want = -1
+        if self.want == idx:
+            self._keep(idx, frame)
+            self.want = -1
+
+
+# ------------------------------------------------------------------------------------------------ detect
+
+def detect(info: VideoInfo, params: CutParams, capture: Capture | None = None,
+           exact_scores: bool = False) -> Detection:
+    """Decode every frame of the video stream once, score it and decide cuts; with `capture`, keep the
+    after-cut frames on the way (not with `skip_loop_filter`: those pixels are not exact).
+    Raises VideoError('corrupt') when the stream stops decoding."""
+    rule = make_rule(params)
+    frame_pts = info.frame_pts
+    last = len(frame_pts) - 1
+    tb = float(info.time_base)
+    capturer = None
+    if capture is not None and not params.skip_loop_filter:
+        capturer = _Capturer(frame_pts, capture, lookback=max(_LOOKBACK, params.window_width + 3))
+    scores: _Scores | None = None
+    times: list[float] = []
+    recs: list[_Rec] = []
+    cuts: list[float] = []
+    try:
+        with av.open(info.path) as container:
+            stream = container.streams[info.stream_index]
+            stream.thread_type = "AUTO"
+            if params.skip_loop_filter:
+                stream.codec_context.options = {"skip_loop_filter": "all"}
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    continue
+                if scores is None:
+                    scores = _Scores(_Scorer(frame, params.detect_width), keep=max(2, rule.history))
+                # Snap onto the probe's PTS index: the same float for the same frame everywhere.
+                idx = min(max(int(np.searchsorted(frame_pts, frame.pts * tb + 1e-6, side="right")) - 1, 0), last)
+                t = float(frame_pts[idx])
+                rec = scores.add(t, scores.scorer.small(frame))
+                if exact_scores:
+                    scores.exact(len(scores.recs) - 1)
+                times.append(t)
+                recs.append(rec)
+                decided = rule(scores)
+                if capturer is not None:
+                    capturer.frame(idx, frame, decided)
+                cuts += decided
+    except av.error.FFmpegError as exc:
+        raise VideoError("corrupt", f"decode failed after {len(times)} frames: {exc}") from exc
+    first = float(frame_pts[0]) if len(frame_pts) else 0.0
+    return Detection(cuts=sorted({c for c in cuts if c > first + 1e-6}), pts=np.asarray(times),
+                     scores=np.array([math.nan if r.score is None else r.score for r in recs]),
+                     bounds=np.array([r.bound for r in recs]), frames=capturer.frames if capturer else {})
