@@ -436,7 +436,77 @@ def ensure_ray(num_cpus: int) -> bool:
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
+        start_ray_reaper()
     return True
+
+
+# Ray's own processes (gcs, raylet, agents) die with the process that started them (PR_SET_PDEATHSIG), but its
+# workers are the raylet's children in process groups of their own: a kill of the task's process group does not
+# reach them, and one that was starting at that moment can linger as `ray::IDLE`. The reaper, in a session of its
+# own (so that the same kill spares it), follows what the task started and ends it when the task is gone.
+_REAPER = r"""
+import os, signal, sys, time
+import psutil
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+driver = int(sys.argv[1])
+
+def is_ray(p):
+    try:
+        cmd = " ".join(p.cmdline())
+        return p.name() in ("raylet", "gcs_server") or cmd.startswith("ray::") or "/ray/" in cmd
+    except psutil.Error:
+        return False
+
+try:
+    task = psutil.Process(driver)
+except psutil.Error:
+    sys.exit(0)
+known, raylets = {}, set()
+while True:
+    try:
+        if task.status() == psutil.STATUS_ZOMBIE:
+            break
+        for c in task.children(recursive=True):
+            if c.pid not in known and is_ray(c):
+                try:
+                    known[c.pid] = c.create_time()
+                    if c.name() == "raylet":
+                        raylets.add(c.pid)
+                except psutil.Error:
+                    pass
+    except psutil.NoSuchProcess:
+        break
+    time.sleep(0.5)
+for _ in range(3):  # workers the raylet was starting at the moment of the kill show up a little later
+    victims = []
+    for p in psutil.process_iter():
+        try:
+            if known.get(p.pid) == p.create_time():
+                victims.append(p)
+            elif raylets and int(p.environ().get("RAY_RAYLET_PID", 0)) in raylets:
+                victims.append(p)
+        except (psutil.Error, ValueError):
+            continue
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    time.sleep(1)
+"""
+_reaper: subprocess.Popen | None = None
+
+
+def start_ray_reaper() -> None:
+    """Once per process that starts a local Ray: its workers end with it, however it ends."""
+    global _reaper
+    if _reaper is not None and _reaper.poll() is None:
+        return
+    try:
+        _reaper = subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid())], start_new_session=True,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:
+        _reaper = None
 
 
 class _Queues:
