@@ -163,6 +163,8 @@ def launch_stage(overrides: list[str]):
     if result.ok and all(ShardStore(run_dir, stage_cls.name, s).is_complete() for s in range(geo.num_shards)):
         stage_cls.finish(cfg)
     print(format_status(run_dir, [stage_status(run_dir, stage_cls.name, geo.num_shards)]))
+    for shard, owner in sorted(result.busy_shards.items()):
+        print(f"shard {shard} is being run by {owner}: left to it (on_leased_shard=skip)", file=sys.stderr)
     for shard, err in sorted(result.failed_shards.items()):
         print(f"shard {shard} did not complete: {err} (log: {run_dir / stage_cls.name / 'logs'})", file=sys.stderr)
     return result
