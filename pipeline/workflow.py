@@ -105,9 +105,9 @@ def check_steps(wf: DictConfig) -> dict[str, DictConfig]:
 
     cluster = None
     if wf.launcher == "slurm":
-        from .launchers.slurm import require_slurm
+        from .launchers.slurm import require_sbatch
 
-        require_slurm()  # sbatch installed and the controller answering, before any step runs or is queued
+        require_sbatch()
         cluster = command_cluster(wf)
     cfgs: dict[str, DictConfig] = {}
     for name in order(wf):
