@@ -120,7 +120,8 @@ class _Scorer:
             a = np.frombuffer(plane, np.uint8).reshape(h, plane.line_size)[:, :w]
         else:
             a16 = np.frombuffer(plane, "<u2").reshape(h, plane.line_size // 2)[:, :w]
-            a = (a16 >> (self.bits - 8)).astype(np.uint8)
+            shift = self.bits - 8       # rounded to 8 bits, as a conversion to 8-bit RGB rounds
+            a = np.minimum((a16 + (1 << (shift - 1))) >> shift, 255).astype(np.uint8)
         if (w, h) == size:
             return np.ascontiguousarray(a)
         return cv2.resize(a, size, interpolation=INTERP)

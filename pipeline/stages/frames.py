@@ -16,11 +16,16 @@ to `short_side` keeping the aspect ratio, RGB, stored as JPEG.
 """
 from __future__ import annotations
 
+import itertools
 import math
+import multiprocessing as mp
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +33,7 @@ import pyarrow as pa
 from ..cuts import Capture, CutParams, Detection, detect
 from ..video import (VideoError, VideoInfo, corrupt_on_decode_error, decode_at, encode_jpeg, iter_small_frames,
                      probe)
-from .base import ItemResult, Resources, RunContext, Stage, StageConfig, WorkItem
+from .base import ItemResult, Resources, RunContext, Stage, StageConfig, WorkItem, error_reason
 
 KINDS = ("after_cut", "midpoint", "uniform")
 
@@ -197,6 +202,56 @@ def sample_video(path: str | Path, cfg: FramesConfig | None = None) -> SampledVi
     return result
 
 
+def _media_path(item: WorkItem) -> str | None:
+    rows = item.rows("download", "videos")
+    return rows[0].get("path") if rows else None
+
+
+def _sample_item(video_id: str, path: str, cfg: FramesConfig) -> tuple[ItemResult, tuple[float, float, float] | None]:
+    """One video's rows (JPEG-encoded frames + the video row) and (duration, detect s, extract s)."""
+    try:
+        sampled = sample_video(path, cfg)
+    except VideoError as exc:
+        return ItemResult.failed(video_id, exc.reason), None
+    t0 = time.perf_counter()
+    frames = []
+    for idx, f in enumerate(sampled.frames):
+        h, w = f.image.shape[:2]
+        frames.append({"video_id": video_id, "frame_idx": idx, "pts": f.pts, "shot": f.shot,
+                       "kind": f.kind, "jpeg": encode_jpeg(f.image, cfg.jpeg_quality),
+                       "width": w, "height": h})
+    video = {"video_id": video_id, "duration": sampled.duration, "n_cuts": len(sampled.cuts),
+             "cuts": sampled.cuts, "cuts_per_minute": sampled.cuts_per_minute, "low_cut": sampled.low_cut,
+             "fallback": sampled.fallback, "first_pts": sampled.first_pts, "n_frames": len(frames)}
+    result = ItemResult(video_id, rows={"frames": frames, "videos": [video]})
+    if sampled.dropped:
+        result.status = "skipped"
+        result.reason = (f"low_cut: {sampled.cuts_per_minute:.2f} cuts/min < "
+                         f"min_cuts_per_minute={cfg.min_cuts_per_minute}")
+    elif sampled.fallback:
+        result.note = "low_cut_fallback"
+    result.seconds = time.perf_counter() - t0 + sampled.seconds_detect + sampled.seconds_extract
+    return result, (sampled.duration, sampled.seconds_detect, sampled.seconds_extract)
+
+
+_POOL_CFG: FramesConfig | None = None   # in a pool worker: the stage config, sent once
+
+
+def _pool_init(cfg: FramesConfig) -> None:
+    global _POOL_CFG
+    _POOL_CFG = cfg
+
+
+def _pool_sample(video_id: str, path: str):
+    return _sample_item(video_id, path, _POOL_CFG)
+
+
+def _frames_pool(cfg: FramesConfig, workers: int) -> ProcessPoolExecutor:
+    # spawn: no forked decoder threads or other thread state in the workers
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_pool_init,
+                               initargs=(cfg,))
+
+
 class FramesStage(Stage):
     name = "frames"
     Config = FramesConfig
@@ -219,34 +274,86 @@ class FramesStage(Stage):
         self._n = 0
 
     def process_item(self, item: WorkItem) -> ItemResult:
-        rows = item.rows("download", "videos")
-        path = rows[0].get("path") if rows else None
+        path = _media_path(item)
         if not path:
             return ItemResult.failed(item.video_id, "missing: no downloaded media path")
+        result, stats = _sample_item(item.video_id, path, self.cfg)
+        self._account(stats)
+        return result
+
+    def _account(self, stats: tuple[float, float, float] | None) -> None:
+        if stats is not None:
+            self._n += 1
+            self._video_seconds += stats[0]
+            self._busy["detect"] += stats[1]
+            self._busy["extract"] += stats[2]
+
+    def process(self, items: Iterable[WorkItem]) -> Iterator[ItemResult]:
+        """`workers` > 1: that many videos at once in a process pool (one decode is at most a few threads
+        busy, so a task with N CPUs keeps them busy with N videos). A video that kills its worker (native crash,
+        OOM) breaks the pool: the videos in flight are then re-run one at a time in a fresh worker, and one that
+        kills that worker too is recorded failed (crashed); the others go on."""
+        if int(self.cfg.workers) <= 1:
+            yield from super().process(items)
+            return
+        workers = int(self.cfg.workers)
+        todo = iter(items)
+        pool = _frames_pool(self.cfg, workers)
+        pending: dict[Future, WorkItem] = {}
         try:
-            sampled = sample_video(path, self.cfg)
-        except VideoError as exc:
-            return ItemResult.failed(item.video_id, exc.reason)
-        self._n += 1
-        self._video_seconds += sampled.duration
-        self._busy["detect"] += sampled.seconds_detect
-        self._busy["extract"] += sampled.seconds_extract
-        frames = []
-        for idx, f in enumerate(sampled.frames):
-            h, w = f.image.shape[:2]
-            frames.append({"video_id": item.video_id, "frame_idx": idx, "pts": f.pts, "shot": f.shot,
-                           "kind": f.kind, "jpeg": encode_jpeg(f.image, self.cfg.jpeg_quality),
-                           "width": w, "height": h})
-        video = {"video_id": item.video_id, "duration": sampled.duration, "n_cuts": len(sampled.cuts),
-                 "cuts": sampled.cuts, "cuts_per_minute": sampled.cuts_per_minute, "low_cut": sampled.low_cut,
-                 "fallback": sampled.fallback, "first_pts": sampled.first_pts, "n_frames": len(frames)}
-        result = ItemResult(item.video_id, rows={"frames": frames, "videos": [video]})
-        if sampled.dropped:
-            result.status = "skipped"
-            result.reason = (f"low_cut: {sampled.cuts_per_minute:.2f} cuts/min < "
-                             f"min_cuts_per_minute={self.cfg.min_cuts_per_minute}")
-        elif sampled.fallback:
-            result.note = "low_cut_fallback"
+            while True:
+                for item in itertools.islice(todo, workers - len(pending)):
+                    path = _media_path(item)
+                    if not path:
+                        yield ItemResult.failed(item.video_id, "missing: no downloaded media path")
+                        continue
+                    pending[pool.submit(_pool_sample, item.video_id, path)] = item
+                if not pending:
+                    break
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                broken = []
+                for fut in done:
+                    item = pending.pop(fut)
+                    result = self._pool_result(item, fut, broken)
+                    if result is not None:
+                        yield result
+                if broken:     # every other video in this pool is lost with it
+                    for fut in list(pending):
+                        item = pending.pop(fut)
+                        result = self._pool_result(item, fut, broken)
+                        if result is not None:
+                            yield result
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    for item in broken:
+                        yield self._alone(item)
+                    pool = _frames_pool(self.cfg, workers)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _pool_result(self, item: WorkItem, fut: Future, broken: list[WorkItem]) -> ItemResult | None:
+        try:
+            result, stats = fut.result()
+        except BrokenProcessPool:
+            broken.append(item)
+            return None
+        except Exception as exc:  # noqa: BLE001 - one video's failure, not the shard's
+            self.ctx.log(f"{item.video_id}: {error_reason(exc)}")
+            return ItemResult.failed(item.video_id, error_reason(exc))
+        self._account(stats)
+        return result
+
+    def _alone(self, item: WorkItem) -> ItemResult:
+        pool = _frames_pool(self.cfg, 1)
+        try:
+            result, stats = pool.submit(_pool_sample, item.video_id, _media_path(item)).result()
+        except BrokenProcessPool:
+            return ItemResult.failed(item.video_id, "crashed: the worker process died while processing this "
+                                                    "item alone (native crash or out of memory)")
+        except Exception as exc:  # noqa: BLE001
+            return ItemResult.failed(item.video_id, error_reason(exc))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self._account(stats)
         return result
 
     def shard_stats(self) -> dict:
