@@ -250,3 +250,123 @@ def test_audio_that_starts_late_keeps_its_place_on_the_frames_timeline(tmp_path,
     assert abs(onset(a) - onset(b) - 2.0) < 0.01
     assert np.abs(a[: int(1.9 * SAMPLE_RATE)]).max() < 1e-3  # what precedes the track is silence
     assert abs(len(a) / SAMPLE_RATE - 8.0) < 0.1  # and the track still ends where the video does
+
+
+# --- segmentation and filter on hand-made decoder output (unit tests: the expected rows are worked out by hand) ---
+
+def _unit(words: list[tuple[str, float, float]], nsp=0.01, lp=-0.2, cr=1.5) -> dict:
+    ws = [{"word": w, "start": a, "end": b, "probability": 0.9} for w, a, b in words]
+    return {"start": ws[0]["start"] if ws else 0.0, "end": ws[-1]["end"] if ws else 0.0,
+            "text": "".join(w for w, _, _ in words).strip(), "words": ws, "no_speech_prob": nsp,
+            "avg_logprob": lp, "compression_ratio": cr}
+
+
+def test_sentences_are_cut_after_sentence_ends_not_after_titles():
+    from pipeline.stages.asr import split_sentences
+
+    unit = _unit([(" Hello", 0.0, 0.4), (" there.", 0.5, 0.9), (" Dr.", 1.2, 1.4), (" Smith", 1.5, 1.9),
+                  (" is", 2.0, 2.1), (" here!", 2.2, 2.6), (" Is", 2.9, 3.0), (" it", 3.1, 3.2),
+                  (' "true?"', 3.3, 3.8), (" J.", 4.0, 4.2), (" Doe", 4.3, 4.6), (" says", 4.7, 5.0)])
+    rows = split_sentences([unit], max_segment_s=15.0, max_pause_s=3.0)
+    assert [r["text"] for r in rows] == ["Hello there.", "Dr. Smith is here!", 'Is it "true?"', "J. Doe says"]
+    assert [(r["start"], r["end"]) for r in rows] == [(0.0, 0.9), (1.2, 2.6), (2.9, 3.8), (4.0, 5.0)]
+    assert [len(r["words"]) for r in rows] == [2, 4, 3, 3]
+
+
+def test_sentences_span_decoded_chunks_and_take_the_worst_quality():
+    """A sentence begun at the end of one batched chunk and finished in the next is one row; its quality fields
+    are the worse of the two chunks'."""
+    from pipeline.stages.asr import split_sentences
+
+    a = _unit([(" One", 0.0, 0.3), (" two.", 0.4, 0.8), (" Three", 1.0, 1.3)], nsp=0.1, lp=-0.3, cr=1.2)
+    b = _unit([(" four.", 1.5, 1.9), (" Five.", 2.0, 2.4)], nsp=0.05, lp=-0.5, cr=1.9)
+    rows = split_sentences([b, a], max_segment_s=15.0, max_pause_s=3.0)   # any order in: time order out
+    assert [r["text"] for r in rows] == ["One two.", "Three four.", "Five."]
+    assert [(r["no_speech_prob"], r["avg_logprob"], r["compression_ratio"]) for r in rows] == [
+        (0.1, -0.3, 1.2), (0.1, -0.5, 1.9), (0.05, -0.5, 1.9)]
+
+
+def test_long_pauses_and_long_sentences_are_cut():
+    from pipeline.stages.asr import split_sentences
+
+    # a 4 s pause ends a row even mid-sentence
+    rows = split_sentences([_unit([(" and", 0.0, 0.2), (" so", 0.3, 0.5), (" on", 4.5, 4.7)])], 15.0, 3.0)
+    assert [r["text"] for r in rows] == ["and so", "on"]
+    # a 16 s run without a sentence end (max 15 s) is cut at its longest pause (1.2 s, before " w7"), the parts
+    # then fit; a pause after a comma counts 0.3 s more than a plain one
+    words = [(f" w{i}", 2.0 * i, 2.0 * i + 1.0) for i in range(7)] + [(" w7", 15.2, 16.0)]
+    rows = split_sentences([_unit(words)], 15.0, 3.0)
+    assert [len(r["words"]) for r in rows] == [7, 1]
+    words = [(f" w{i}", 1.0 * i, 1.0 * i + 0.9) for i in range(20)]
+    words[6] = (" w6,", 6.0, 6.9)
+    rows = split_sentences([_unit(words)], 15.0, 3.0)
+    assert [r["text"].split()[0] for r in rows] == ["w0", "w7"]
+    assert all(r["end"] - r["start"] <= 15.0 for r in rows)
+
+
+def _rows(texts, quality: dict | None = None) -> list[dict]:
+    out = []
+    for i, t in enumerate(texts):
+        row = _unit([(" " + t, float(i), i + 0.5)] if t else [])
+        row.update(start=float(i), end=i + 0.5, text=t)
+        row.update((quality or {}).get(i, {}))
+        out.append(row)
+    return out
+
+
+def test_filter_drops_or_marks_hallucinations():
+    from pipeline.stages.asr import filter_segments
+
+    quality = {1: {"no_speech_prob": 0.9, "avg_logprob": -1.5},    # silence decoded as words: no_speech
+               2: {"no_speech_prob": 0.9, "avg_logprob": -0.3},    # confident despite no_speech_prob: kept
+               3: {"compression_ratio": 3.1},                      # a looping decoder
+               4: {"avg_logprob": -2.5}}                           # low confidence (checked only when configured)
+    rows = _rows(["Alpha.", "Thanks for watching.", "Beta.", "go go go go go", "Gamma."], quality)
+    kept, dropped = filter_segments(rows, AsrConfig())
+    assert [r["text"] for r in kept] == ["Alpha.", "Beta.", "Gamma."] and dropped == 2
+    assert all(r["quality_flags"] == "" for r in kept)
+    kept, dropped = filter_segments(rows, AsrConfig(min_avg_logprob=-2.0))
+    assert [r["text"] for r in kept] == ["Alpha.", "Beta."] and dropped == 3
+    kept, dropped = filter_segments(rows, AsrConfig(filter_action="mark", min_avg_logprob=-2.0))
+    assert [r["quality_flags"] for r in kept] == ["", "no_speech", "", "compression", "low_logprob"]
+    assert dropped == 0
+    kept, dropped = filter_segments(rows, AsrConfig(filter_action="off", min_avg_logprob=-2.0))
+    assert len(kept) == 5 and dropped == 0 and all(r["quality_flags"] == "" for r in kept)
+    with pytest.raises(ValueError):
+        AsrConfig(filter_action="keep")
+
+
+def test_repeats_and_empty_rows_are_always_dropped():
+    from pipeline.stages.asr import filter_segments
+
+    texts = ["Thank you.", "thank you!", "Thank you", "Yes.", "No.", "Yes, no.", "...", "", "Okay.", "Yes."]
+    for action in ("drop", "mark", "off"):
+        kept, dropped = filter_segments(_rows(texts), AsrConfig(filter_action=action))
+        # "thank you!" repeats the row before; "Yes, no." the two before joined; "..." and "" have no words;
+        # the last "Yes." is not an immediate repeat (Okay. comes between)
+        assert [r["text"] for r in kept] == ["Thank you.", "Yes.", "No.", "Okay.", "Yes."]
+        assert dropped == 5
+
+
+@pytest.mark.parametrize("prev_segments", [1, 2, 3])
+def test_prev_text_never_equals_the_rows_text(prev_segments):
+    """Through the join that builds prev_text: raw decoder rows with repeats give rows whose prev_text is their own
+    text (the defect); the stage's rows never do."""
+    from pipeline.join import JoinParams, join_video
+    from pipeline.stages.asr import filter_segments
+
+    texts = ["Thank you.", "Thank you.", "Thank you.", "Right.", "So.", "Right. So.", "Right.", "So.",
+             "Right so", "Next one.", "Bye."]
+
+    def joined(rows):
+        inputs = {"asr": {"segments": [{**r, "segment_idx": i} for i, r in enumerate(rows)]}}
+        out, _ = join_video("v", inputs, JoinParams(prev_segments=prev_segments), 0, {})
+        return out
+
+    raw = joined(_rows(texts))
+    assert any(r["prev_text"] == r["text"] for r in raw)
+    kept, _ = filter_segments(_rows(texts), AsrConfig())
+    rows = joined(kept)
+    assert [r["text"] for r in rows] == ["Thank you.", "Right.", "So.", "Right.", "So.", "Next one.", "Bye."]
+    assert all(r["prev_text"] != r["text"] for r in rows)
+    assert rows[0]["prev_text"] == "" and rows[1]["prev_text"].endswith("Thank you.")
