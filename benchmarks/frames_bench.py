@@ -1,117 +1,175 @@
-"""frames benchmark: seconds per video-minute of cut detection and of frame extraction, next to the floor
-(`ffmpeg -i X -f null -`, a full decode) and to naive uniform 1 FPS sampling (decode everything, keep one
-frame a second).
+"""frames benchmark: the frames stage next to the decode floor and to PySceneDetect, side by side.
 
-    .venv/bin/python benchmarks/frames_bench.py [VIDEO] [--write]
+For each resolution (360p: tests/media/speech_cuts_1080p.mp4 transcoded here to 640x360 H.264, audio copied;
+1080p: the file itself) one table, every row run in the same invocation, round-robin, median of 3:
 
---write replaces benchmarks/results/frames.md with the table and the machine it ran on.
+- `ffmpeg -i X -f null -`: one full decode (video + audio), the floor of anything that looks at every frame;
+- `scenedetect.detect()` with the OpenCV backend and auto-downscale (what video2dataset's cut-detection
+  subsampler runs), same threshold / minimum shot length / luma-only as the stage;
+- the stage's `sample_video` (probe + cut detection, then extraction of the sampled frames), default config,
+  and with `detect_skip_loop_filter=true`.
+
+Then videos per second of one task with `workers` = 1 and 2 (4 copies of the 360p video through
+`FramesStage.process`, pool start-up included).
+
+    .venv/bin/python benchmarks/frames_bench.py [--reps 3] [--write]
+
+--write replaces benchmarks/results/frames.md with the tables, the machine and the date.
 """
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import os
+import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
-import av
-
-from pipeline.stages.frames import FramesConfig, detect_cuts, plan_times
-from pipeline.video import decode_at, encode_jpeg, probe, resize_short_side
+from pipeline.stages.base import RunContext, WorkItem
+from pipeline.stages.frames import STAGE, FramesConfig, sample_video
+from pipeline.video import probe
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_VIDEO = REPO / "tests" / "media" / "speech_cuts_1080p.mp4"
+SOURCE = REPO / "tests" / "media" / "speech_cuts_1080p.mp4"
 
 
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
-
-
-def naive_uniform_1fps(path: str, short_side: int) -> int:
-    """Decode every frame in order and keep the first one at or after each whole second (resized, JPEG)."""
-    kept, next_t = 0, None
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for frame in container.decode(stream):
-            t = float(frame.pts * stream.time_base)
-            next_t = t if next_t is None else next_t
-            if t + 1e-6 >= next_t:
-                encode_jpeg(resize_short_side(frame.to_ndarray(format="rgb24"), short_side))
-                kept += 1
-                next_t += 1.0
-    return kept
-
-
-def scenedetect_default(path: str, cfg: FramesConfig) -> int:
-    from scenedetect import ContentDetector, detect
-
-    return len(detect(path, ContentDetector(threshold=cfg.threshold, min_scene_len=cfg.min_shot_len,
-                                            luma_only=cfg.luma_only))) - 1
+def make_360p(out: Path) -> Path:
+    if not out.exists():
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(SOURCE), "-vf", "scale=640:360", "-c:v", "libx264",
+                        "-c:a", "copy", str(out)], check=True)
+    return out
 
 
 def machine() -> str:
-    from pipeline.machine import describe
-
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+    model = fields.get("Model name", "?").strip()
+    cores = fields.get("CPU(s)", str(os.cpu_count())).strip()
     ff = subprocess.run(["ffmpeg", "-version"], capture_output=True, text=True).stdout.split("\n")[0]
-    return f"{describe(with_gpu=False)}; {ff}"
+    ff = " ".join(ff.split()[:3])
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"{model}, {cores} CPUs (lscpu); {ff}; load average at start {load}"
+
+
+def run_ffmpeg(path: str) -> dict:
+    subprocess.run(["ffmpeg", "-v", "error", "-i", path, "-f", "null", "-"], check=True)
+    return {}
+
+
+def run_pyscenedetect(path: str, cfg: FramesConfig) -> dict:
+    from scenedetect import ContentDetector, detect
+
+    scenes = detect(path, ContentDetector(threshold=cfg.threshold, min_scene_len=cfg.min_shot_len,
+                                          luma_only=cfg.luma_only), backend="opencv")
+    return {"cuts": [round(s.seconds, 3) for s, _ in scenes[1:]]}
+
+
+def run_stage(path: str, cfg: FramesConfig) -> dict:
+    v = sample_video(path, cfg)
+    return {"cuts": [round(c, 3) for c in v.cuts], "detect": v.seconds_detect, "extract": v.seconds_extract,
+            "frames": len(v.frames)}
+
+
+def bench_resolution(label: str, path: str, reps: int) -> tuple[list[str], dict]:
+    cfg = FramesConfig()
+    skip = FramesConfig(detect_skip_loop_filter=True)
+    rows = {
+        "ffmpeg": ("`ffmpeg -i X -f null -` (full decode, video + audio: the floor)", lambda: run_ffmpeg(path)),
+        "pyscenedetect": ("PySceneDetect `detect()`, OpenCV backend, auto-downscale (video2dataset's cut detection)",
+                          lambda: run_pyscenedetect(path, cfg)),
+        "stage": ("**frames stage** `sample_video` (default config)", lambda: run_stage(path, cfg)),
+        "stage_skip": ("frames stage, `detect_skip_loop_filter=true`", lambda: run_stage(path, skip)),
+    }
+    times: dict[str, list[float]] = {k: [] for k in rows}
+    out: dict[str, dict] = {}
+    for rep in range(reps):              # round-robin: load changes hit every row alike
+        for key, (_, fn) in rows.items():
+            t0 = time.perf_counter()
+            info = fn()
+            times[key].append(time.perf_counter() - t0)
+            for k, v in info.items():
+                out.setdefault(key, {}).setdefault(k, []).append(v)
+            print(f"  {label} rep {rep + 1}/{reps} {key}: {times[key][-1]:.2f} s", flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    info = probe(path)
+    lines = [f"### {label}: `{Path(path).name}`, {info.width}x{info.height} {info.codec}, {info.duration:.1f} s, "
+             f"{info.n_frames} frames", "",
+             "| what | median s | runs (s) | x ffmpeg | x PySceneDetect | output |", "|---|---:|---|---:|---:|---|"]
+    for key, (name, _) in rows.items():
+        extra = ""
+        if key.startswith("stage"):
+            d = statistics.median(out[key]["detect"])
+            e = statistics.median(out[key]["extract"])
+            extra = f"detect {d:.2f} / extract {e:.2f} s; {out[key]['frames'][0]} frames; cuts {out[key]['cuts'][0]}"
+        elif key == "pyscenedetect":
+            extra = f"cuts {out[key]['cuts'][0]}"
+        runs = " ".join(f"{t:.2f}" for t in times[key])
+        lines.append(f"| {name} | {med[key]:.2f} | {runs} | {med[key] / med['ffmpeg']:.2f} | "
+                     f"{med[key] / med['pyscenedetect']:.2f} | {extra} |")
+    same = out["stage"]["cuts"][0] == out["pyscenedetect"]["cuts"][0]
+    lines += ["", f"Stage / ffmpeg = **{med['stage'] / med['ffmpeg']:.2f}**, stage / PySceneDetect = "
+                  f"**{med['stage'] / med['pyscenedetect']:.2f}**; cuts identical to PySceneDetect's: {same}.", ""]
+    return lines, med
+
+
+def bench_pool(path: str, n_videos: int = 4) -> list[str]:
+    items = [WorkItem(video_id=f"v{i}", url=path, index=i,
+                      inputs={"download": {"videos": [{"video_id": f"v{i}", "path": path}]}}) for i in range(n_videos)]
+    lines = ["### One task, several videos at once (`stage.workers`)", "",
+             f"{n_videos} copies of the 360p video through `FramesStage.process` (JPEG encoding included; "
+             "a pool's start-up included).", "", "| workers | seconds | videos / s | speed-up |", "|---:|---:|---:|---:|"]
+    base = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for workers in (1, 2):
+            ctx = RunContext(run_dir=Path(tmp), shard=0, models="tiny", cache_dir=Path(tmp), device="cpu",
+                             log=lambda msg: None)
+            stage = STAGE(FramesConfig(workers=workers), ctx)
+            t0 = time.perf_counter()
+            results = list(stage.process(iter(items)))
+            took = time.perf_counter() - t0
+            assert all(r.status == "ok" for r in results), [r.reason for r in results]
+            base = base or took
+            lines.append(f"| {workers} | {took:.2f} | {n_videos / took:.2f} | {base / took:.2f} |")
+            print(f"  pool workers={workers}: {took:.2f} s", flush=True)
+    return lines + [""]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("video", nargs="?", default=str(DEFAULT_VIDEO))
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--skip-1080p", action="store_true")
     args = ap.parse_args()
-    path, cfg = args.video, FramesConfig()
     host = machine()
-
-    t_probe, info = timed(lambda: probe(path, cfg.max_pixels))
-    t_detect, cuts = timed(lambda: detect_cuts(info, cfg))
-    plan = plan_times(info, cuts, cfg, uniform=False)
-
-    def extract():
-        frames = decode_at(info, [t for t, _, _ in plan], short_side=cfg.short_side, backend=cfg.decode_backend)
-        return [encode_jpeg(img, cfg.jpeg_quality) for _, img in frames]
-
-    t_extract, jpegs = timed(extract)
-    t_ffmpeg, _ = timed(lambda: subprocess.run(["ffmpeg", "-v", "error", "-i", path, "-f", "null", "-"], check=True))
-    t_naive, n_naive = timed(lambda: naive_uniform_1fps(path, cfg.short_side))
-    t_sd, n_sd = timed(lambda: scenedetect_default(path, cfg))
-
-    minutes = info.duration / 60
-    per_min = lambda s: s / minutes  # noqa: E731
-    rows = [
-        ("probe (demux PTS index + first frame)", t_probe, ""),
-        ("cut detection (PyAV decode scaled to 256 px wide in the decoder + ContentDetector)", t_detect,
-         f"{len(cuts)} cuts"),
-        ("extraction of the sampled frames (decord, resize to 336, JPEG)", t_extract, f"{len(jpegs)} frames"),
-        ("**frames stage total** (probe + detection + extraction)", t_probe + t_detect + t_extract,
-         f"{len(jpegs)} frames"),
-        ("floor: `ffmpeg -i X -f null -` (full decode, video + audio)", t_ffmpeg, ""),
-        ("naive uniform 1 FPS (decode all frames, keep 1/s, resize, JPEG)", t_naive, f"{n_naive} frames"),
-        ("reference: `scenedetect.detect()` (OpenCV backend, auto-downscale)", t_sd, f"{n_sd} cuts"),
-    ]
-    table = ["| step | seconds | s per video-minute | output |", "|---|---:|---:|---|"]
-    table += [f"| {name} | {s:.2f} | {per_min(s):.2f} | {out} |" for name, s, out in rows]
-    text = (f"# frames benchmark\n\nVideo: `{Path(path).name}`, {info.width}x{info.height}, {info.codec}, "
-            f"{info.duration:.1f} s ({minutes:.2f} min), {info.n_frames} frames.\n\nMachine: {host}\n\n"
-            + "\n".join(table) + "\n")
-    print(text)
+    started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    with tempfile.TemporaryDirectory() as tmp:
+        p360 = str(make_360p(Path(tmp) / "speech_cuts_360p.mp4"))
+        text = ["# frames benchmark", "", f"Date: {started}. Machine: {host}.", ""]
+        lines, _ = bench_resolution("360p", p360, args.reps)
+        text += lines
+        if not args.skip_1080p:
+            lines, _ = bench_resolution("1080p", str(SOURCE), args.reps)
+            text += lines
+        text += bench_pool(p360)
+    report = "\n".join(text)
+    print(report)
     if args.write:
         out = REPO / "benchmarks" / "results" / "frames.md"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + NOTES)
+        out.write_text(report + NOTES)
 
 
 NOTES = """
 Notes:
-- Seconds per video-minute = wall seconds / video duration in minutes, one run, single process.
-- Cut detection has to look at every frame, so it is bounded below by a full decode (the ffmpeg row); scaling
-  inside the decoder's pixel converter avoids materialising full-resolution RGB frames.
-- Extraction decodes only from the keyframe before each sampled frame; its cost grows with the GOP length
-  (5.3 s here) times the number of shots, not with the video length.
-- The machine is shared with other jobs (see the load average): compare rows of one run, not runs.
+- Every row of a table ran in this one invocation, round-robin, on the same file; the table gives the median
+  of the runs and every run. The machine is shared with other jobs (see the load average): compare the rows
+  of one table (the ratios), not runs made at different times.
+- The stage's detect time includes the probe (a demux of the whole stream and a decode of its first frame);
+  its extract time is the seeking decode of the frames not captured during detection (the shot midpoints;
+  after-cut frames are captured while detecting, except with `detect_skip_loop_filter`) plus their resize.
+- Cut detection decodes every frame once with frame threading and scores it on the decoder's own planes
+  scaled to 256 px wide (pipeline/cuts.py); nothing is converted to RGB except the sampled frames.
 """
 
 
