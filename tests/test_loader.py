@@ -302,3 +302,27 @@ def test_another_split_or_dataset_is_always_refused(dataset):
         cfg = LoaderConfig(batch_size=3, split_fractions=UNEVEN if kwargs else (0.6, 0.2, 0.2))
         with pytest.raises(ValueError, match="split"):
             DeepLakeSource(url, cfg, **kwargs).load_state_dict({**state, "step": 0})
+
+
+def test_prefetching_stream_checkpoints_the_batches_it_handed_out(dataset):
+    """The training loop's stream reads ahead in a thread (data.prefetch) but its position, the one saved in
+    checkpoints, is that of the batches handed out: a stream resumed there continues exactly, across epochs."""
+    from pipeline.train.loop import BatchStream
+
+    url, _ = dataset
+    cfg = LoaderConfig(batch_size=3, split_fractions=ALL_TRAIN, block_rows=4, shuffle_buffer_rows=8)
+    ref = DeepLakeSource(url, cfg, rank=1, world_size=2)
+    reference = keys_of(list(ref.batches(0)) + list(ref.batches(1)))
+    steps = ref.steps_per_epoch()
+    stream = BatchStream(DeepLakeSource(url, cfg, rank=1, world_size=2), prefetch=3)
+    head = [stream.next() for _ in range(4)]
+    state = stream.state_dict()
+    stream.close()
+    assert (state["epoch"], state["step_in_epoch"]) == (0, 4)
+    src = DeepLakeSource(url, cfg, rank=1, world_size=2)
+    src.load_state_dict({**state["source"], "epoch": 0, "step": 4})
+    resumed = BatchStream(src, 0, 4, prefetch=2)
+    rest = [resumed.next() for _ in range(2 * steps - 4)]
+    assert (resumed.epoch, resumed.step_in_epoch) == (1, steps)
+    resumed.close()
+    assert keys_of(head + rest) == reference
