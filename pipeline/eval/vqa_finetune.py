@@ -292,8 +292,10 @@ class VQASource:
             per_rank = -(-len(self.examples) // self.world_size)       # the longest rank's share
             for lo in range(start_step * self.batch_size, per_rank, self.batch_size):
                 idx = range(lo, min(lo + self.batch_size, per_rank))
-                batch = collate([self.sample(mine[i] if i < len(mine) else self.examples[i % len(self.examples)])
-                                 for i in idx])
+                # padding repeats a real question of this batch when it has one: a longer filler would widen the
+                # padded prompt and move the real questions' encoder positions (and so their answers)
+                filler = mine[lo] if lo < len(mine) else self.examples[lo % len(self.examples)]
+                batch = collate([self.sample(mine[i] if i < len(mine) else filler) for i in idx])
                 batch["sample_mask"] = torch.tensor([i < len(mine) for i in idx], dtype=torch.bool)
                 yield batch
             return
