@@ -120,3 +120,22 @@ def test_padding_changes_neither_eval_loss_nor_token_counts(model_and_batch):
         assert builder.token_counts(builder(a)) == builder.token_counts(builder(b))
     with_pad_counted = builder.token_counts(builder({k: v for k, v in padded.list[0].items() if k != "sample_mask"}))
     assert with_pad_counted["encoder"] > builder.token_counts(builder(plain.list[0]))["encoder"]
+
+
+def test_vqa_eval_padding_repeats_a_question_of_its_own_batch():
+    """A VQA eval rank one question short pads its last batch with a question of that batch (so the padded
+    prompt width, and the real questions' answers, are those without padding), marked False."""
+    from pipeline.eval.vqa_data import VQAExample
+    from pipeline.eval.vqa_finetune import VQASource
+
+    examples = [VQAExample(q, q, None, "what " + "very long " * (q % 4) + "?", ("a",) * 10, "other", "a")
+                for q in range(7)]
+    embeddings = {e.image_id: torch.zeros(4) for e in examples}
+    seen = []
+    for rank in range(2):
+        for b in VQASource(examples, embeddings, "eval", batch_size=2, rank=rank, world_size=2, d_audio=4).batches(0):
+            real = b["sample_mask"].tolist()
+            seen += [q for q, m in zip(b["question_id"].tolist(), real) if m]
+            fake = [p for p, m in zip(b["prev_text"], real) if not m]
+            assert all(p in [x for x, m in zip(b["prev_text"], real) if m] for p in fake)
+    assert sorted(seen) == list(range(7))
