@@ -370,3 +370,34 @@ def test_prev_text_never_equals_the_rows_text(prev_segments):
     assert [r["text"] for r in rows] == ["Thank you.", "Right.", "So.", "Right.", "So.", "Next one.", "Bye."]
     assert all(r["prev_text"] != r["text"] for r in rows)
     assert rows[0]["prev_text"] == "" and rows[1]["prev_text"].endswith("Thank you.")
+
+
+@pytest.mark.parametrize("override", ["stage.filter_action=keep", "stage.split=words"])
+def test_bad_segmentation_or_filter_setting_is_a_one_line_error(tmp_path, override):
+    from conftest import run_cli
+
+    manifest = tmp_path / "m.txt"
+    manifest.write_text("a /nonexistent.mp3\n")
+    proc = run_cli("stage=asr", f"run_dir={tmp_path / 'run'}", f"input={manifest}", "models=tiny", override,
+                   check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "expected one of" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_yaml_defaults_are_the_dataclass_defaults():
+    import dataclasses
+
+    import yaml
+
+    from conftest import REPO
+
+    conf = yaml.safe_load((REPO / "conf" / "stage" / "asr.yaml").read_text())
+    cfg = AsrConfig()
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in conf and not dataclasses.is_dataclass(value):
+            assert conf[f.name] == value, f.name
+    for key in ("split", "max_segment_s", "max_pause_s", "filter_action", "no_speech_threshold",
+                "logprob_threshold", "min_avg_logprob", "compression_ratio_threshold"):
+        assert key in conf

@@ -37,6 +37,7 @@ import functools
 import math
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional
 
 import pyarrow as pa
@@ -44,8 +45,16 @@ import pyarrow as pa
 from ..inference.runner import InferenceRun, ItemFailure, RunnerConfig, run_inference
 from .base import ItemResult, Resources, Stage, StageConfig, WorkItem
 
-SPLITS = ("sentence", "none")
-FILTER_ACTIONS = ("drop", "mark", "off")
+class Split(str, Enum):
+    """Typed so that the config checks the value (a bad one is a one-line config error); compares equal to its name."""
+    sentence = "sentence"
+    none = "none"
+
+
+class FilterAction(str, Enum):
+    drop = "drop"
+    mark = "mark"
+    off = "off"
 
 
 @dataclass
@@ -61,11 +70,12 @@ class AsrConfig(StageConfig):
     word_timestamps: bool = True
     cpu_threads: int = 0            # CTranslate2 intra-op threads on CPU (0 = its default)
     # segmentation
-    split: str = "sentence"         # sentence: re-cut the decoded words into sentences; none: decoder segments
+    split: Split = Split.sentence   # sentence: re-cut the decoded words into sentences; none: decoder segments
     max_segment_s: float = 15.0     # a longer sentence is cut at its longest pause between words
     max_pause_s: float = 3.0        # a longer pause between two words always ends a segment
     # hallucination filter
-    filter_action: str = "drop"     # drop | mark (quality_flags) | off; empty rows and repeats are always dropped
+    filter_action: FilterAction = FilterAction.drop  # drop | mark (quality_flags) | off; empty rows and repeats
+                                                     # are always dropped
     no_speech_threshold: Optional[float] = 0.6   # with logprob_threshold: Whisper's silence rule
     logprob_threshold: Optional[float] = -1.0
     min_avg_logprob: Optional[float] = None      # alone: low-confidence decodes (null = off)
@@ -74,10 +84,8 @@ class AsrConfig(StageConfig):
     resources: Resources = field(default_factory=lambda: Resources(cpus=4, gpus=0, mem_gb=16))
 
     def __post_init__(self):
-        if self.split not in SPLITS:
-            raise ValueError(f"asr.split must be one of {SPLITS}, got {self.split!r}")
-        if self.filter_action not in FILTER_ACTIONS:
-            raise ValueError(f"asr.filter_action must be one of {FILTER_ACTIONS}, got {self.filter_action!r}")
+        self.split = Split(self.split)                       # ValueError for anything else
+        self.filter_action = FilterAction(self.filter_action)
         if self.max_segment_s <= 0 or self.max_pause_s <= 0:
             raise ValueError("asr.max_segment_s and asr.max_pause_s must be > 0")
 
