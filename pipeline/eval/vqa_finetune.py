@@ -577,9 +577,20 @@ def run(cfg: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def main(argv: list[str]) -> int:
-    from pipeline.train.__main__ import check, compose
+    """`python -m pipeline.eval.vqa_finetune [--help] [KEY=VALUE ...]` (conf/train/vqa.yaml, schema
+    `pipeline.train.config.VQAConfig`): a bad key, type or setting is one error line and exit 2."""
+    from pipeline.errors import ConfigError
+    from pipeline.train.__main__ import check
+    from pipeline.train.config import compose, usage, wants_help
 
-    cfg = compose(argv, "train/vqa")
+    try:
+        if wants_help(argv):
+            print(usage("train/vqa", [a for a in argv if a not in ("-h", "--help")]))
+            return 0
+        cfg = compose(argv, "train/vqa")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     bad = check(cfg) or check_vqa(cfg)
     if bad:
         print(f"error: {bad}", file=sys.stderr)

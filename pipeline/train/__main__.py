@@ -1,5 +1,6 @@
-"""`python -m pipeline.train [key=value ...]` (Hydra-style overrides of conf/train/pretrain.yaml), also under
-torchrun. `python -m pipeline.train export CHECKPOINT_DIR OUT_DIR` writes a Hugging Face-format model."""
+"""`python -m pipeline.train [key=value ...]` (Hydra-style overrides of conf/train/pretrain.yaml, validated
+against `pipeline.train.config.PretrainConfig`; `--help` lists them), also under torchrun.
+`python -m pipeline.train export CHECKPOINT_DIR OUT_DIR` writes a Hugging Face-format model."""
 from __future__ import annotations
 
 import json
@@ -7,17 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-
-
-def compose(overrides: list[str], config_name: str = "train/pretrain") -> dict[str, Any]:
-    """The resolved config as a plain dict (`model=vpt_flan_t5_large` picks conf/model/vpt_flan_t5_large.yaml)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = hydra_compose(config_name=config_name, overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True)
+from pipeline.errors import ConfigError
+from pipeline.train.config import CONF_DIR, compose, usage, wants_help  # noqa: F401 - compose: public API
 
 
 def check(cfg: dict[str, Any]) -> str:
@@ -41,7 +33,18 @@ def main(argv: list[str]) -> int:
         from pipeline.train.checkpoint import export_hf
         print(export_hf(Path(argv[1]), Path(argv[2])))
         return 0
-    cfg = compose(argv)
+    if wants_help(argv):
+        try:
+            print(usage("train/pretrain", [a for a in argv if a not in ("-h", "--help")]))
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    try:
+        cfg = compose(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     bad = check(cfg)
     if bad:
         print(f"error: {bad}", file=sys.stderr)
