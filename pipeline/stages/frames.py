@@ -1,8 +1,9 @@
 """frames: cut-aware frame sampling.
 
-Frames are taken where an editor put information. PySceneDetect finds hard cuts on a downscaled stream (on
-brightness only by default: a fade through black makes hue and saturation jump while brightness changes
-gradually, so soft transitions are not cuts and a video made only of fades is low-cut); each
+Frames are taken where an editor put information. Hard cuts are PySceneDetect's ContentDetector cuts on a
+downscaled stream (on brightness only by default: a fade through black makes hue and saturation jump while
+brightness changes gradually, so soft transitions are not cuts and a video made only of fades is low-cut),
+found in one decode by `pipeline.cuts`, which also keeps each shot's after-cut frame on the way; each
 shot then gives one frame `after_cut_offset` seconds after its start (clamped inside the shot; shot 0 starts
 at the first frame) and one at its midpoint. A video with fewer than `min_cuts_per_minute` cuts is flagged
 low-cut: it is skipped (`drop_low_cut=true`, status "skipped", reason "low_cut: ...") or sampled uniformly at
@@ -11,8 +12,9 @@ frames and evenly spaced midpoints when those fit, else after-cut frames of even
 
 Times (`pts`, `cuts`, `first_pts`) are presentation timestamps of the video stream in seconds on the container
 timeline, so they line up with audio timestamps of the same file; a stream delayed by an edit list starts at
-its delay, not at 0. `duration` is the span of the video stream. Only the chosen frames are decoded, resized
-to `short_side` keeping the aspect ratio, RGB, stored as JPEG.
+its delay, not at 0. `duration` is the span of the video stream. Only the chosen frames are converted to RGB
+(the midpoints by a second, seeking decode), resized to `short_side` keeping the aspect ratio, stored as JPEG.
+`workers` > 1 processes that many videos at once in a process pool.
 """
 from __future__ import annotations
 
