@@ -27,13 +27,13 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 from urllib.parse import unquote, urlparse
 
 from ..errors import ConfigError
-from .base import ItemResult, Stage, StageConfig, WorkItem
+from .base import ItemResult, Resources, Stage, StageConfig, WorkItem
 
 TRANSIENT = {"timeout", "rate_limited", "server_error", "network"}
 
@@ -86,6 +86,7 @@ class DownloadConfig(StageConfig):
     max_filesize: Optional[str] = "5G"
     cookies_file: Optional[str] = None
     proxy: Optional[str] = None
+    resources: Resources = field(default_factory=lambda: Resources(cpus=2, gpus=0, mem_gb=4))
 
 
 def probe(path: Path) -> dict:

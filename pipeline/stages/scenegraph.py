@@ -38,7 +38,8 @@ class SceneGraphConfig(StageConfig):
     max_side: int = 800               # frames are downscaled to at most this longest side before the model
     batch_frames: int = 16            # frames per detector call
     precision: str = "auto"           # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16 | fp16
-    runner: RunnerConfig = field(default_factory=lambda: RunnerConfig(batch_size=2, max_in_flight=4))
+    runner: RunnerConfig = field(default_factory=lambda: RunnerConfig(batch_size=2, max_in_flight=4,
+                                                                            num_cpus_preprocess=2))
     resources: Resources = field(default_factory=lambda: Resources(cpus=4, gpus=0, mem_gb=16))
 
 
