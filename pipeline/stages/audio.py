@@ -43,7 +43,8 @@ class AudioConfig(StageConfig):
     top_k: int = 5
     max_forward_seconds: float = 160.0   # padded audio per network call (memory bound)
     precision: str = "auto"           # auto (fp32 on CPU, bf16 autocast on GPU) | fp32 | bf16 | fp16
-    runner: RunnerConfig = field(default_factory=lambda: RunnerConfig(batch_size=4, max_in_flight=8))
+    runner: RunnerConfig = field(default_factory=lambda: RunnerConfig(batch_size=4, max_in_flight=8,
+                                                                            num_cpus_preprocess=2))
     resources: Resources = field(default_factory=lambda: Resources(cpus=4, gpus=0, mem_gb=16))
 
 
