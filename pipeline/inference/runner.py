@@ -434,9 +434,9 @@ def ensure_ray(num_cpus: int) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     else:
+        start_ray_reaper()  # first: a kill during ray.init must not leave the workers it was starting
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
-        start_ray_reaper()
     return True
 
 
@@ -459,9 +459,10 @@ def is_ray(p):
 
 try:
     task = psutil.Process(driver)
-except psutil.Error:
+    session = os.getsid(driver)
+except (psutil.Error, OSError):
     sys.exit(0)
-known, raylets = {}, set()
+known, raylets = {}, {}
 while True:
     try:
         if task.status() == psutil.STATUS_ZOMBIE:
@@ -471,13 +472,14 @@ while True:
                 try:
                     known[c.pid] = c.create_time()
                     if c.name() == "raylet":
-                        raylets.add(c.pid)
+                        raylets[c.pid] = known[c.pid]
                 except psutil.Error:
                     pass
     except psutil.NoSuchProcess:
         break
-    time.sleep(0.5)
-for _ in range(3):  # workers the raylet was starting at the moment of the kill show up a little later
+    time.sleep(0.25)
+first = min(raylets.values(), default=None)
+for _ in range(5):  # workers the raylet was starting at the moment of the kill show up a little later
     victims = []
     for p in psutil.process_iter():
         try:
@@ -485,7 +487,10 @@ for _ in range(3):  # workers the raylet was starting at the moment of the kill 
                 victims.append(p)
             elif raylets and int(p.environ().get("RAY_RAYLET_PID", 0)) in raylets:
                 victims.append(p)
-        except (psutil.Error, ValueError):
+            elif (first is not None and p.name() == "raylet" and p.ppid() == 1 and os.getsid(p.pid) == session
+                  and p.create_time() >= first):  # forked by our raylet, not yet a worker: orphaned with it
+                victims.append(p)
+        except (psutil.Error, ValueError, OSError):
             continue
     for p in victims:
         try:
