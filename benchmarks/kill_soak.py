@@ -133,11 +133,11 @@ def kill_once(base: Path, stage: str, work: Path, env: dict, t_ref: float, rng: 
               reference: dict[str, str]) -> dict:
     run = work / "run"
     shutil.rmtree(run, ignore_errors=True)
-    dropped = {s for s in ORDER if s not in NEEDS[stage]} | {"dataset"}
+    dropped = {s for s in ORDER if s not in NEEDS[stage]}
     shutil.copytree(base, run, ignore=lambda d, names: [n for n in names if Path(d) == base and
-                                                        (n in dropped or n.startswith(".ingest"))])
+                                                        (n in dropped or n.startswith((".ingest", "dataset")))])
     args = [f"stage={stage}", f"run_dir={run}", *STAGE_ARGS]
-    delay = rng.uniform(0.3, max(0.5, t_ref))
+    delay = rng.uniform(0.3, max(0.5, 0.75 * t_ref))
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -152,10 +152,12 @@ def kill_once(base: Path, stage: str, work: Path, env: dict, t_ref: float, rng: 
     while left and time.time() < deadline:
         time.sleep(0.2)
         left = _group_alive(proc.pid)
+    left_names = []
     for pid in left:  # counted, then cleaned up so that the next round starts clean
         try:
+            left_names.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:80])
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
+        except (OSError, ProcessLookupError):
             pass
     rerun = _cli(args, env)
     reruns = 1
@@ -165,7 +167,7 @@ def kill_once(base: Path, stage: str, work: Path, env: dict, t_ref: float, rng: 
         reruns = 2
     got = stage_digest(run, stage) if rerun.returncode == 0 else {}
     diff = sorted(k for k in set(got) | set(reference) if got.get(k) != reference.get(k))
-    return {"delay_s": round(delay, 2), "landed": landed, "left_behind": len(left), "reruns": reruns,
+    return {"delay_s": round(delay, 2), "landed": landed, "left_behind": len(left), "left_names": left_names, "reruns": reruns,
             "first_rerun_error": first_error if reruns == 2 else [], "rerun_rc": rerun.returncode,
             "identical": rerun.returncode == 0 and not diff, "differs": diff[:5],
             "rerun_tail": rerun.stderr.strip().splitlines()[-1:] if rerun.returncode else []}
@@ -176,7 +178,7 @@ def write_report(a, manifest: Path, durations: dict, results: dict[str, list[dic
     lines = [f"kill -9 soak, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
              f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
              f"{len(manifest.read_text().splitlines())} videos in 2 shards, seed {a.seed}", "",
-             "| stage | reference run (s) | kills | landed mid-run | identical / total | re-runs that needed a 2nd try "
+             "| stage | reference run (s) | runs | kills that landed mid-run | identical / total | re-runs that needed a 2nd try "
              "| processes left behind |",
              "|---|---|---|---|---|---|---|"]
     failed = False
@@ -205,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=None, help="work dir (default: a fresh temp dir)")
     ap.add_argument("--cache-dir", default=None, help="tiny model cache (default: <work>/cache)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse-reference", action="store_true",
+                    help="keep the uninterrupted reference run already in --work (same stages and media)")
     ap.add_argument("--report", default=None, help="write the results as markdown here")
     ap.add_argument("--json", default=None, help="write the raw results as JSON here")
     a = ap.parse_args(argv)
@@ -223,10 +227,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # The reference: every stage needed, uninterrupted, timed.
     base = work / "reference"
-    shutil.rmtree(base, ignore_errors=True)
     needed = [s for s in ORDER if s in set(stages) | {n for s in stages for n in NEEDS[s]}]
-    durations: dict[str, float] = {}
+    saved = work / "reference_durations.json"
+    durations: dict[str, float] = json.loads(saved.read_text()) if a.reuse_reference and saved.exists() else {}
+    if not set(needed) <= set(durations):
+        durations = {}
+        shutil.rmtree(base, ignore_errors=True)
     for s in needed:
+        if s in durations:
+            continue
         extra = [f"input={manifest}", "num_shards=2"] if s == "download" else []
         t0 = time.time()
         proc = _cli([f"stage={s}", f"run_dir={base}", *STAGE_ARGS, *extra], env)
@@ -235,16 +244,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: reference run of {s} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
             return 1
         print(f"reference {s}: {durations[s]:.1f}s", flush=True)
+        saved.write_text(json.dumps(durations))
     references = {s: stage_digest(base, s) for s in stages}
 
     results: dict[str, list[dict]] = {}
     failed = False
     for s in stages:
         results[s] = []
-        for k in range(a.kills):
+        tries = 0
+        while sum(r["landed"] for r in results[s]) < a.kills and tries < 3 * a.kills:  # N kills that landed
+            tries += 1
             r = kill_once(base, s, work / "killed", env, durations[s], rng, references[s])
             results[s].append(r)
-            print(f"{s} kill {k + 1}/{a.kills}: {json.dumps(r)}", flush=True)
+            print(f"{s} try {tries}: {json.dumps(r)}", flush=True)
         failed = write_report(a, manifest, durations, results)  # after each stage: partial results survive
     shutil.rmtree(work / "killed", ignore_errors=True)
     print(Path(a.report).read_text() if a.report else "")
