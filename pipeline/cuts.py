@@ -32,6 +32,7 @@ Times are absolute stream PTS in seconds, snapped onto the probe's frame index (
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -176,13 +177,12 @@ class _Scorer:
         return float(np.abs(self.value(a) - self.value(b)).mean(dtype=np.float64))
 
 
-@dataclass
 class _Rec:
-    """One decoded frame as the rules see it."""
-    t: float
-    small: _Small
-    bound: float
-    score: float | None        # exact score, once computed
+    """One decoded frame as the rules see it: time, scaled planes, score bound, exact score once computed."""
+    __slots__ = ("t", "small", "bound", "score")
+
+    def __init__(self, t: float, small: _Small | None, bound: float, score: float | None):
+        self.t, self.small, self.bound, self.score = t, small, bound, score
 
 
 class _Scores:
@@ -347,6 +347,7 @@ def detect(info: VideoInfo, params: CutParams, capture: Capture | None = None,
     Raises VideoError('corrupt') when the stream stops decoding."""
     rule = make_rule(params)
     frame_pts = info.frame_pts
+    pts_list = frame_pts.tolist()
     last = len(frame_pts) - 1
     tb = float(info.time_base)
     capturer = None
@@ -368,8 +369,8 @@ def detect(info: VideoInfo, params: CutParams, capture: Capture | None = None,
                 if scores is None:
                     scores = _Scores(_Scorer(frame, params.detect_width), keep=max(2, rule.history))
                 # Snap onto the probe's PTS index: the same float for the same frame everywhere.
-                idx = min(max(int(np.searchsorted(frame_pts, frame.pts * tb + 1e-6, side="right")) - 1, 0), last)
-                t = float(frame_pts[idx])
+                idx = min(max(bisect_right(pts_list, frame.pts * tb + 1e-6) - 1, 0), last)
+                t = pts_list[idx]
                 rec = scores.add(t, scores.scorer.small(frame))
                 if exact_scores:
                     scores.exact(len(scores.recs) - 1)
