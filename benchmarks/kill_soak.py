@@ -64,6 +64,12 @@ def make_manifest(work: Path, speech_clips: int) -> Path:
 
 
 def _normalise(value, run_dir: str):
+    if hasattr(value, "to_dict") and not isinstance(value, dict):  # a Deep Lake Dict
+        value = value.to_dict()
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy arrays and scalars
+        value = value.tolist()
+    if isinstance(value, float) and value != value:
+        return "nan"
     if isinstance(value, str):
         return value.replace(run_dir, "<RUN>")
     if isinstance(value, dict):
