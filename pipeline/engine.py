@@ -163,7 +163,10 @@ def run_shard(cfg: DictConfig, shard: int, logger: logging.Logger | None = None)
         raise
     except BaseException as exc:
         if not lease.lost:
-            store.record_failure(f"{type(exc).__name__}: {exc}".strip()[:2000])
+            try:
+                store.record_failure(f"{type(exc).__name__}: {exc}".strip()[:2000])
+            except OSError:  # e.g. the disk that failed the shard is still full: the original error matters
+                pass
         raise
     finally:
         lease.release()
