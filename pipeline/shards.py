@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .atomic import _fsync_dir, read_json, write_json, write_parquet
+from .atomic import _fsync_dir, publish, read_json, write_json, write_parquet
 
 MARKER = "_SUCCESS"
 STAGING = ".finalize"
@@ -173,9 +173,9 @@ class ShardStore:
                 old.unlink()
         for p in staging.iterdir():
             if p.name != MARKER and not p.name.startswith("."):
-                os.replace(p, self.dir / p.name)
+                publish(p, self.dir / p.name)
         _fsync_dir(self.dir)
-        os.replace(staging / MARKER, self.dir / MARKER)
+        publish(staging / MARKER, self.dir / MARKER)
         _fsync_dir(self.dir)
         (self.dir / FAILED_MARKER).unlink(missing_ok=True)
         shutil.rmtree(self.parts_dir, ignore_errors=True)
@@ -398,9 +398,14 @@ class ShardLease:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
             return owner
-        self.fd = fd
         self._since = time.time()
-        write_json(self.dir / LEASE_FILE, self._info())
+        try:
+            write_json(self.dir / LEASE_FILE, self._info())
+        except BaseException:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            raise
+        self.fd = fd
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name=f"lease-{self.dir.name}", daemon=True)
         self._thread.start()
