@@ -194,7 +194,11 @@ class InFlight:
     a time, first. A death counts against an item only when it was alone in flight AND the task outlived its
     worker: the task's `Witness` sees the worker die and counts it. A task killed from outside as a whole (SIGKILL
     of its process group, preemption, node failure, Slurm's time limit) takes its witness with it, so nothing is
-    counted and the items are only suspects."""
+    counted and the items are only suspects.
+
+    On Slurm the step's remaining processes may be killed as soon as its task dies, witness included; then Slurm's
+    accounting tells: an attempt that ran as another job and ended FAILED or OUT_OF_MEMORY died on its own (a
+    preempted, cancelled, timed-out or requeued job, or a failed node, did not)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -203,6 +207,9 @@ class InFlight:
         left = state.get("inflight", [])
         for vid in left:
             self.crashes.setdefault(vid, 0)
+        job = (state.get("owner") or {}).get("slurm_job")
+        if len(left) == 1 and job and job != os.environ.get("SLURM_JOB_ID") and slurm_job_died_on_its_own(job):
+            self.crashes[left[0]] += 1
         self.items: set[str] = set()
         self._lock = threading.Lock()  # a stage may pull items on another thread than it yields results
         if left:
@@ -226,7 +233,21 @@ class InFlight:
                 self._save()
 
     def _save(self) -> None:
-        write_json(self.path, {"inflight": sorted(self.items), "crashes": self.crashes})
+        write_json(self.path, {"inflight": sorted(self.items), "crashes": self.crashes,
+                               "owner": {"host": socket.gethostname(), "pid": os.getpid(),
+                                         "slurm_job": os.environ.get("SLURM_JOB_ID", "")}})
+
+
+def slurm_job_died_on_its_own(job: str, timeout_s: float = 15.0) -> bool:
+    """Slurm accounting says the job ended FAILED or OUT_OF_MEMORY (not preempted, cancelled, timed out, requeued,
+    node failure). False when it cannot tell."""
+    try:
+        proc = subprocess.run(["sacct", "-j", str(job), "-X", "-n", "-P", "-o", "State"], capture_output=True,
+                              text=True, timeout=timeout_s)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    states = {ln.split()[0] for ln in proc.stdout.splitlines() if ln.strip()} if proc.returncode == 0 else set()
+    return bool(states) and states <= {"FAILED", "OUT_OF_MEMORY"}
 
 
 # Runs in a bare interpreter (python -S -c): it must start fast and import nothing of the pipeline.

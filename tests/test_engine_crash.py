@@ -265,3 +265,30 @@ def test_outside_kill_of_the_whole_task_is_not_counted_against_the_item(tmp_path
     assert sorted(ledger) == ["v0", "v1", "v2", "v3"] and len(store.read_ledger()) == 4
     assert all(r["status"] == "ok" for r in ledger.values()), ledger
     assert store.read_table("rows").column("video_id").to_pylist() == ["v0", "v1", "v2", "v3"]
+
+
+@pytest.mark.parametrize("sacct,counted", [
+    ("echo FAILED", 1), ("echo OUT_OF_MEMORY", 1), ("echo PREEMPTED", 0), ("echo 'CANCELLED by 0'", 0),
+    ("echo TIMEOUT", 0), ("echo NODE_FAIL", 0), ("exit 1", 0),
+])
+def test_unwitnessed_death_on_slurm_is_judged_by_accounting(tmp_path, monkeypatch, sacct, counted):
+    """Slurm may end the step's other processes (the witness) with its task; then the job's final state decides
+    whether the item alone in flight killed it."""
+    from pipeline.shards import InFlight
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sacct").write_text(f"#!/bin/sh\n{sacct}\n")
+    (bin_dir / "sacct").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    path = tmp_path / "inflight.json"
+    path.write_text(json.dumps({"inflight": ["v2"], "crashes": {}, "owner": {"slurm_job": "77"}}))
+    assert InFlight(path).crashes == {"v2": counted}
+    # the same job again (requeued after preemption or time-out) is never counted; nor are several in flight
+    path.write_text(json.dumps({"inflight": ["v2"], "crashes": {}, "owner": {"slurm_job": "77"}}))
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    assert InFlight(path).crashes == {"v2": 0}
+    monkeypatch.delenv("SLURM_JOB_ID")
+    path.write_text(json.dumps({"inflight": ["v1", "v2"], "crashes": {}, "owner": {"slurm_job": "77"}}))
+    assert InFlight(path).crashes == {"v1": 0, "v2": 0}
