@@ -48,6 +48,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import write_text
+
 _PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",
                 ">", "<", "@", "`", ",", "?", "!")
 _COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
@@ -190,9 +192,7 @@ def write_results(path: str | Path, predictions: Iterable[tuple[int, str]]) -> P
     results = [{"question_id": int(question_id), "answer": str(answer)} for question_id, answer in predictions]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, json.dumps(results))
     return path
 
 

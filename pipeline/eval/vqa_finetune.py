@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from filelock import FileLock
 
+from pipeline.atomic import temp_path, write_text
 from pipeline.eval.vqa import METRICS, evaluate, load_annotations, majority_baseline, write_results
 from pipeline.eval.vqa_data import VQAExample, load_image, load_vqa, write_split
 from pipeline.models.vpt import CONFIG_FILE, HEADS_FILE, load_exported
@@ -122,10 +123,9 @@ def embed_images(images: dict[int, Path], cfg: dict[str, Any], out_file: Path) -
         out = embedder.predict([{"frame_idx": chunk, "pts": [0.0] * len(chunk), "pixels": pixels}])
         chunks.append(torch.from_numpy(out[0]["embedding"]))
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(out_file.name + ".tmp")
-    torch.save({"image_ids": torch.tensor(ids, dtype=torch.long), "embeddings": torch.cat(chunks),
-                "model": f"{model}/{Path(pretrained).name}", "fingerprint": fingerprint}, tmp)
-    tmp.replace(out_file)
+    with temp_path(out_file) as tmp:
+        torch.save({"image_ids": torch.tensor(ids, dtype=torch.long), "embeddings": torch.cat(chunks),
+                    "model": f"{model}/{Path(pretrained).name}", "fingerprint": fingerprint}, tmp)
     return out_file
 
 
@@ -168,9 +168,7 @@ def scene_graph_texts(images: dict[int, Path], cfg: dict[str, Any], out_file: Pa
         (out,) = model.predict([payload])
         texts.update((str(i), g["text"]) for i, g in zip(chunk, out["graphs"]))
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(out_file.name + ".tmp")
-    tmp.write_text(json.dumps({"texts": texts, "fingerprint": fingerprint}))
-    tmp.replace(out_file)
+    write_text(out_file, json.dumps({"texts": texts, "fingerprint": fingerprint}))
     return out_file
 
 

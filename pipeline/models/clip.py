@@ -13,6 +13,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..atomic import temp_path, write_text
+
 REAL_MODEL = "ViT-L-14-336"
 REAL_PRETRAINED = "openai"
 TINY_MODEL = "vpt-tiny-clip"
@@ -37,9 +39,7 @@ def register_tiny_config(tiny_dir: Path) -> None:
     path = Path(tiny_dir) / f"{TINY_MODEL}.json"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(TINY_CONFIG, indent=1))
-        tmp.replace(path)
+        write_text(path, json.dumps(TINY_CONFIG, indent=1))
     if TINY_MODEL not in open_clip.list_models():
         open_clip.add_model_config(path)
 
@@ -60,9 +60,8 @@ def build_tiny_clip(tiny_dir: Path) -> Path:
         if not weights.exists():
             torch.manual_seed(0)
             model = open_clip.create_model(TINY_MODEL, pretrained=None)
-            tmp = weights.with_suffix(".pt.tmp")
-            torch.save(model.state_dict(), tmp)
-            tmp.replace(weights)
+            with temp_path(weights) as tmp:
+                torch.save(model.state_dict(), tmp)
     return weights
 
 

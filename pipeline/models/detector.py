@@ -15,6 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..atomic import temp_path
+
 DEFAULT_CHECKPOINT = "facebook/detr-resnet-50"
 
 COCO_LABELS = (
@@ -55,10 +57,9 @@ def tiny_detector_dir(cache_dir: str | Path, seed: int = 0) -> Path:
         model = DetrForObjectDetection(config).eval()
         # small inputs keep the tiny model cheap; the real DETR processor uses 800/1333
         processor = DetrImageProcessor(size={"shortest_edge": 224, "longest_edge": 384})
-        tmp = out.with_name(out.name + ".tmp")
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        tmp.replace(out)
+        with temp_path(out) as tmp:
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
     return out
 
 

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torchlibrosa.augmentation import SpecAugmentation
 from torchlibrosa.stft import LogmelFilterBank, Spectrogram
 
+from ..atomic import temp_path
+
 SAMPLE_RATE = 32000
 WINDOW_SIZE = 1024
 HOP_SIZE = 320
@@ -170,9 +172,8 @@ def tiny_checkpoint(cache_dir: Path, seed: int = 0) -> Path:
         if not path.exists():
             torch.manual_seed(seed)
             model = Cnn14(channels=TINY_CHANNELS)
-            tmp = path.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "channels": list(TINY_CHANNELS)}, tmp)
-            tmp.replace(path)
+            with temp_path(path) as tmp:
+                torch.save({"model": model.state_dict(), "channels": list(TINY_CHANNELS)}, tmp)
     return path
 
 

@@ -9,6 +9,8 @@ import hashlib
 from pathlib import Path
 from typing import Iterable
 
+from ..atomic import temp_path
+
 DEFAULT_BACKBONE = "google/flan-t5-large"
 TINY = "tiny"
 
@@ -100,10 +102,9 @@ def build_tiny_t5(cache_dir: Path, texts: Iterable[str] = (), d_model: int = 64,
         tokenizer = train_tokenizer(_BUILTIN_CORPUS * 4 + texts)
         torch.manual_seed(seed)
         model = T5ForConditionalGeneration(tiny_t5_config(len(tokenizer), d_model, num_layers))
-        tmp = out.with_name(out.name + ".tmp")
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.rename(out)
+        with temp_path(out) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     return out
 
 

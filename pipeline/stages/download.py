@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import unquote, urlparse
 
+from ..atomic import publish
 from ..errors import ConfigError
 from .base import ItemResult, Resources, Stage, StageConfig, WorkItem
 
@@ -329,7 +330,7 @@ class DownloadStage(Stage):
                 return "error", "yt-dlp reported success but wrote no file", None, {}
             src = max(files, key=lambda p: p.stat().st_size)
             final = out_dir / f"{item.video_id}{src.suffix}"
-            os.replace(src, final)
+            publish(src, final)
             keep = ({k: info.get(k) for k in ("title", "duration", "extractor", "extractor_key", "id", "format_id",
                                               "fps")} if info else {})
             return "ok", "", final, keep

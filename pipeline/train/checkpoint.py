@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from pipeline.atomic import write_text
 from pipeline.models.vpt import CONFIG_FILE, VPT, VPTConfig, save_exported
 
 from .layout import META, complete_checkpoints, step_dir_name  # noqa: F401 - re-exported
@@ -166,9 +167,7 @@ class Checkpointer:
             if adapters:
                 meta["adapters"] = {name: str(getattr(c.peft_type, "value", c.peft_type))
                                     for name, c in adapters.items()}
-            tmp = path / (META + ".tmp")
-            tmp.write_text(json.dumps(meta))
-            tmp.rename(path / META)
+            write_text(path / META, json.dumps(meta))      # last: the checkpoint is complete once it exists
             self.prune()
         _barrier()
         return path
