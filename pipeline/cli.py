@@ -16,6 +16,9 @@ usage:
   python -m pipeline status run_dir=<dir>        what is done / failed / pending per stage; training runs
                                                  under <dir>: step, losses, latest checkpoint, VQA accuracy
   python -m pipeline verify run_dir=<dir>        check the alignment of every ingested row (exit 1 on violations)
+                     [content=true [sample=32]]  ... and the content: a sample of rows' frames (frames=2 per row)
+                                                 and audio decoded again by the ffmpeg CLI, text/embeddings vs
+                                                 the stage tables
   python -m pipeline report run_dir=<dir>        markdown + PNG run report (<run_dir>/report/)
   python -m pipeline help                        this text
 

@@ -545,17 +545,26 @@ def verify_dataset(run_dir: Path, cfg: Any, shard_keys: dict[int, set[tuple[str,
 
 
 def cli(overrides: list[str]) -> int:
-    """`python -m pipeline verify run_dir=<dir> [dataset=true|false] [max_listed=N]`."""
+    """`python -m pipeline verify run_dir=<dir> [dataset=true|false] [max_listed=N] [content=true [sample=N]
+    [seed=S] [frames=N]]` (content: `pipeline.verify_content`)."""
     from .errors import ConfigError
 
     args = dict(o.split("=", 1) for o in overrides if "=" in o)
-    unknown = sorted(set(args) - {"run_dir", "dataset", "max_listed"}) + [o for o in overrides if "=" not in o]
-    if unknown or "run_dir" not in args:
-        raise ConfigError("usage: python -m pipeline verify run_dir=<dir> [dataset=true|false] [max_listed=N]")
+    unknown = sorted(set(args) - {"run_dir", "dataset", "max_listed", "content", "sample", "seed", "frames"}) + \
+        [o for o in overrides if "=" not in o]
+    if unknown or "run_dir" not in args or args.get("content", "false").lower() not in ("true", "false") or \
+            not all(args.get(k, "0").isdigit() for k in ("sample", "seed", "frames")):
+        raise ConfigError("usage: python -m pipeline verify run_dir=<dir> [dataset=true|false] [max_listed=N] "
+                          "[content=true [sample=N] [seed=S] [frames=N]]")
     run_dir = Path(args["run_dir"])
     if not (run_dir / "manifest.parquet").exists():
         raise ConfigError(f"not a run dir (no manifest.parquet): {run_dir}")
     violations = verify_run(run_dir, check_dataset=args.get("dataset", "true").lower() != "false")
+    if args.get("content", "false").lower() == "true":
+        from .verify_content import verify_content
+
+        violations += verify_content(run_dir, sample=int(args.get("sample", 32)), seed=int(args.get("seed", 0)),
+                                     frames_per_row=int(args.get("frames", 2)))
     limit = int(args.get("max_listed", 50))
     for v in violations[:limit]:
         print(v)

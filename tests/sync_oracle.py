@@ -229,3 +229,164 @@ def ffmpeg_frame_at(path: Path, pts: float, size: tuple[int, int] | None = None)
 
 def _lavfi_path(path: Path) -> str:
     return str(path).replace("\\", "\\\\").replace(":", "\\:").replace("'", "\\'")
+
+
+# ------------------------------------------------------------------------------------ the stages on the oracle
+
+STAGES = ("download", "frames", "asr", "audio", "clip", "scenegraph", "ingest")
+# Every video is "low-cut" and sampled uniformly at 5 fps: one frame of every 0.2 s flash is taken. No-speech
+# windows of 1 s (the verifier wants a last window of at least 1 s).
+FALLBACK_FPS = 5.0
+WINDOW_S = 1.0
+STAGE_OVERRIDES = {
+    "frames": ["stage.min_cuts_per_minute=100000", f"stage.fallback_fps={FALLBACK_FPS}"],
+    "asr": ["stage.runner.backend=inline", "stage.beam_size=1"],
+    "audio": ["stage.runner.backend=inline", f"stage.window_s={WINDOW_S}"],
+    "clip": ["stage.runner.backend=inline"],
+    "scenegraph": ["stage.runner.backend=inline", "stage.max_side=128"],
+    "ingest": [f"stage.window_s={WINDOW_S}"],
+}
+
+
+def run_stages(run_dir: Path, videos: dict[str, Path], cache_dir: Path, stages=STAGES,
+               extra: dict[str, list[str]] | None = None) -> Path:
+    """The real stages, in this process (the engine's run_shard per shard, then the stage's finish), models=tiny,
+    on `videos` ({video_id: path}); returns run_dir. The stage configs are saved as a launch saves them."""
+    from omegaconf import OmegaConf
+
+    from pipeline.atomic import write_text
+    from pipeline.config import compose
+    from pipeline.engine import container, run_shard
+    from pipeline.manifest import load_items, pin_geometry, plan_geometry
+    from pipeline.stages import get_stage
+
+    run_dir = Path(run_dir)
+    manifest = run_dir.parent / f"{run_dir.name}-manifest.txt"
+    manifest.write_text("".join(f"{vid} {path}\n" for vid, path in videos.items()))
+    for stage in stages:
+        cfg = compose([f"stage={stage}", f"run_dir={run_dir}", f"input={manifest}", "models=tiny",
+                       f"cache_dir={cache_dir}", "device=cpu", "launcher=local",
+                       *STAGE_OVERRIDES.get(stage, []), *(extra or {}).get(stage, [])])
+        if not (run_dir / "manifest.parquet").exists():
+            geo, items, _ = plan_geometry(run_dir, cfg.input, cfg.num_shards, cfg.items_per_shard)
+            pin_geometry(run_dir, geo, items)
+        write_text(run_dir / stage / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(container(cfg))))
+        for shard in sorted({i.shard for i in load_items(run_dir)}):
+            run_shard(cfg, shard)
+        get_stage(stage).finish(cfg)
+    return run_dir
+
+
+_SHARED: dict[str, object] = {}
+
+
+def shared_variants(tmp_path_factory) -> dict[str, Variant]:
+    """The variants, made once per test session whichever module asks first."""
+    if "variants" not in _SHARED:
+        _SHARED["variants"] = make_variants(tmp_path_factory.mktemp("sync-oracle"))
+    return _SHARED["variants"]  # type: ignore[return-value]
+
+
+def video_id(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def shared_run(tmp_path_factory, cache_dir: Path) -> Path:
+    """Every stage on every variant, once per test session (about a minute on 2 cores)."""
+    if "run" not in _SHARED:
+        variants = shared_variants(tmp_path_factory)
+        run = tmp_path_factory.mktemp("oracle-run") / "run"
+        _SHARED["run"] = run_stages(run, {video_id(n): v.path for n, v in variants.items()}, cache_dir)
+    return _SHARED["run"]  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- alignment of the dataset's rows
+
+BEEP_RATIO = 0.25   # of the way from the silence embedding to a beep's: a beep in the span (measured: >= 0.5 with
+#                     a beep, <= 0.05 without, codec pre-echo of a beep in the next window included)
+
+
+class BeepDetector:
+    """Whether a row's audio embedding (the audio stage's tiny Cnn14) holds a beep: compared with the same model's
+    embedding of silence and of one beep, padded as the audio stage pads the span."""
+
+    def __init__(self, cache_dir: Path, min_span_s: float = 1.0, pad_multiple_s: float = 1.0):
+        from pipeline.stages.audio import AudioTagger
+
+        self.tagger = AudioTagger(checkpoint="", models="tiny", cache_dir=str(cache_dir), device="cpu",
+                                  precision="fp32", top_k=1, max_forward_seconds=160.0)
+        self.min_span_s, self.pad_multiple_s = min_span_s, pad_multiple_s
+        self.refs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _refs(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        from pipeline.stages.audio import SAMPLE_RATE
+
+        if n not in self.refs:
+            t = np.arange(n) / SAMPLE_RATE
+            beep = (0.5 * np.sin(2 * np.pi * 1000 * t) * ((t >= 0.3) & (t < 0.3 + FLASH_S))).astype(np.float32)
+            emb, _ = self.tagger._forward(np.stack([np.zeros(n, np.float32), beep]))
+            self.refs[n] = (emb[0], emb[1])
+        return self.refs[n]
+
+    def ratio(self, embedding, start: float, end: float) -> float:
+        from pipeline.stages.audio import Span, padded_samples
+
+        silence, beep = self._refs(padded_samples(Span(0, start, end, ""), self.min_span_s, self.pad_multiple_s))
+        e = np.asarray(embedding, np.float32)
+        return float(np.linalg.norm(e - silence) / np.linalg.norm(beep - silence))
+
+
+def alignment_violations(run: Path, variants: dict[str, Variant], detector: BeepDetector) -> list[str]:
+    """Every dataset row of every variant against the ground truth: a row's frames (inside its span) show a flash
+    exactly when a flash of the variant falls in the span, its audio embedding holds a beep exactly when a beep
+    does, so where both streams cover a row, flash and beep rows are the same rows; and every flash the video
+    shows is in some row."""
+    import deeplake
+
+    ds = deeplake.open_read_only(f"file://{Path(run) / 'dataset'}")
+    n = len(ds)
+    cols = {c: list(ds[c][0:n]) for c in ("video_id", "segment_idx", "start", "end", "frame_pts", "frames",
+                                         "audio", "has_audio")}
+    by_video: dict[str, list[int]] = {}
+    for i, vid in enumerate(cols["video_id"]):
+        by_video.setdefault(str(vid), []).append(i)
+    out: list[str] = []
+    for name, v in variants.items():
+        rows = sorted(by_video.get(video_id(name), []), key=lambda i: cols["start"][i])
+        if not rows:
+            out.append(f"{name}: no rows")
+            continue
+        flashes = [(f, f + FLASH_S) for f in v.expected_flashes()]
+        beeps = [(b, b + FLASH_S) for b in v.expected_beeps()]
+        seen_flashes: list[float] = []
+        for i in rows:
+            a, b = float(cols["start"][i]), float(cols["end"][i])
+            where = f"{name} row {int(cols['segment_idx'][i])} [{a:.3f}, {b:.3f})"
+            inside = [(float(p), img) for p, img in zip(cols["frame_pts"][i], cols["frames"][i])
+                      if a - 1e-3 <= float(p) < b]
+            shown = [p for p, img in inside if is_flash(np.asarray(img))]
+            seen_flashes += shown
+            has_flash = bool(shown)
+            want_flash = any(f0 < b and a < f1 for f0, f1 in flashes)
+            if has_flash != want_flash:
+                out.append(f"{where}: flash frames at {shown}, expected {'a flash' if want_flash else 'none'}")
+            wrong = [p for p in shown if not any(f0 - 1e-6 <= p < f1 for f0, f1 in flashes)]
+            if wrong:
+                out.append(f"{where}: frames stamped {wrong} show a flash, no flash is there")
+            if not bool(cols["has_audio"][i]) or not len(cols["audio"][i]):
+                out.append(f"{where}: no audio embedding")
+                continue
+            ratio = detector.ratio(cols["audio"][i], a, b)
+            has_beep = ratio > BEEP_RATIO
+            want_beep = any(b0 < b and a < b1 for b0, b1 in beeps)
+            if has_beep != want_beep:
+                out.append(f"{where}: audio {'holds' if has_beep else 'holds no'} beep (ratio {ratio:.2f}), "
+                           f"expected {'a beep' if want_beep else 'none'}")
+            # a source second both streams play: its flash and its beep are in this row together
+            both = [e for e in v.expected_flashes() if e in v.expected_beeps() and e < b and a < e + FLASH_S]
+            if both and not (has_flash and has_beep):
+                out.append(f"{where}: the second at {both} shows flash {has_flash}, beep {has_beep} in this row")
+        missing = [f for f, _ in flashes if not any(f - 1e-6 <= p < f + FLASH_S for p in seen_flashes)]
+        if missing:
+            out.append(f"{name}: flashes at {missing} are in no row")
+    return out

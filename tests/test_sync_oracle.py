@@ -23,7 +23,7 @@ DECORD_REFUSES = {"plain.ts", "mid_gop.ts", "cut_editlist.mp4", "vp9_opus.webm"}
 
 @pytest.fixture(scope="session")
 def oracle(tmp_path_factory) -> dict[str, so.Variant]:
-    return so.make_variants(tmp_path_factory.mktemp("sync-oracle"))
+    return so.shared_variants(tmp_path_factory)
 
 
 def _match(got: list[float], want: list[float], tol: float) -> bool:
@@ -148,3 +148,21 @@ def test_a_frame_the_decoder_does_not_output_fails_instead_of_a_neighbour(oracle
     with pytest.raises(VideoError) as err:
         decode_at(info, [-0.04, 1.0], backend="pyav")
     assert err.value.category == "corrupt" and "-0.0400" in err.value.reason
+
+
+# ------------------------------------------------------------------------------- end to end, the real stages
+
+
+@pytest.fixture(scope="session")
+def oracle_run(tmp_path_factory, cache_dir) -> Path:
+    return so.shared_run(tmp_path_factory, cache_dir)
+
+
+def test_stages_keep_every_flash_with_its_beep(oracle_run, tmp_path_factory, cache_dir):
+    """download -> frames (uniform 5 fps: every flash sampled) -> asr -> audio (1 s no-speech windows) -> clip ->
+    scenegraph -> ingest on every variant, tiny models: each dataset row's frames show a flash exactly where the
+    variant has one, its audio embedding holds a beep exactly where the variant has one, so flash rows and beep
+    rows coincide wherever both streams play."""
+    variants = so.shared_variants(tmp_path_factory)
+    problems = so.alignment_violations(oracle_run, variants, so.BeepDetector(cache_dir))
+    assert not problems, "\n".join(problems)
