@@ -5,7 +5,8 @@ Every pairing is by explicit keys, never by list order:
   the audio stage's windows as that stage wrote them (its rows' exact spans: the window count at the tail depends
   on the length of its own decode, which the ASR duration need not match), marked is_speech=False; only when the
   audio stage has no row for the video are `window_s` windows planned over the ASR duration (the audio stage's
-  rule; such rows have no audio and the verifier refuses them);
+  rule; such rows have no audio and the verifier refuses them, unless the audio stage records that the video has
+  no audio stream at all: then they are visual-only rows, has_audio false, flag "no_audio_stream");
 - frames -> segment by PTS: a frame belongs to a segment when start - frame_tolerance_s <= pts < end
   (a frame within the tolerance of a boundary may belong to both neighbours); a segment with no frame inside
   gets the nearest frame within `nearest_frame_tolerance_s` (flag "nearest_frame"), else none (flag
@@ -24,7 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .schema import FLAG_NEAREST, FLAG_NO_AUDIO, FLAG_NO_CLIP, FLAG_NO_FRAMES
+from .schema import FLAG_NEAREST, FLAG_NO_AUDIO, FLAG_NO_AUDIO_STREAM, FLAG_NO_CLIP, FLAG_NO_FRAMES
 
 MIN_TAIL_S = 1.0   # as in the audio stage: a shorter remainder after the last full window joins that window
 
@@ -52,6 +53,13 @@ def windows(duration: float, window_s: float) -> list[tuple[int, float, float]]:
     if n > 1 and duration - (n - 1) * window_s < MIN_TAIL_S:
         n -= 1
     return [(i, i * window_s, duration if i == n - 1 else (i + 1) * window_s) for i in range(n)]
+
+
+def no_audio_stream(inputs: dict[str, dict[str, list[dict]]]) -> bool:
+    """The audio stage recorded that this video has no audio stream (its `videos` table; runs made before the
+    table existed have none, and every video counts as having audio)."""
+    rows = inputs.get("audio", {}).get("videos", [])
+    return bool(rows) and rows[0].get("has_audio") is False
 
 
 def video_duration(inputs: dict[str, dict[str, list[dict]]]) -> float:
@@ -116,6 +124,7 @@ def join_video(video_id: str, inputs: dict[str, dict[str, list[dict]]], params: 
     scene_by_frame = {int(r["frame_idx"]): r for r in inputs.get("scenegraph", {}).get("scenegraph", [])}
     audio_by_segment = {int(r["segment_idx"]): r for r in inputs.get("audio", {}).get("audio", [])}
     clip_models = sorted({str(r.get("model")) for r in clip_by_frame.values() if r.get("model")})
+    silent = no_audio_stream(inputs)
     prov = json.dumps({**provenance, "clip_model": ",".join(clip_models)}, sort_keys=True)
     downloaded = inputs.get("download", {}).get("videos", [])
     content = str(downloaded[0].get("content_id") or "") if downloaded else ""
@@ -143,7 +152,7 @@ def join_video(video_id: str, inputs: dict[str, dict[str, list[dict]]], params: 
         scenes = [scene_by_frame[int(f["frame_idx"])] for f in chosen if int(f["frame_idx"]) in scene_by_frame]
         audio = audio_by_segment.get(idx)
         if audio is None:
-            flags.append(FLAG_NO_AUDIO)
+            flags.append(FLAG_NO_AUDIO_STREAM if silent else FLAG_NO_AUDIO)
         rows.append({
             "video_id": video_id, "segment_idx": idx, "start": start, "end": end, "is_speech": seg["is_speech"],
             "text": seg["text"], "words": seg["words"], "prev_text": prev,

@@ -44,6 +44,7 @@ TABLE = "rows"                       # ingest's per-shard output table
 FLAG_NO_FRAMES = "no_frames"         # no frame inside the span, none near enough either
 FLAG_NEAREST = "nearest_frame"       # no frame inside the span: the nearest one within tolerance stands in
 FLAG_NO_AUDIO = "no_audio"           # the audio stage has no row for this span
+FLAG_NO_AUDIO_STREAM = "no_audio_stream"   # the video has no audio stream at all (visual-only row, has_audio false)
 FLAG_NO_CLIP = "no_clip"             # some frames of the span have no CLIP embedding
 
 WORD = pa.struct([("word", pa.string()), ("start", pa.float64()), ("end", pa.float64()),

@@ -33,8 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .join import MIN_TAIL_S, JoinParams, frames_of_span, join_video, plan_segments, video_duration
-from .schema import FLAG_NEAREST, FLAG_NO_FRAMES, TABLE, dict_value, flags_of
+from .join import MIN_TAIL_S, JoinParams, frames_of_span, join_video, no_audio_stream, plan_segments, video_duration
+from .schema import FLAG_NEAREST, FLAG_NO_AUDIO_STREAM, FLAG_NO_FRAMES, TABLE, dict_value, flags_of
 
 PTS_MATCH_S = 1e-6     # the same frame's PTS as carried by two stages (copied floats)
 DROPPED_NOTE = "dropped_no_frames="
@@ -112,7 +112,10 @@ def check_row(row: dict, tol: Tolerances) -> list[str]:
         out.append(f"scene graph frame_idx {scene_idx[:8]} != frames' {fidx[:8]}")
     elif not _close([s["pts"] for s in scenes], fpts):
         out.append("scene graph pts != frame pts")
-    if not row.get("has_audio"):
+    if FLAG_NO_AUDIO_STREAM in flags:       # a video without an audio stream: visual-only rows
+        if row.get("has_audio"):
+            out.append("flagged no_audio_stream but has audio")
+    elif not row.get("has_audio"):
         out.append("no audio row for this span")
     else:
         a0, a1 = float(row["audio_start"]), float(row["audio_end"])
@@ -199,6 +202,8 @@ def check_frames(video_id: str, rows: list[dict], inputs: dict[str, dict[str, li
         have = flags_of(r) & {FLAG_NEAREST, FLAG_NO_FRAMES}
         if have != ({flag} if flag else set()):
             out.append(Violation(video_id, idx, f"frame flags {sorted(have)} != {[flag] if flag else []}"))
+        if (FLAG_NO_AUDIO_STREAM in flags_of(r)) != no_audio_stream(inputs):
+            out.append(Violation(video_id, idx, "flag no_audio_stream disagrees with the audio stage's videos table"))
     return out
 
 
@@ -274,6 +279,8 @@ def check_keys(video_id: str, inputs: dict[str, dict[str, list[dict]]], params: 
             out.append(Violation(video_id, None, f"{stage} frame_idx != frames': extra {extra[:8]}, "
                                                  f"missing {missing[:8]}"))
     segments = {s["segment_idx"] for s in plan_segments(inputs, params)}
+    if no_audio_stream(inputs):     # no audio stream: the audio stage has no span rows for it
+        segments = set()
     audio = [int(r["segment_idx"]) for r in inputs.get("audio", {}).get("audio", [])]
     if set(audio) != segments or len(audio) != len(set(audio)):
         extra, missing = sorted(set(audio) - segments), sorted(segments - set(audio))

@@ -28,8 +28,9 @@ Tables:
   compression_ratio, quality_flags ("" or comma-separated reasons, `mark` only), language, language_probability.
   segment_idx runs 0..n-1 over the rows kept.
 - `videos` (video_id): language, language_probability, n_segments, has_speech, duration, n_dropped.
-Times are clamped to the audio's duration. A video without speech is ok with note "no_speech"; no audio stream /
-undecodable media is failed ("no_audio: ..." / "corrupt: ...").
+Times are clamped to the audio's duration. A video without speech is ok with note "no_speech"; one without an
+audio stream is ok with note "no_audio" (no segments, `duration` where its media ends: it gets windows downstream);
+undecodable media is failed ("corrupt: ...").
 """
 from __future__ import annotations
 
@@ -274,7 +275,14 @@ def load_audio_payload(item: WorkItem) -> dict:
         raise ItemFailure("no_input: download row has no media path")
     try:
         audio = load_audio(rows[0]["path"])
-    except (NoAudioStream, AudioDecodeError) as exc:
+    except NoAudioStream:       # visual-only video: ok without speech, windows over the whole media
+        from ..inference.runner import Done
+        from .audio import media_end_s
+
+        return Done(ItemResult(item.video_id, note="no_audio", rows={"videos": [{
+            "video_id": item.video_id, "language": None, "language_probability": None, "n_segments": 0,
+            "has_speech": False, "duration": media_end_s(rows[0]["path"])}]}))
+    except AudioDecodeError as exc:
         raise ItemFailure(str(exc)) from exc
     return {"audio": audio}
 

@@ -12,8 +12,19 @@ every span is padded up to a multiple of `pad_multiple_s` so that spans of equal
 and each span's result does not depend on which other spans share its batch. `model_seconds` records the
 length actually fed to the network; span audio past the end of the file is zeros too.
 
+A video without an audio stream is ok with no `audio` rows and note "no_audio"; table `videos` (video_id,
+has_audio) records per video whether it has an audio stream, so that ingest gives a visual-only video rows with
+has_audio false instead of treating its missing audio rows as lost.
+
 Runs on the shared inference runner: CPU workers decode and cut the audio, model actors run Cnn14 on batches
 of spans from several videos at once.
+
+Determinism: which spans share a network call depends on the order videos finish decoding (Ray scheduling), and
+on CPU a span computed alone (batch of 1) differs from the same span in any larger batch by ~1e-9 (float32:
+another matmul path), while every batch of 2 or more gives bit-identical results whatever its size, the span's
+position or its companions, and whatever the intra-op thread count. A span alone in its call is therefore run
+with an all-zero companion, so on one machine (CPU, fp32) two runs give bit-identical outputs. On GPU with
+autocast (bf16/fp16) results are only reproducible within the precision's own rounding.
 """
 from __future__ import annotations
 
@@ -25,7 +36,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from ..inference.runner import ItemFailure, RunnerConfig, run_inference
+from ..inference.runner import Done, ItemFailure, RunnerConfig, run_inference
 from .base import ItemResult, Resources, Stage, StageConfig, WorkItem
 
 SAMPLE_RATE = 32000
@@ -96,16 +107,38 @@ def _media_path(item: WorkItem) -> str:
     return path
 
 
-def prepare_item(item: WorkItem, window_s: float, min_span_s: float, pad_multiple_s: float) -> dict:
+def media_end_s(path: str) -> float | None:
+    """Where the media ends on the container's timeline (seconds): the latest stream end, else the container's
+    duration; None when neither is known. The span windows of a video without an audio stream cover."""
+    import av
+
+    with av.open(str(path)) as container:
+        ends = [float(((s.start_time or 0) + s.duration) * s.time_base) for s in container.streams
+                if s.duration is not None and s.time_base is not None]
+        if ends:
+            return max(ends)
+        if container.duration:
+            return (container.duration + max(0, container.start_time or 0)) / 1e6
+    return None
+
+
+def no_audio_result(video_id: str) -> ItemResult:
+    """A video without an audio stream: ok, no audio rows, recorded as such (note and `videos.has_audio`)."""
+    return ItemResult(video_id, rows={"videos": [{"video_id": video_id, "has_audio": False}]}, note="no_audio")
+
+
+def prepare_item(item: WorkItem, window_s: float, min_span_s: float, pad_multiple_s: float) -> dict | Done:
     """CPU side: decode the audio at 32 kHz and cut every span (runs in a runner preprocessing worker)."""
-    from ..audio import load_audio
+    from ..audio import NoAudioStream, load_audio
 
     path = _media_path(item)
     segments = item.rows("asr", "segments")
     try:
         audio = load_audio(path, sample_rate=SAMPLE_RATE,
                            max_seconds=max((float(s["end"]) for s in segments), default=None))
-    except Exception as exc:  # NoAudioStream / AudioDecodeError already read "category: detail"
+    except NoAudioStream:
+        return Done(no_audio_result(item.video_id))
+    except Exception as exc:  # AudioDecodeError already reads "category: detail"
         raise ItemFailure(str(exc)[:500]) from None
     spans = plan_spans(segments, len(audio) / SAMPLE_RATE, window_s)
     waves = [cut_span(audio, s, padded_samples(s, min_span_s, pad_multiple_s)) for s in spans]
@@ -156,7 +189,10 @@ class AudioTagger:
             per_call = max(1, self.max_forward_samples // max(1, length))
             for start in range(0, len(group), per_call):
                 chunk = group[start:start + per_call]
-                emb, prob = self._forward(np.stack([w for _, _, w in chunk]))
+                batch = [w for _, _, w in chunk]
+                if len(batch) == 1:     # alone, a span takes another numeric path: a zero companion (see above)
+                    batch.append(np.zeros_like(batch[0]))
+                emb, prob = self._forward(np.stack(batch))
                 for (p, k, _), e, pr in zip(chunk, emb, prob):
                     embeddings[p][k] = e.astype(np.float16)
                     probs[p][k] = pr
@@ -171,6 +207,7 @@ class AudioTagger:
         return outputs
 
 
+VIDEOS_SCHEMA = pa.schema([("video_id", pa.string()), ("has_audio", pa.bool_())])
 AUDIO_SCHEMA = pa.schema([
     ("video_id", pa.string()), ("segment_idx", pa.int64()), ("start", pa.float64()), ("end", pa.float64()),
     ("source", pa.string()), ("model_seconds", pa.float64()),
@@ -182,8 +219,8 @@ class AudioStage(Stage):
     name = "audio"
     Config = AudioConfig
     upstream = {"download": ("videos",), "asr": ("segments", "videos")}
-    tables = {"audio": ("video_id", "segment_idx")}
-    schemas = {"audio": AUDIO_SCHEMA}
+    tables = {"audio": ("video_id", "segment_idx"), "videos": ("video_id",)}
+    schemas = {"audio": AUDIO_SCHEMA, "videos": VIDEOS_SCHEMA}
 
     def __init__(self, cfg: Any, ctx: Any):
         super().__init__(cfg, ctx)
@@ -211,7 +248,8 @@ class AudioStage(Stage):
                          "embedding": output["embedding"][n], "labels": output["labels"][n],
                          "scores": output["scores"][n]})
         note = "" if output["has_speech"] else "no_speech_windows"
-        return ItemResult(item.video_id, rows={"audio": rows}, note=note)
+        return ItemResult(item.video_id, rows={"audio": rows,
+                                               "videos": [{"video_id": item.video_id, "has_audio": True}]}, note=note)
 
     def shard_stats(self) -> dict[str, Any]:
         return dict(self._stats)

@@ -109,7 +109,7 @@ class IngestStage(Stage):
     name = "ingest"
     Config = IngestConfig
     upstream = {"download": ("videos",), "frames": ("frames", "videos"), "asr": ("segments", "videos"),
-                "clip": ("clip",), "audio": ("audio",), "scenegraph": ("scenegraph",)}
+                "clip": ("clip",), "audio": ("audio", "videos"), "scenegraph": ("scenegraph",)}
     tables = {TABLE: KEY}
     schemas = {TABLE: ROW_SCHEMA}
 
