@@ -238,3 +238,15 @@ def test_pool_of_workers_gives_the_same_results_as_sequential(tmp_path, clips, s
     assert seq["speech"].status == "ok" and len(seq["speech"].rows["videos"][0]["cuts"]) == 4
     assert par_stats["videos"] == seq_stats["videos"] == 5
     assert par_stats["video_minutes"] == pytest.approx(seq_stats["video_minutes"])
+
+
+def test_both_scan_modes_of_the_stage_give_the_same_frames(clips):
+    """counter.mp4 is 1080p: by default scanned without the loop filter (after-cut frames decoded by seeking);
+    with the loop filter kept they are captured during the scan. Same cuts, same frames, same pixels."""
+    from pipeline.stages.frames import sample_video
+
+    skipped = sample_video(clips["counter.mp4"], FramesConfig())
+    captured = sample_video(clips["counter.mp4"], FramesConfig(detect_skip_loop_filter_min_height=10**6))
+    assert skipped.cuts == captured.cuts == pytest.approx([1.0, 2.0])
+    assert [(f.pts, f.kind, f.shot) for f in skipped.frames] == [(f.pts, f.kind, f.shot) for f in captured.frames]
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(skipped.frames, captured.frames))

@@ -60,7 +60,9 @@ class FramesConfig(StageConfig):
     jpeg_quality: int = 90
     max_pixels: int = 3840 * 2160        # larger videos are refused (too_large)
     decode_backend: str = "auto"         # auto (decord, PyAV fallback) | decord | pyav
-    detect_skip_loop_filter: bool = False  # detection decode without deblocking: cheaper, no after-cut capture
+    # Videos at least this tall are scanned for cuts without the decoder's loop filter (cheaper; the after-cut
+    # frames then come from the seeking decode instead of being captured during the scan). 0: always.
+    detect_skip_loop_filter_min_height: int = 720
     workers: int = 1                     # videos processed at once by one task (a process pool when > 1)
 
 
@@ -99,10 +101,11 @@ def make_detector(cfg: FramesConfig):
     raise ValueError(f"unknown detector {cfg.detector!r} (content | adaptive)")
 
 
-def cut_params(cfg: FramesConfig) -> CutParams:
+def cut_params(cfg: FramesConfig, info: VideoInfo) -> CutParams:
     return CutParams(detector=cfg.detector, threshold=cfg.threshold, min_shot_len=float(cfg.min_shot_len),
                      adaptive_threshold=cfg.adaptive_threshold, min_content_val=cfg.min_content_val,
-                     detect_width=cfg.detect_width, skip_loop_filter=cfg.detect_skip_loop_filter)
+                     detect_width=cfg.detect_width,
+                     skip_loop_filter=info.height >= int(cfg.detect_skip_loop_filter_min_height))
 
 
 def detect_cuts(info: VideoInfo, cfg: FramesConfig) -> list[float]:
@@ -119,7 +122,7 @@ def _detect(info: VideoInfo, cfg: FramesConfig, capture: bool) -> Detection:
     if cfg.luma_only:
         keep = Capture(offset=cfg.after_cut_offset, short_side=cfg.short_side or None,
                        max_frames=max(1, cfg.max_frames_per_video)) if capture else None
-        return detect(info, cut_params(cfg), capture=keep)
+        return detect(info, cut_params(cfg, info), capture=keep)
     return Detection(cuts=_detect_pyscenedetect(info, cfg), pts=np.empty(0), scores=np.empty(0),
                      bounds=np.empty(0))
 
