@@ -42,7 +42,7 @@ CORRUPT_SCRIPT = textwrap.dedent("""
     n = len(ds)
     ds.append({c.name: ds[c.name][0:n] for c in ds.schema.columns if c.name not in ("frames",)}
               | {"frames": [[] for _ in range(n)]})
-    with open(sys.argv[2], "wb") as f:
+    with open(sys.argv[2], "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\\0" * 65536)
@@ -65,11 +65,10 @@ def small_fs(tmp_path):
 
 
 def fill(path: Path) -> None:
-    with open(path, "wb") as f:
+    with open(path, "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
         except OSError:
             pass
     assert health.free_bytes(path.parent) < 65536
