@@ -8,7 +8,9 @@
         # alternately (--repeats pairs, side by side in one invocation) and prints both step times and the ratio
 
 Tokens = encoder positions in use + target tokens. Step time = median wall time between consecutive steps'
-metric records, after the first `--warmup` steps. Record results in benchmarks/results/train.md.
+metric records, after the first `--warmup` steps; input wait = median time a step waited for its batch
+(reading, collation, tokenisation not hidden by prefetching; the loop logs it as `input_wait_ms`).
+Record results in benchmarks/results/train.md.
 """
 from __future__ import annotations
 
@@ -54,8 +56,9 @@ def run_once(args, overrides: list[str], tmp: str, tag: str) -> dict:
     timed = [r for r in records if "tokens_per_s" in r][1:]     # the first interval includes warm-up
     times = [r["time"] for r in records if "loss" in r][args.warmup:]
     summary = json.loads(proc.stdout.split("summary ", 1)[1].splitlines()[0])
+    waits = [r["input_wait_ms"] for r in records if "input_wait_ms" in r][args.warmup:]
     return {"params": summary["params"], "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
-            "mfu": statistics.median(r["mfu"] for r in timed),
+            "mfu": statistics.median(r["mfu"] for r in timed), "input_wait_ms": statistics.median(waits),
             "step_ms": 1000 * statistics.median(b - a for a, b in zip(times, times[1:]))}
 
 
@@ -105,6 +108,7 @@ def main() -> None:
         "step_ms_prefetch_0": round(off, 2), f"step_ms_prefetch_{args.compare_prefetch}": round(on, 2),
         "ratio_off_over_on": round(off / on, 3),
         "runs_step_ms": {str(d): [round(r["step_ms"], 2) for r in rs] for d, rs in runs.items()},
+        "input_wait_ms": {str(d): [round(r["input_wait_ms"], 3) for r in rs] for d, rs in runs.items()},
         "tokens_per_s": {str(d): round(statistics.median(r["tokens_per_s"] for r in rs), 1)
                          for d, rs in runs.items()},
         "load_avg": os.getloadavg()}))

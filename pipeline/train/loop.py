@@ -13,6 +13,7 @@ import itertools
 import math
 import os
 import signal
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -292,7 +293,9 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
     # ---- steps
     model.train()
     while step < tcfg["max_steps"]:
+        t_wait = time.perf_counter()
         inputs = to_device(stream.next(), d.device)
+        input_wait = time.perf_counter() - t_wait      # the step waited this long for its input (prefetch hides it)
         log_detail = (step + 1) % tcfg["log_every"] == 0
         act_norms.enabled = log_detail
 
@@ -313,7 +316,8 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
         counts = dict(zip(counts, map(int, totals)))          # all ranks' positions, per part
         meter.add(counts["encoder"] + counts["decoder"], train_flops(flop_weights, counts))
         scalars = {"loss": ce_mean, "z_loss": z_mean,
-                   "grad_norm": float(total_norm), "lr": scheduler.get_last_lr()[0], "epoch": stream.epoch}
+                   "grad_norm": float(total_norm), "lr": scheduler.get_last_lr()[0], "epoch": stream.epoch,
+                   "input_wait_ms": 1000 * input_wait}
         if log_detail:
             tokens_per_s, flops_per_s = meter.rate()
             scalars |= {"tokens_per_s": tokens_per_s,
