@@ -97,10 +97,21 @@ def dataset_status(run_dir: Path, st: StageStatus) -> None:
     from .stages.ingest import dataset_url
     from .verify import ingest_settings
 
+    from filelock import FileLock, Timeout
+
     url = dataset_url(ingest_settings(run_dir), run_dir)
     if local_dir(url) is None:
         return
-    problem, info = head_problem(url)
+    lock = FileLock(str(run_dir / "ingest" / "dataset.lock"))
+    try:
+        lock.acquire(timeout=0)     # a head read mid-commit would look unreadable: not while a writer is at it
+    except Timeout:
+        st.extra["dataset"] = "being written (an ingest writer holds ingest/dataset.lock)"
+        return
+    try:
+        problem, info = head_problem(url)
+    finally:
+        lock.release()
     if problem is not None:
         st.extra["dataset_unreadable"] = problem
         st.extra["dataset"] = (f"NOT DONE: the dataset's head is unreadable ({problem}); `python -m pipeline "

@@ -194,3 +194,16 @@ def test_free_space_defaults_match_the_config():
     yaml = OmegaConf.load(REPO / "conf" / "stage" / "ingest.yaml")
     assert (yaml.free_space_margin, yaml.free_space_min_mb) == (IngestConfig.free_space_margin,
                                                                 IngestConfig.free_space_min_mb)
+
+
+def test_status_does_not_read_a_dataset_being_written(run):
+    from filelock import FileLock
+
+    cfg = ingest_config(run)
+    run_ingest_shards(cfg)
+    result = write_dataset(cfg, **QUIET)
+    with FileLock(str(run / "ingest" / "dataset.lock")):
+        status = run_cli("status", f"run_dir={run}").stdout
+    assert "ingest dataset: being written" in status, status
+    status = run_cli("status", f"run_dir={run}").stdout
+    assert f"ingest dataset: {result['rows']} rows, {SHARDS} of {SHARDS} shards, tagged {result['tag']}" in status
