@@ -167,6 +167,29 @@ def test_unreadable_head_found_on_open_is_rolled_back(run, small_fs):
     assert "NOT DONE" not in run_cli("status", f"run_dir={run}").stdout
 
 
+def test_unreadable_head_without_a_saved_version_is_one_line_not_a_crash(run, small_fs):
+    """A dataset whose good version was never saved (written before the checks existed): verify and ingest
+    cannot roll it back, and say so in one line (exit 2) instead of being killed by the reader."""
+    cfg = on_small_fs(run, small_fs)
+    run_ingest_shards(cfg)
+    url = dataset_url(cfg.stage, run)
+    first = write_dataset(cfg, **QUIET)
+    guard = health.guard_dir(small_fs / "dataset")
+    guard.rename(small_fs / "moved-aside")              # as if written before the last good version was kept
+    filler = small_fs / "filler"
+    proc = subprocess.run([sys.executable, "-c", CORRUPT_SCRIPT, url, str(filler)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    filler.unlink()
+    for args in ([f"run_dir={run}"], ["stage=ingest", f"run_dir={run}", "launcher=local",
+                                      f"stage.dataset_path={small_fs / 'dataset'}"]):
+        proc = run_cli(*args, module="pipeline.verify" if len(args) == 1 else "pipeline", check=False)
+        err = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(err) == 1, (proc.returncode, proc.stderr)
+        assert "no good version of it was saved" in err[0] and first["tag"] in err[0], err[0]
+    assert "NOT DONE" in run_cli("status", f"run_dir={run}").stdout
+
+
 def test_a_commit_that_does_not_fit_is_refused_before_writing(run):
     cfg = ingest_config(run, "stage.shards_per_commit=1")
     run_ingest_shards(cfg)
