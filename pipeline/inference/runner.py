@@ -467,6 +467,11 @@ while True:
     try:
         if task.status() == psutil.STATUS_ZOMBIE:
             break
+    except psutil.NoSuchProcess:
+        break
+    except psutil.Error:
+        pass
+    try:
         for c in task.children(recursive=True):
             if c.pid not in known and is_ray(c):
                 try:
@@ -475,11 +480,11 @@ while True:
                         raylets[c.pid] = known[c.pid]
                 except psutil.Error:
                     pass
-    except psutil.NoSuchProcess:
-        break
+    except psutil.Error:
+        pass
     time.sleep(0.25)
 first = min(raylets.values(), default=None)
-for _ in range(5):  # workers the raylet was starting at the moment of the kill show up a little later
+for _ in range(40):  # workers the raylet was starting at the moment of the kill show up a little later
     victims = []
     for p in psutil.process_iter():
         try:
@@ -497,7 +502,7 @@ for _ in range(5):  # workers the raylet was starting at the moment of the kill 
             p.kill()
         except psutil.Error:
             pass
-    time.sleep(1)
+    time.sleep(0.5)
 """
 _reaper: subprocess.Popen | None = None
 
