@@ -101,7 +101,7 @@ def free_bytes(path: Path) -> int:
 
 
 def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**20:.1f} MiB" if abs(n) >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 def check_free_space(url: str, need_bytes: int, what: str) -> int:

@@ -299,7 +299,7 @@ def write_dataset(cfg: Any, log: Callable[[str], None] = print,
             group = todo[g:g + per_commit]
             need = sum(rows_bytes(ShardStore(run_dir, "ingest", s)) for s in group)
             health.check_free_space(url, int(margin * need + min_free),
-                                    f"ingest shards {group} ({need / 2**20:.1f} MiB of rows x {margin:g} + "
+                                    f"ingest shards {group} ({need / 2**10:.1f} KiB of rows x {margin:g} + "
                                     f"{min_free / 2**20:g} MiB)")
             accepted = []
             from_row = len(ds)          # the rows the commit adds; a replaced shard's delete can shift any row
