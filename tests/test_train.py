@@ -327,3 +327,31 @@ def test_tokens_per_s_leaves_out_paused_time(monkeypatch):
     assert meter.rate() == (50.0, 5e5)        # 100 tokens over the 2 s of training
     meter.add(10)
     assert meter.rate() == (5.0, 0.0)
+
+
+def test_two_ranks_train_and_eval_on_a_real_dataset_and_refuse_a_changed_loader_mid_epoch(tmp_path, cache_dir):
+    """pipeline.loader under torchrun (2 gloo ranks, FSDP2, prefetch): a validation split of a single video (fewer
+    rows than two full batches) still gives a finite eval loss; a checkpoint taken mid-epoch does not resume with
+    another data.loader.block_rows (one-line error) and resumes with the same settings."""
+    from benchmarks.ingest_bench import ingest_config, make_upstream, run_ingest_shards
+    from pipeline.stages.ingest import write_dataset
+
+    up = make_upstream(tmp_path / "up", n_videos=12, num_shards=2, seed=3)
+    cfg = ingest_config(up)
+    run_ingest_shards(cfg)
+    url = write_dataset(cfg, log=lambda s: None)["dataset"]
+    run = tmp_path / "run"
+    args = ["data.source=pipeline.loader:build_source", f"data.path={url}", "data.batch_size=4",
+            "data.loader.split_fractions=[0.9,0.05,0.05]", "data.loader.block_rows=4", "model.d_clip=16",
+            "model.d_audio=32", "train.eval_every=2", "train.eval_steps=0", "checkpoint.every=4"]
+    r = run_train(run, cache_dir, args + ["train.max_steps=4"], nproc=2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    evals = losses(run, "eval_loss")
+    assert sorted(evals) == [2, 4] and all(v == v and v > 0 for v in evals.values())
+    changed = run_train(run, cache_dir, args[:-1] + ["checkpoint.every=4", "train.max_steps=6",
+                                                     "data.loader.block_rows=8"], nproc=2)
+    assert changed.returncode != 0
+    assert "loader settings changed in the middle of epoch 0 (step 4 of 9): block_rows 4 -> 8" in changed.stderr
+    same = run_train(run, cache_dir, args + ["train.max_steps=6"], nproc=2)
+    assert same.returncode == 0, same.stdout[-3000:] + same.stderr[-3000:]
+    assert "at step 4" in same.stdout and sorted(losses(run)) == list(range(1, 7))
