@@ -445,10 +445,11 @@ def ensure_ray(num_cpus: int) -> bool:
 # reach them, and one that was starting at that moment can linger as `ray::IDLE`. The reaper, in a session of its
 # own (so that the same kill spares it), follows what the task started and ends it when the task is gone.
 _REAPER = r"""
-import os, signal, sys, time
+import os, re, signal, sys, time
 import psutil
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 driver = int(sys.argv[1])
+ours = re.compile(r"session_[0-9_-]+_%d(?![0-9])" % driver)  # Ray's session dir is named after its starter
 
 def is_ray(p):
     try:
@@ -491,6 +492,8 @@ for _ in range(40):  # workers the raylet was starting at the moment of the kill
             if known.get(p.pid) == p.create_time():
                 victims.append(p)
             elif raylets and int(p.environ().get("RAY_RAYLET_PID", 0)) in raylets:
+                victims.append(p)
+            elif ours.search(" ".join(p.cmdline())):  # gcs, log monitor, agents of this task's Ray
                 victims.append(p)
             elif (first is not None and p.name() == "raylet" and p.ppid() == 1 and os.getsid(p.pid) == session
                   and p.create_time() >= first):  # forked by our raylet, not yet a worker: orphaned with it
