@@ -26,13 +26,14 @@ def sha256(path) -> str:
 
 
 def test_download_records_content_ids_and_status_lists_duplicates(tmp_path, shared_media, media_server):
-    """The same file as a path, a file:// URL, a copy under another name and over HTTP is one content (sha256
-    of its bytes, computed here with hashlib as the oracle); another file is another content."""
+    """The same file as a path, a copy under another name and over HTTP is one content (sha256 of its bytes,
+    computed here with hashlib as the oracle); another file is another content. (The same path twice, or as a
+    file:// URL, the manifest itself keeps once.)"""
     counter, fades = shared_media / "counter.mp4", shared_media / "fades.mp4"
     copy = tmp_path / "renamed-copy.mp4"
     shutil.copyfile(counter, copy)
     manifest = tmp_path / "m.txt"
-    manifest.write_text("\n".join([f"a {counter}", f"b file://{counter}", f"c {copy}",
+    manifest.write_text("\n".join([f"a {counter}", f"c {copy}",
                                    f"d {media_server.url('v0.mp4')}",      # v0.mp4 is a copy of counter.mp4
                                    f"e {fades}", f"f {media_server.url('v1.mp4')}",   # v1.mp4: fades.mp4
                                    f"g {shared_media / 'delayed_start.mp4'}"]) + "\n")
@@ -40,12 +41,12 @@ def test_download_records_content_ids_and_status_lists_duplicates(tmp_path, shar
     run_cli("stage=download", f"run_dir={run}", f"input={manifest}", "num_shards=2", "stage.retries=0")
     videos = concat_tables(pq.read_table(p) for p in sorted(run.glob("download/shard-*/videos.parquet")))
     got = dict(zip(videos["video_id"].to_pylist(), videos["content_id"].to_pylist()))
-    assert got == {"a": sha256(counter), "b": sha256(counter), "c": sha256(counter), "d": sha256(counter),
+    assert got == {"a": sha256(counter), "c": sha256(counter), "d": sha256(counter),
                    "e": sha256(fades), "f": sha256(fades), "g": sha256(shared_media / "delayed_start.mp4")}
     status = run_cli("status", f"run_dir={run}").stdout
     line = next(x for x in status.splitlines() if x.startswith("duplicate content"))
-    assert "6 videos are 2 contents" in line
-    assert f"{sha256(counter)} = a, b, c, d" in line and f"{sha256(fades)} = e, f" in line
+    assert "5 videos are 2 contents" in line
+    assert f"{sha256(counter)} = a, c, d" in line and f"{sha256(fades)} = e, f" in line
 
 
 def test_a_site_video_is_identified_by_the_extractors_id_whatever_the_url(tmp_path):
