@@ -30,9 +30,10 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .errors import ConfigError
 
@@ -120,8 +121,8 @@ def check_free_space(url: str, need_bytes: int, what: str) -> int:
 # ------------------------------------------------------------------------------------------------ the probe
 
 
-def _probe_main(url: str, from_row: int) -> None:
-    """Child side: print the head's info as one JSON line, read it, print "ok"."""
+def _probe_read(url: str, from_row: int, emit: Callable[[str], None]) -> None:
+    """Open the head read-only, emit its info as one JSON line, read it, emit "ok"."""
     import deeplake
 
     ds = deeplake.open_read_only(url)
@@ -131,7 +132,7 @@ def _probe_main(url: str, from_row: int) -> None:
             "tags": {name: ds.tags[name].version for name in ds.tags.names()},
             "ingested_shards": (sorted(int(s) for s in meta["ingested_shards"])
                                 if "ingested_shards" in meta.keys() else None)}
-    print(json.dumps(info), flush=True)
+    emit(json.dumps(info))
     step = max(1, n // SAMPLE_ROWS)
     sample = sorted({*range(0, min(n, SAMPLE_ROWS)), *range(max(0, n - SAMPLE_ROWS), n), *range(0, n, step)})
     block = 65536
@@ -143,17 +144,180 @@ def _probe_main(url: str, from_row: int) -> None:
         else:
             for a in range(max(0, min(from_row, n)), n, block):
                 ds[col.name][a:min(n, a + block)]
-    print("ok", flush=True)
+    emit("ok")
+
+
+def _probe_main(url: str, from_row: int) -> None:
+    """Child side of a one-shot probe."""
+    _probe_read(url, from_row, lambda line: print(line, flush=True))
+
+
+SERVE = "--serve"
+REPLY = "@@probe "      # prefix of the serving child's replies (anything else on its stdout is ignored)
+
+
+def _serve_main() -> None:
+    """Child side of the warm prober: one request per stdin line (JSON [url, from_row]), replies on stdout."""
+    import gc
+
+    import deeplake  # noqa: F401  - imported once, before the first request
+
+    out = sys.stdout
+    emit = lambda line: (out.write(REPLY + line + "\n"), out.flush())  # noqa: E731
+    emit("ready")
+    for line in sys.stdin:
+        url, from_row = json.loads(line)
+        try:
+            _probe_read(url, int(from_row), emit)
+        except Exception as exc:  # noqa: BLE001 - reported to the writer, the child serves on
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            emit("error " + f"{type(exc).__name__}: {first}"[:300])
+        gc.collect()
+
+
+def _signal_problem(returncode: int) -> str:
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"reading it kills the reader ({name})"
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+class WarmProber:
+    """A child process that imports Deep Lake once and then probes on request (the import and interpreter start
+    were most of a one-shot probe's time, paid after every commit). Same isolation: the dataset is read in the
+    child, so a native crash kills the child, is reported like the one-shot probe's, and the next probe starts a
+    new child. Started as soon as it is made, so its start-up overlaps the writer's own work."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.err = None
+        self.buf = b""
+        self._start()
+
+    def _start(self) -> None:
+        import tempfile
+
+        self.err = tempfile.TemporaryFile()
+        self.buf = b""
+        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.dataset_health", SERVE],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err,
+                                     env=_child_env())
+
+    def _line(self, deadline: float) -> str | None:
+        """The next reply line (without prefix); None at end of output (the child died) or at the deadline."""
+        import select
+
+        assert self.proc is not None and self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while True:
+            while b"\n" in self.buf:
+                line, self.buf = self.buf.split(b"\n", 1)
+                text = line.decode(errors="replace")
+                if text.startswith(REPLY):
+                    return text[len(REPLY):]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    return None
+                self.buf += chunk
+
+    def _died(self) -> str:
+        assert self.proc is not None
+        code = self.proc.wait()
+        tail = ""
+        if self.err is not None:
+            self.err.seek(0)
+            lines = [ln for ln in self.err.read().decode(errors="replace").strip().splitlines() if ln.strip()]
+            tail = lines[-1].strip()[:300] if lines else ""
+        self.proc = None
+        if code < 0:
+            return _signal_problem(code)
+        return f"reading it fails: {tail or f'exit code {code}'}"
+
+    def probe(self, url: str, from_row: int = 0, timeout_s: float = PROBE_TIMEOUT_S) -> Probe:
+        if self.proc is None or self.proc.poll() is not None:
+            self.close()
+            self._start()
+        assert self.proc is not None and self.proc.stdin is not None
+        deadline = time.monotonic() + timeout_s
+        info: dict[str, Any] = {}
+        try:
+            self.proc.stdin.write((json.dumps([str(url), int(from_row)]) + "\n").encode())
+            self.proc.stdin.flush()
+            while True:
+                line = self._line(deadline)
+                if line is None:
+                    return Probe(False, self._died(), info)
+                if line == "ready":
+                    continue
+                if line == "ok":
+                    return Probe(True, "", info)
+                if line.startswith("error "):
+                    return Probe(False, f"reading it fails: {line[len('error '):]}", info)
+                if line.startswith("{"):
+                    try:
+                        info = json.loads(line)
+                    except json.JSONDecodeError:
+                        pass
+        except BrokenPipeError:
+            return Probe(False, self._died(), info)
+        except TimeoutError:
+            self.close()
+            return Probe(False, f"reading it took over {timeout_s:.0f} s", info)
+
+    def close(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:    # a reader between requests: nothing of it to keep
+            proc.kill()
+            proc.wait()
+            for pipe in (proc.stdin, proc.stdout):
+                try:
+                    if pipe is not None:
+                        pipe.close()
+                except OSError:
+                    pass
+        if self.err is not None:
+            self.err.close()
+            self.err = None
+
+
+_warm: WarmProber | None = None
+
+
+@contextmanager
+def warm_probes() -> Iterator[None]:
+    """Within this block every `probe` of this process goes to one warm child (see WarmProber)."""
+    global _warm
+    if _warm is not None:
+        yield
+        return
+    _warm = WarmProber()
+    try:
+        yield
+    finally:
+        prober, _warm = _warm, None
+        prober.close()
 
 
 def probe(url: str, from_row: int = 0, timeout_s: float = PROBE_TIMEOUT_S) -> Probe:
     """Read the dataset's head in a child process; `from_row`: rows before it are read only in samples."""
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if _warm is not None:
+        return _warm.probe(url, from_row, timeout_s)
     try:
         proc = subprocess.run([sys.executable, "-m", "pipeline.dataset_health", str(url), str(int(from_row))],
-                              capture_output=True, text=True, timeout=timeout_s, env=env)
+                              capture_output=True, text=True, timeout=timeout_s, env=_child_env())
     except subprocess.TimeoutExpired:
         return Probe(False, f"reading it took over {timeout_s:.0f} s")
     lines = proc.stdout.splitlines()
@@ -166,11 +330,7 @@ def probe(url: str, from_row: int = 0, timeout_s: float = PROBE_TIMEOUT_S) -> Pr
     if proc.returncode == 0 and lines and lines[-1] == "ok":
         return Probe(True, "", info)
     if proc.returncode < 0:
-        try:
-            name = signal.Signals(-proc.returncode).name
-        except ValueError:
-            name = f"signal {-proc.returncode}"
-        problem = f"reading it kills the reader ({name})"
+        problem = _signal_problem(proc.returncode)
     else:
         tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
         problem = f"reading it fails: {tail[-1].strip()[:300] if tail else f'exit code {proc.returncode}'}"
@@ -341,4 +501,7 @@ def write_checked(url: str, action: Callable[[], Any], what: str, log: Callable[
 
 
 if __name__ == "__main__":
-    _probe_main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0)
+    if sys.argv[1:] == [SERVE]:
+        _serve_main()
+    else:
+        _probe_main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0)

@@ -115,21 +115,57 @@ def clip_matrix(rows: list | None) -> np.ndarray:
     return np.asarray(rows, dtype=np.float16)
 
 
+def _combined(table: pa.Table, name: str) -> pa.Array:
+    col = table.column(name)
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def _list_cells(arr: pa.Array, dtype: Any) -> list[np.ndarray]:
+    """list<number> array -> one numpy vector per row (views of one buffer; a null row -> empty)."""
+    offsets = arr.offsets.to_numpy()                     # absolute positions in arr.values (slices included)
+    values = arr.values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    empty = values[:0]
+    return [values[a:b] if ok else empty for a, b, ok in zip(offsets[:-1], offsets[1:], valid)]
+
+
+def _clip_cells(arr: pa.Array) -> list[np.ndarray]:
+    """list<list<float16>> array -> one float16 [n_frames, D] matrix per row ([0, 0] when it has none)."""
+    outer = arr.offsets.to_numpy()
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    inner_arr = arr.values
+    inner = inner_arr.offsets.to_numpy()
+    values = inner_arr.values.to_numpy(zero_copy_only=False).astype(np.float16, copy=False)
+    out = []
+    for i, (a, b, ok) in enumerate(zip(outer[:-1], outer[1:], valid)):
+        n = int(b - a)
+        if not ok or n == 0:
+            out.append(np.zeros((0, 0), np.float16))
+            continue
+        lengths = np.diff(inner[a:b + 1])
+        if inner_arr.null_count or (lengths != lengths[0]).any() or not lengths[0]:
+            out.append(clip_matrix(arr[i].as_py()))     # ragged or null frames: the row-wise path decides
+            continue
+        out.append(values[inner[a]:inner[b]].reshape(n, int(lengths[0])))
+    return out
+
+
 def to_deeplake_columns(table: pa.Table) -> dict[str, list]:
-    """A `rows` table (ROW_SCHEMA) -> column lists for one batched `ds.append`."""
-    d = table.to_pydict()
+    """A `rows` table (ROW_SCHEMA) -> column lists for one batched `ds.append`.
+
+    Numeric list columns (frame keys, PTS, CLIP, audio) become numpy views of the Arrow buffers, column-wise:
+    no Python object per number (converting them row by row was most of the write's time)."""
+    numeric = {"frame_idx": np.int64, "frame_pts": np.float64, "clip_frame_idx": np.int64, "audio": np.float16}
+    rest = [c for c in table.column_names if c not in numeric and c != "clip"]
+    d = table.select(rest).to_pydict()
     n = table.num_rows
     out: dict[str, list] = {
         "video_id": d["video_id"], "segment_idx": d["segment_idx"], "start": d["start"], "end": d["end"],
         "is_speech": d["is_speech"], "text": d["text"], "prev_text": d["prev_text"],
         "words": [{"words": w or []} for w in d["words"]],
-        "frame_idx": [np.asarray(x or [], np.int64) for x in d["frame_idx"]],
-        "frame_pts": [np.asarray(x or [], np.float64) for x in d["frame_pts"]],
         "frame_info": [{"kind": k or [], "shot": s or []} for k, s in zip(d["frame_kind"], d["frame_shot"])],
         "frames": [list(x or []) for x in d["frames"]],
-        "clip_frame_idx": [np.asarray(x or [], np.int64) for x in d["clip_frame_idx"]],
         "clip_model": d["clip_model"],
-        "audio": [np.asarray(x or [], np.float16) for x in d["audio"]],
         "has_audio": d["has_audio"],
         "audio_start": [math.nan if x is None else x for x in d["audio_start"]],
         "audio_end": [math.nan if x is None else x for x in d["audio_end"]],
@@ -140,11 +176,9 @@ def to_deeplake_columns(table: pa.Table) -> dict[str, list]:
         "provenance": [json.loads(p) if p else {} for p in d["provenance"]],
         "content_id": [c or "" for c in d.get("content_id", [None] * n)],
     }
-    clips = []
-    for m in d["clip"]:
-        arr = clip_matrix(m)
-        clips.append(arr if arr.size else np.zeros((0, 0), np.float16))
-    out["clip"] = clips
+    for name, dtype in numeric.items():
+        out[name] = _list_cells(_combined(table, name), dtype)
+    out["clip"] = _clip_cells(_combined(table, "clip"))
     assert all(len(v) == n for v in out.values())
     return out
 

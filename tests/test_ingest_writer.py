@@ -215,3 +215,61 @@ def test_two_concurrent_writers_write_each_row_once(run, tmp_path):
         results.append(json.loads(out.strip().splitlines()[-1]))
     assert sorted(r["shards_written"] for r in results) == [[], [0, 1, 2]], results
     assert_dataset_is_shards(run, dataset_url(cfg.stage, run))
+
+
+def test_warm_prober_sees_each_new_head_and_survives_a_reader_crash(tmp_path):
+    """The warm probe child reads every new version (not a stale one) and a child killed mid-read (what a native
+    crash on an unreadable head does) is reported as such, the next probe starting a new child."""
+    import os
+    import signal
+
+    from pipeline import dataset_health as health
+
+    url = f"file://{tmp_path / 'ds'}"
+    ds = deeplake.create(url)
+    ds.add_column("x", deeplake.types.Int64())
+    ds.commit("empty")
+    with health.warm_probes():
+        prober = health._warm
+        for n in (3, 7):
+            ds.append({"x": list(range(n))})
+            ds.commit(f"+{n}")
+            got = health.probe(url)
+            assert got.ok and got.info["rows"] == len(ds) and got.info["version"] == ds.version, got
+        child = prober.proc.pid
+        os.kill(child, signal.SIGSEGV)
+        dead = health.probe(url)
+        assert not dead.ok and "kills the reader (SIGSEGV)" in dead.problem, dead
+        again = health.probe(url)
+        assert again.ok and again.info["rows"] == 10 and prober.proc.pid != child
+        missing = health.probe(f"file://{tmp_path / 'nothing'}")
+        assert not missing.ok and missing.problem.startswith("reading it fails:"), missing
+        assert health.probe(url).ok          # an error reply leaves the child serving
+    assert health._warm is None and prober.proc is None
+
+
+def test_deeplake_columns_equal_the_row_wise_conversion(run):
+    """The column-wise conversion (numpy views of the Arrow buffers) gives, cell for cell, what converting each
+    row's Python values gives (the oracle: pyarrow's own to_pylist), null and empty cells and slices included."""
+    import math
+
+    import numpy as np
+
+    from pipeline.schema import ROW_SCHEMA, clip_matrix, to_deeplake_columns
+
+    run_ingest_shards(ingest_config(run))
+    rows = concat_tables(ShardStore(run, "ingest", s).read_table(TABLE) for s in range(SHARDS)).to_pylist()
+    rows[0].update(audio=None, clip=None, frame_idx=[])
+    table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+    for part in (table, table.slice(3, 7)):
+        cols = to_deeplake_columns(part)
+        for i, row in enumerate(part.to_pylist()):
+            assert np.array_equal(cols["audio"][i], np.asarray(row["audio"] or [], np.float16))
+            assert cols["audio"][i].dtype == np.float16
+            assert np.array_equal(cols["clip"][i], clip_matrix(row["clip"])) and cols["clip"][i].dtype == np.float16
+            assert cols["clip"][i].shape == clip_matrix(row["clip"]).shape
+            for name, dtype in (("frame_idx", np.int64), ("frame_pts", np.float64), ("clip_frame_idx", np.int64)):
+                assert cols[name][i].dtype == dtype and list(cols[name][i]) == list(row[name] or [])
+            assert cols["frames"][i] == list(row["frames"] or []) and cols["video_id"][i] == row["video_id"]
+            assert (math.isnan(cols["audio_start"][i]) if row["audio_start"] is None
+                    else cols["audio_start"][i] == row["audio_start"])

@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -279,9 +279,11 @@ def write_dataset(cfg: Any, log: Callable[[str], None] = print,
     refused: dict[int, list[str]] = {}
     shard_keys: dict[int, set[tuple[str, int]]] = {}
     problems: list[str] = []
-    with writer_lock(run_dir, log):
+    with writer_lock(run_dir, log), ExitStack() as probes:
         # a head left unreadable (the disk filled during a commit) goes back to the last good version first
         health.ensure_readable(url, log, save=True)
+        if not health.exists(health.local_dir(url)):        # creating it commits (and probes) at once
+            probes.enter_context(health.warm_probes())
         ds = open_or_create(url, log)   # (re)read under the lock: another writer may have just committed
         done = set(ingested_shards(ds))
         prints = ingested_fingerprints(ds)
@@ -290,6 +292,8 @@ def write_dataset(cfg: Any, log: Callable[[str], None] = print,
         # only makes the next run re-check the rows, never a fresh marker digest recorded over stale rows.
         markers = {s: marker_digest(ShardStore(run_dir, "ingest", s)) for s in complete}
         todo = [s for s in complete if s not in done or prints.get(str(s), {}).get("marker") != markers[s]]
+        if todo:    # every commit is probed: one warm child, started now, its start-up overlapping the reads below
+            probes.enter_context(health.warm_probes())
         videos: dict[int, list[str]] = {}
         if todo:
             for item in load_items(run_dir):
