@@ -13,6 +13,7 @@ import itertools
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -271,7 +272,13 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
         step = state["step"]
         position = (int(state["data"]["epoch"]), int(state["data"]["step_in_epoch"]))
         # the stream's position is that of the consumed batches (the source's own may be read ahead)
-        train_source.load_state_dict({**state["data"]["source"], "epoch": position[0], "step": position[1]})
+        try:
+            train_source.load_state_dict({**state["data"]["source"], "epoch": position[0], "step": position[1]})
+        except ValueError as exc:       # e.g. data.loader settings changed mid-epoch: one line, exit 2
+            if d.rank == 0:
+                print(f"error: cannot resume from {latest}: {exc}", file=sys.stderr, flush=True)
+            dist.destroy_process_group()
+            raise SystemExit(2) from None
         if tcfg.get("resume_lr") is not None:
             set_base_lr(optimizer, scheduler, float(tcfg["resume_lr"]))
         if d.rank == 0:
