@@ -3,7 +3,6 @@ not the training loss or its gradient over 2 real gloo ranks, not the eval loss,
 tokens/s and MFU. Oracle: the same real samples in one unpadded batch on one process."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
