@@ -1,6 +1,6 @@
 """Padding samples (`sample_mask` False: rows repeated so that every rank has the same batches) change nothing:
 not the training loss or its gradient over 2 real gloo ranks, not the eval loss, not the token counts behind
-tokens/s and MFU. Oracle: the same real samples in one unpadded batch on one process."""
+tokens/s and MFU. Oracle: the same real samples without padding, on one process."""
 from __future__ import annotations
 
 from pathlib import Path
