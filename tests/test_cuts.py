@@ -219,7 +219,8 @@ def test_pool_of_workers_gives_the_same_results_as_sequential(tmp_path, clips, s
     videos = {"counter": clips["counter.mp4"], "fades": clips["fades.mp4"], "delayed": clips["delayed_start.mp4"],
               "speech": clips["speech_360p.mp4"], "shots": clips["shots.mp4"], "noise": noise,
               "audio_only": shared_media / "speech_lecture.mp3"}
-    items = [_item(v, p) for v, p in videos.items()] + [_item("nopath", None)]
+    # Items without a media path first and together: the pool must still go on to the videos after them.
+    items = [_item("nopath", None), _item("nopath2", None)] + [_item(v, p) for v, p in videos.items()]
 
     def run(workers: int) -> tuple[dict, dict]:
         stage = STAGE(FramesConfig(workers=workers), _ctx(tmp_path))

@@ -18,7 +18,6 @@ its delay, not at 0. `duration` is the span of the video stream. Only the chosen
 """
 from __future__ import annotations
 
-import itertools
 import math
 import multiprocessing as mp
 import time
@@ -306,13 +305,16 @@ class FramesStage(Stage):
         pool = _frames_pool(self.cfg, workers)
         pending: dict[Future, WorkItem] = {}
         try:
+            exhausted = False
             while True:
-                for item in itertools.islice(todo, workers - len(pending)):
-                    path = _media_path(item)
-                    if not path:
+                while not exhausted and len(pending) < workers:
+                    item = next(todo, None)
+                    if item is None:
+                        exhausted = True
+                    elif not _media_path(item):
                         yield ItemResult.failed(item.video_id, "missing: no downloaded media path")
-                        continue
-                    pending[pool.submit(_pool_sample, item.video_id, path)] = item
+                    else:
+                        pending[pool.submit(_pool_sample, item.video_id, _media_path(item))] = item
                 if not pending:
                     break
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
