@@ -67,10 +67,13 @@ def make_context(cfg: DictConfig, shard: int, logger: logging.Logger | None = No
 
 class UpstreamRows:
     """Rows of the upstream stages' outputs for one shard, grouped by video id (memory-mapped, read by key).
-    `skip_columns`: columns not read at all (the verifier leaves out JPEG bytes and embeddings)."""
+    `skip_columns`: columns not read at all (the verifier leaves out JPEG bytes and embeddings).
+    `array_columns`: list<number> columns handed over as one numpy vector per row (views of the Arrow buffer)
+    instead of Python lists (ingest's embeddings: a Python float per number was most of its join time)."""
 
     def __init__(self, run_dir: Path, shard: int, upstream: dict[str, tuple[str, ...]],
-                 skip_columns: frozenset[str] = frozenset()):
+                 skip_columns: frozenset[str] = frozenset(), array_columns: frozenset[str] = frozenset()):
+        self.array_columns = array_columns
         self.tables: dict[tuple[str, str], pa.Table] = {}
         self.index: dict[tuple[str, str], dict[str, list[int]]] = {}
         self.status: dict[str, dict[str, dict]] = {}
@@ -104,7 +107,21 @@ class UpstreamRows:
         out: dict[str, dict[str, list[dict]]] = defaultdict(dict)
         for (stage, name), t in self.tables.items():
             idx = self.index[(stage, name)].get(video_id, [])
-            out[stage][name] = t.take(idx).to_pylist() if idx else []
+            if not idx:
+                out[stage][name] = []
+                continue
+            sub = t.take(idx)
+            arrays = [c for c in sub.column_names if c in self.array_columns
+                      and pa.types.is_list(sub.schema.field(c).type)
+                      and pa.types.is_floating(sub.schema.field(c).type.value_type)]
+            rows = sub.drop_columns(arrays).to_pylist() if arrays else sub.to_pylist()
+            for c in arrays:
+                col = sub.column(c).combine_chunks()
+                offsets, valid = col.offsets.to_numpy(), col.is_valid().to_numpy(zero_copy_only=False)
+                values = col.values.to_numpy(zero_copy_only=False)
+                for r, a, b, ok in zip(rows, offsets[:-1], offsets[1:], valid):
+                    r[c] = values[a:b] if ok else None
+            out[stage][name] = rows
         return dict(out)
 
 
@@ -185,7 +202,8 @@ def _run_leased(cfg: DictConfig, stage_cls: type[Stage], store: ShardStore, leas
         return {**store.stats(), "skipped_shard": True}
 
     t0 = time.time()
-    upstream = UpstreamRows(run_dir, shard, stage_cls.upstream)
+    upstream = UpstreamRows(run_dir, shard, stage_cls.upstream,
+                            array_columns=getattr(stage_cls, "upstream_arrays", frozenset()))
     redo = {i.video_id for i in pending}
     # Earlier final outputs of the items that stay as they are (retry_failed / upstream catch-up).
     kept_tables: dict[str, list[pa.Table]] = defaultdict(list)

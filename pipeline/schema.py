@@ -121,12 +121,13 @@ def _combined(table: pa.Table, name: str) -> pa.Array:
 
 
 def _list_cells(arr: pa.Array, dtype: Any) -> list[np.ndarray]:
-    """list<number> array -> one numpy vector per row (views of one buffer; a null row -> empty)."""
+    """list<number> array -> one numpy vector per row (a null row -> empty). Each cell owns its memory: the
+    native writer never sees views sharing one Arrow buffer."""
     offsets = arr.offsets.to_numpy()                     # absolute positions in arr.values (slices included)
     values = arr.values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
     valid = arr.is_valid().to_numpy(zero_copy_only=False)
     empty = values[:0]
-    return [values[a:b] if ok else empty for a, b, ok in zip(offsets[:-1], offsets[1:], valid)]
+    return [values[a:b].copy() if ok else empty.copy() for a, b, ok in zip(offsets[:-1], offsets[1:], valid)]
 
 
 def _clip_cells(arr: pa.Array) -> list[np.ndarray]:
@@ -146,15 +147,15 @@ def _clip_cells(arr: pa.Array) -> list[np.ndarray]:
         if inner_arr.null_count or (lengths != lengths[0]).any() or not lengths[0]:
             out.append(clip_matrix(arr[i].as_py()))     # ragged or null frames: the row-wise path decides
             continue
-        out.append(values[inner[a]:inner[b]].reshape(n, int(lengths[0])))
+        out.append(values[inner[a]:inner[b]].reshape(n, int(lengths[0])).copy())
     return out
 
 
 def to_deeplake_columns(table: pa.Table) -> dict[str, list]:
     """A `rows` table (ROW_SCHEMA) -> column lists for one batched `ds.append`.
 
-    Numeric list columns (frame keys, PTS, CLIP, audio) become numpy views of the Arrow buffers, column-wise:
-    no Python object per number (converting them row by row was most of the write's time)."""
+    Numeric list columns (frame keys, PTS, CLIP, audio) become numpy arrays cut column-wise from the Arrow
+    buffers: no Python object per number (converting them row by row was most of the write's time)."""
     numeric = {"frame_idx": np.int64, "frame_pts": np.float64, "clip_frame_idx": np.int64, "audio": np.float16}
     rest = [c for c in table.column_names if c not in numeric and c != "clip"]
     d = table.select(rest).to_pydict()

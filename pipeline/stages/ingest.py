@@ -112,6 +112,7 @@ class IngestStage(Stage):
                 "clip": ("clip",), "audio": ("audio", "videos"), "scenegraph": ("scenegraph",)}
     tables = {TABLE: KEY}
     schemas = {TABLE: ROW_SCHEMA}
+    upstream_arrays = frozenset({"embedding"})   # CLIP and audio embeddings reach the join as numpy vectors
 
     def __init__(self, cfg: Any, ctx: Any):
         super().__init__(cfg, ctx)
