@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import av
 import numpy as np
@@ -289,11 +289,13 @@ _SEEK_GAP_S = 2.0
 _SEEK_BACK_S = (0.0, 1.0, 4.0, 16.0, None)
 
 
-def _seek_run(container, stream, info: VideoInfo, target: float) -> Iterator:
+def _seek_run(container, stream, info: VideoInfo, target: float) -> tuple[Any, Iterator]:
     """Decoded frames from a keyframe at or before `target`: seek there (further back while the demuxer's seek
-    lands after the target or on a frame the decoder cannot start from), return the decoded frames from it."""
+    lands after the target or on a frame the decoder cannot start from). Returns (first frame, generator of the
+    frames after it); the caller closes the generator while the container is open (a decode generator that
+    outlives its container crashes when it is collected)."""
     tb = info.time_base
-    run: Iterator | None = None
+    run: tuple[Any, Iterator] | None = None
     for back in _SEEK_BACK_S:
         if back is None:
             offset = int(stream.start_time) if stream.start_time is not None else 0
@@ -306,8 +308,11 @@ def _seek_run(container, stream, info: VideoInfo, target: float) -> Iterator:
         frames = (f for f in container.decode(stream) if f.pts is not None)
         first = next(frames, None)
         if first is None:
+            frames.close()
             continue
-        run = itertools.chain([first], frames)
+        if run is not None:
+            run[1].close()
+        run = (first, frames)
         if float(first.pts * tb) <= target + PTS_EPS and first.key_frame:
             return run
     if run is None:
@@ -328,27 +333,38 @@ def _decode_pyav(info: VideoInfo, indices: list[int], short_side: int | None) ->
             stream = container.streams[info.stream_index]
             stream.thread_type = "AUTO"
             k = 0
-            while k < len(wanted):
-                run = _seek_run(container, stream, info, wanted[k])
-                last = -math.inf
-                for frame in run:
-                    t = frame.pts * float(tb)     # as the probe computes frame_pts
-                    if t > wanted[k] + PTS_EPS:
-                        raise VideoError("corrupt", f"frame at {wanted[k]:.4f} s does not decode (the decoder "
-                                                    f"went from {last:.4f} s to {t:.4f} s)")
-                    if abs(t - wanted[k]) < PTS_EPS:
-                        image = resize_short_side(frame.to_ndarray(format="rgb24"), short_side)
-                        out[k] = (t, image)
-                        k += 1
-                        if k == len(wanted) or wanted[k] - t > _SEEK_GAP_S:
-                            break           # done, or seek for the next one
-                    last = t
-                else:
-                    raise VideoError("corrupt", f"frame at {wanted[k]:.4f} s does not decode (the stream ends at "
-                                                f"{last:.4f} s)")
+            rest: Iterator | None = None
+            try:
+                while k < len(wanted):
+                    if rest is not None:
+                        rest.close()
+                    first, rest = _seek_run(container, stream, info, wanted[k])
+                    k = _decode_run(itertools.chain([first], rest), wanted, k, tb, short_side, out)
+            finally:
+                if rest is not None:
+                    rest.close()        # before the container closes
     except av.error.FFmpegError as exc:
         raise VideoError("corrupt", f"decode failed: {exc}") from exc
     return out
+
+
+def _decode_run(run: Iterator, wanted: list[float], k: int, tb: Fraction, short_side: int | None,
+                out: dict[int, tuple[float, np.ndarray]]) -> int:
+    """Decode forward from a seek, keeping wanted[k], wanted[k + 1], ... as they come; returns the next k (stops
+    where the next wanted frame is far enough ahead to seek to)."""
+    last = -math.inf
+    for frame in run:
+        t = frame.pts * float(tb)     # as the probe computes frame_pts
+        if t > wanted[k] + PTS_EPS:
+            raise VideoError("corrupt", f"frame at {wanted[k]:.4f} s does not decode (the decoder went from "
+                                        f"{last:.4f} s to {t:.4f} s)")
+        if abs(t - wanted[k]) < PTS_EPS:
+            out[k] = (t, resize_short_side(frame.to_ndarray(format="rgb24"), short_side))
+            k += 1
+            if k == len(wanted) or wanted[k] - t > _SEEK_GAP_S:
+                return k            # done, or seek for the next one
+        last = t
+    raise VideoError("corrupt", f"frame at {wanted[k]:.4f} s does not decode (the stream ends at {last:.4f} s)")
 
 
 def iter_small_frames(info: VideoInfo, width: int) -> Iterator[tuple[float, np.ndarray]]:
