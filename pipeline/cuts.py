@@ -13,9 +13,11 @@ stays close to that floor:
   V, not Y (tests/media/counter.mp4 has two such cuts). So the score here is the same quantity: V of the
   scaled planes (BT.601, limited or full range as tagged, chroma repeated 2x2), mean |dV|.
 - **Only where it can matter.** V is 1-Lipschitz in each of R, G, B and those are affine in Y, Cb, Cr, so
-  `mean|dV| <= sY mean|dY| + sC (1.772 mean|dCb| + 1.402 mean|dCr|)`, three `cv2.norm` calls on the small
-  planes. A frame whose bound is below the threshold cannot be a cut; the exact score is computed only for
-  the others (a few per cent of frames). `exact_scores=True` computes it for every frame (tests, stats).
+  `mean|dV| <= sY mean|dY| + sC (1.772 mean|dCb| + 1.402 mean|dCr|)`. Per frame only the rows the scaling
+  samples are copied, and the sums run over them at full width (a superset of the scaled pixels: still a
+  bound, three `cv2.norm` calls, no per-pixel gather). A frame whose bound is below the threshold cannot be a
+  cut; for the others (a few per cent of frames) the columns are picked, the bound over the scaled pixels
+  checked, then the exact score computed. `exact_scores=True` computes it for every frame (tests, stats).
 - **Same decisions as PySceneDetect 0.7.** `ContentCuts` ports `ContentDetector` + its `FlashFilter` (MERGE
   mode, `min_scene_len` in seconds), `AdaptiveCuts` ports `AdaptiveDetector`. tests/test_cuts.py checks the
   scores against PySceneDetect's own statistics and the cuts against `scenedetect.detect()` run directly
@@ -86,15 +88,32 @@ class Detection:
 # ---------------------------------------------------------------------------------------------- scoring
 
 class _Small:
-    """One frame scaled down: luma (HxW) and chroma (ceil(H/2) x ceil(W/2)) planes, or a V plane directly."""
-    __slots__ = ("y", "cb", "cr", "v")
+    """One frame reduced for scoring: the rows of its luma (h x W) and chroma planes that the scaled frame
+    samples, at full width (the columns are picked only for an exact score), or a scaled V plane directly."""
+    __slots__ = ("y", "cb", "cr", "v", "scaled")
 
     def __init__(self, y=None, cb=None, cr=None, v=None):
         self.y, self.cb, self.cr, self.v = y, cb, cr, v
+        self.scaled: tuple | None = None     # (y, cb, cr) scaled, once needed
+
+
+def _nearest(n: int, size: int) -> np.ndarray | None:
+    """The source indices OpenCV's nearest-pixel scaling picks along an axis of n samples scaled to `size`
+    (None: all of them)."""
+    if n == size:
+        return None
+    src = np.arange(n, dtype=np.float32).reshape(1, n)
+    return cv2.resize(src, (size, 1), interpolation=_RESAMPLE)[0].astype(np.intp)
 
 
 class _Scorer:
-    """Scales planes and computes PySceneDetect's luma-only content score (mean |dV|, V = max(R, G, B))."""
+    """Scales planes and computes PySceneDetect's luma-only content score (mean |dV|, V = max(R, G, B)).
+
+    Nearest-pixel scaling samples a subset of rows and columns. Per frame only the sampled rows are kept
+    (a row copy, cheap), and the bound sums |d| over them at full width: a sum over a superset of the scaled
+    pixels, so still an upper bound of the score, without the per-pixel gather of the columns, which is done
+    only for the few frames where that bound reaches the threshold (the same pixels `cv2.resize` would pick):
+    there the bound over the scaled pixels is checked first, then the exact score."""
 
     def __init__(self, frame: av.VideoFrame, detect_width: int):
         fmt = frame.format
@@ -117,18 +136,45 @@ class _Scorer:
         self.sc = 1.0 if full else 255.0 / 224.0
         # Each chroma sample covers at most 4 scaled luma pixels: bound factor for odd sizes.
         self.cover = 4.0 * self.csize[0] * self.csize[1] / float(self.size[0] * self.size[1])
+        self.n = float(self.size[0] * self.size[1])
+        self.nc = float(self.csize[0] * self.csize[1])
+        self.pick: list[tuple[np.ndarray | None, np.ndarray | None]] = []   # (rows, cols) per plane
+        if self.planar:
+            for k, plane in enumerate(frame.planes[:1 if self.gray else 3]):
+                size = self.size if k == 0 else self.csize
+                self.pick.append((_nearest(plane.height, size[1]), _nearest(plane.width, size[0])))
 
-    def _plane(self, plane, size: tuple[int, int]) -> np.ndarray:
+    def _rows(self, plane, k: int) -> np.ndarray:
+        """The sampled rows of plane k, full width, 8 bits."""
         h, w = plane.height, plane.width
+        rows = self.pick[k][0]
         if self.bits == 8:
             a = np.frombuffer(plane, np.uint8).reshape(h, plane.line_size)[:, :w]
-        else:
-            a16 = np.frombuffer(plane, "<u2").reshape(h, plane.line_size // 2)[:, :w]
-            shift = self.bits - 8       # rounded to 8 bits, as a conversion to 8-bit RGB rounds
-            a = np.minimum((a16 + (1 << (shift - 1))) >> shift, 255).astype(np.uint8)
-        if (w, h) == size:
-            return np.ascontiguousarray(a)
-        return cv2.resize(a, size, interpolation=_RESAMPLE)
+            return np.ascontiguousarray(a) if rows is None else a.take(rows, axis=0)
+        a16 = np.frombuffer(plane, "<u2").reshape(h, plane.line_size // 2)[:, :w]
+        if rows is not None:
+            a16 = a16.take(rows, axis=0)
+        shift = self.bits - 8       # rounded to 8 bits, as a conversion to 8-bit RGB rounds
+        return np.minimum((a16 + (1 << (shift - 1))) >> shift, 255).astype(np.uint8)
+
+    def _cols(self, a: np.ndarray | None, k: int) -> np.ndarray | None:
+        """Plane k scaled: the sampled columns of its sampled rows."""
+        if a is None:
+            return None
+        cols = self.pick[k][1]
+        return a if cols is None else a[:, cols]
+
+    def _scaled(self, s: _Small) -> tuple:
+        if s.scaled is None:
+            s.scaled = (self._cols(s.y, 0), self._cols(s.cb, 1), self._cols(s.cr, 2))
+        return s.scaled
+
+    def _norms(self, a: tuple, b: tuple) -> float:
+        ub = self.sy * cv2.norm(a[0], b[0], cv2.NORM_L1) / self.n
+        if a[1] is not None:
+            ub += self.sc * self.cover * (_KB * cv2.norm(a[1], b[1], cv2.NORM_L1)
+                                          + _KR * cv2.norm(a[2], b[2], cv2.NORM_L1)) / self.nc
+        return ub * (1.0 + 1e-4) + 1e-3    # float slack: never below the exact value
 
     def small(self, frame: av.VideoFrame) -> _Small:
         if not self.planar:   # RGB, paletted, packed or big-endian formats: the library's own conversion
@@ -137,35 +183,36 @@ class _Scorer:
                 bgr = cv2.resize(bgr, self.size, interpolation=_RESAMPLE)
             return _Small(v=bgr.max(axis=2))
         planes = frame.planes
-        y = self._plane(planes[0], self.size)
+        y = self._rows(planes[0], 0)
         if self.gray:
             return _Small(y=y)
-        return _Small(y=y, cb=self._plane(planes[1], self.csize), cr=self._plane(planes[2], self.csize))
+        return _Small(y=y, cb=self._rows(planes[1], 1), cr=self._rows(planes[2], 2))
 
     def bound(self, a: _Small, b: _Small) -> float:
-        """An upper bound of the score (exact for gray and converted frames)."""
+        """An upper bound of the score over the sampled rows at full width (exact for converted frames)."""
         if a.v is not None:
             return cv2.norm(a.v, b.v, cv2.NORM_L1) / a.v.size
-        n = float(a.y.size)
-        ub = self.sy * cv2.norm(a.y, b.y, cv2.NORM_L1) / n
-        if a.cb is not None:
-            nc = float(a.cb.size)
-            ub += self.sc * self.cover * (_KB * cv2.norm(a.cb, b.cb, cv2.NORM_L1)
-                                          + _KR * cv2.norm(a.cr, b.cr, cv2.NORM_L1)) / nc
-        return ub * (1.0 + 1e-4) + 1e-3    # float slack: never below the exact value
+        return self._norms((a.y, a.cb, a.cr), (b.y, b.cb, b.cr))
+
+    def tight(self, a: _Small, b: _Small) -> float:
+        """The upper bound over the scaled pixels only (never above `bound`)."""
+        if a.v is not None or all(cols is None for _, cols in self.pick):
+            return self.bound(a, b)
+        return self._norms(self._scaled(a), self._scaled(b))
 
     def value(self, s: _Small) -> np.ndarray:
         """V = max(R, G, B) of the scaled frame (float32, full-range units, clipped to 0..255)."""
         if s.v is not None:
             return s.v.astype(np.float32)
+        sy, scb, scr = self._scaled(s)
         if self.gray or s.cb is None:
-            return self.sy * (s.y.astype(np.float32) - (0.0 if self.sy == 1.0 else 16.0))
-        y = s.y.astype(np.float32)
+            return self.sy * (sy.astype(np.float32) - (0.0 if self.sy == 1.0 else 16.0))
+        y = sy.astype(np.float32)
         if self.sy != 1.0:
             y = (y - 16.0) * self.sy
-        h, w = s.y.shape
-        cb = np.repeat(np.repeat((s.cb.astype(np.float32) - 128.0) * self.sc, 2, 0), 2, 1)[:h, :w]
-        cr = np.repeat(np.repeat((s.cr.astype(np.float32) - 128.0) * self.sc, 2, 0), 2, 1)[:h, :w]
+        h, w = y.shape
+        cb = np.repeat(np.repeat((scb.astype(np.float32) - 128.0) * self.sc, 2, 0), 2, 1)[:h, :w]
+        cr = np.repeat(np.repeat((scr.astype(np.float32) - 128.0) * self.sc, 2, 0), 2, 1)[:h, :w]
         v = np.maximum(np.maximum(y + _KR * cr, y - 0.344136 * cb - 0.714136 * cr), y + _KB * cb)
         return np.clip(v, 0.0, 255.0)
 
@@ -173,16 +220,17 @@ class _Scorer:
         if a.v is not None:
             return self.bound(a, b)
         if self.gray:
-            return self.sy * cv2.norm(a.y, b.y, cv2.NORM_L1) / a.y.size
+            return self.sy * cv2.norm(self._scaled(a)[0], self._scaled(b)[0], cv2.NORM_L1) / self.n
         return float(np.abs(self.value(a) - self.value(b)).mean(dtype=np.float64))
 
 
 class _Rec:
     """One decoded frame as the rules see it: time, scaled planes, score bound, exact score once computed."""
-    __slots__ = ("t", "small", "bound", "score")
+    __slots__ = ("t", "small", "bound", "score", "tight")
 
     def __init__(self, t: float, small: _Small | None, bound: float, score: float | None):
         self.t, self.small, self.bound, self.score = t, small, bound, score
+        self.tight = False
 
 
 class _Scores:
@@ -200,6 +248,14 @@ class _Scores:
                    0.0 if prev is None else None)
         self.recs.append(rec)
         return rec
+
+    def tighten(self, k: int) -> float:
+        """The bound of self.recs[k] over the scaled pixels only (computed once; 0 = the oldest frame kept)."""
+        rec = self.recs[k]
+        if not rec.tight and rec.score is None and k > 0:
+            rec.bound = min(rec.bound, self.scorer.tight(rec.small, self.recs[k - 1].small))
+            rec.tight = True
+        return rec.bound
 
     def exact(self, k: int) -> float:
         """Exact score of self.recs[k] (0 = the oldest frame kept)."""
@@ -225,7 +281,9 @@ class ContentCuts:
 
     def __call__(self, scores: _Scores) -> list[float]:
         rec = scores.recs[-1]
-        above = rec.bound >= self.threshold and scores.exact(len(scores.recs) - 1) >= self.threshold
+        k = len(scores.recs) - 1
+        above = (rec.bound >= self.threshold and scores.tighten(k) >= self.threshold
+                 and scores.exact(k) >= self.threshold)
         return self.step(rec.t, above)
 
     def step(self, t: float, above: bool) -> list[float]:
@@ -274,7 +332,7 @@ class AdaptiveCuts:
         first = n - (2 * self.w + 1)                  # the window: recs[first .. n-1], target in the middle
         target_k = first + self.w
         target = scores.recs[target_k]
-        if target.bound < self.min_val:               # cannot be a cut, whatever its neighbours
+        if target.bound < self.min_val or scores.tighten(target_k) < self.min_val:   # cannot be a cut
             return []
         score = scores.exact(target_k)
         window = sum(scores.exact(k) for k in range(first, n) if k != target_k) / (2.0 * self.w)

@@ -165,7 +165,8 @@ def test_decision_rules_equal_pyscenedetect_detectors_on_the_same_scores(seed):
 
 
 class _History:
-    """What AdaptiveCuts reads: .recs (t, bound, score) and .exact(k), over a plain list of (t, score)."""
+    """What AdaptiveCuts reads: .recs (t, bound, score), .tighten(k) and .exact(k), over a plain list of
+    (t, score)."""
 
     class _R:
         def __init__(self, t, s):
@@ -173,6 +174,9 @@ class _History:
 
     def __init__(self, buf):
         self.recs = [self._R(t, s) for t, s in buf[-6:]]
+
+    def tighten(self, k):
+        return self.recs[k].bound
 
     def exact(self, k):
         return self.recs[k].score
