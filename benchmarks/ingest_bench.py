@@ -259,6 +259,37 @@ print(json.dumps(out), flush=True)
 """
 
 
+NOTES = [
+    "## Where the time went, and what changed", "",
+    "Before (same command, 2026-12-04): join + verify 124 rows/s, Deep Lake write 275 rows/s, Parquet 1,722 rows/s"
+    " (Deep Lake / Parquet 0.16). cProfile of 40 videos (701 rows) on the loaded VM:", "",
+    "- Deep Lake write, 10.4 s -> 3.4 s wall: each new head (create, every commit, the tag) was probed by a fresh"
+    " child process that started Python and imported Deep Lake (5.2 s of the 10.4); now one warm child serves"
+    " every probe of a write (`dataset_health.WarmProber`; a crash there is still reported and rolls back). Rows"
+    " were converted for `ds.append` through Python lists, a Python float per embedding number (2.85 s); now"
+    " column-wise from the Arrow buffers (`schema.to_deeplake_columns`, 0.04-0.1 s). `ds.append` itself took"
+    " 0.1 s and the commits 0.2 s; fsync of the saved last-good version log 0.4 s.",
+    "- Join + verify: the engine handed every upstream embedding to the join as a Python list of floats (3.6 s of"
+    " 10.5 s); ingest now takes them as numpy vectors (`upstream_arrays`, same rows bit for bit). What is left"
+    " (CPU seconds above): Parquet zstd encoding of every row twice (flushed parts, then the packed shard"
+    " output) and reading them back; on wall time, the fsyncs of the engine's per-video in-flight record (two"
+    " per video), of the parts and of the finalize, which on this shared disk wait far longer than they compute."
+    " 1,000 rows/s needs the engine to write each row once (parts as the final output) and to keep the in-flight"
+    " record without an fsync per video (it guards process deaths, which the page cache survives).", "",
+    "## Many writers (not built yet): design and its limit", "",
+    "One Deep Lake dataset per shard group (`<dataset>/group-<g>`, g = shard // group_size, pinned in"
+    " geometry.json), each written by exactly one array task under its own lock with today's guarantees"
+    " (commit per shards, fingerprints, last-good version, tag); the catalogue is the list of groups the geometry"
+    " implies, so no writer updates a shared file. Loader, verify and report open the catalogue (every group's"
+    " committed head) as one dataset: rows of a shard live only in its group, so no row can appear twice, and"
+    " verify checks each group and the union of keys. Concurrent appends to one dataset are not used: Deep Lake"
+    " 4.7 documents no guarantee for them and the shard list in the metadata is a read-modify-write. Limit at 100"
+    " writers: writers share nothing but the filesystem (100 concurrent fsync streams and 100 probe children of"
+    " ~0.3 GB each); readers open 100 datasets at start (~0.1 s each) and read contiguous blocks within a group;"
+    " past ~1,000 groups the open cost and the file count call for an offline merge of groups.",
+]
+
+
 def run_step(step: str, run_dir: Path, *overrides: str) -> tuple[dict, float]:
     """One step in a child process: its own timing (JSON on stdout) and its peak RSS in MiB (wait4)."""
     import tempfile
@@ -312,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
               f"pyarrow {pa.__version__}, local disk"
     lines = [
         "# Ingest and loader benchmark", "",
-        f"Machine: {machine}. Command: `python -m benchmarks.ingest_bench --videos {args.videos} "
+        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: {machine}; load average "
+        f"{os.getloadavg()[0]:.1f} at the end of the run (a VM shared with other work: wall times vary with it, "
+        "CPU seconds much less). Command: `python -m benchmarks.ingest_bench --videos {args.videos} "
         f"--shards {args.shards} --seconds {args.seconds}`.", "",
         f"Data: {args.videos} videos x {args.seconds:.0f} s, frames at {args.fps} fps ({args.image_size}px JPEG), "
         f"CLIP {args.d_clip}-d fp16, audio {args.d_audio}-d fp16 -> {rows} rows, {mb:.1f} MiB in Arrow "
@@ -348,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
               "Notes: the join step runs inside the engine (upstream Parquet read by key, parts flushed with fsync"
               " every `flush_every` videos, final packed outputs); its wall time on this VM is mostly waiting on"
               " fsync (the process's CPU time is a fraction of it). Rows average "
-              f"{mb * 2**20 / max(rows, 1) / 1024:.0f} KiB (JPEGs + 2048-d audio + CLIP)."]
+              f"{mb * 2**20 / max(rows, 1) / 1024:.0f} KiB (JPEGs + 2048-d audio + CLIP).", ""] + NOTES
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     Path(args.report).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

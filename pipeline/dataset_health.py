@@ -327,7 +327,7 @@ def probe(url: str, from_row: int = 0, timeout_s: float = PROBE_TIMEOUT_S) -> Pr
             info = json.loads(lines[0])
         except json.JSONDecodeError:
             pass
-    if proc.returncode == 0 and lines and lines[-1] == "ok":
+    if lines and lines[-1] == "ok":     # read through; a native crash at the child's exit is not the head's
         return Probe(True, "", info)
     if proc.returncode < 0:
         problem = _signal_problem(proc.returncode)

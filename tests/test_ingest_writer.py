@@ -273,3 +273,20 @@ def test_deeplake_columns_equal_the_row_wise_conversion(run):
             assert cols["frames"][i] == list(row["frames"] or []) and cols["video_id"][i] == row["video_id"]
             assert (math.isnan(cols["audio_start"][i]) if row["audio_start"] is None
                     else cols["audio_start"][i] == row["audio_start"])
+
+
+def test_probe_that_read_everything_is_not_undone_by_a_crash_at_exit(monkeypatch):
+    """Deep Lake 4.7's native teardown has been seen to abort or segfault at process exit after all work was
+    done. A probe child that printed its verdict ("ok": every read done) and then died at exit must not read as an
+    unreadable head (that would roll a good head back); one that died before "ok" still is one."""
+    from pipeline import dataset_health as health
+
+    def fake_run(stdout: str, code: int):
+        return lambda args, **kw: subprocess.CompletedProcess(args, code, stdout=stdout, stderr="free(): double free")
+
+    monkeypatch.setattr(health.subprocess, "run", fake_run('{"rows": 3, "version": "v"}\nok\n', -6))
+    got = health.probe("file:///nowhere")
+    assert got.ok and got.info["rows"] == 3, got
+    monkeypatch.setattr(health.subprocess, "run", fake_run('{"rows": 3, "version": "v"}\n', -11))
+    got = health.probe("file:///nowhere")
+    assert not got.ok and got.problem == "reading it kills the reader (SIGSEGV)", got
