@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Ingest and loader benchmark", "",
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: {machine}; load average "
         f"{os.getloadavg()[0]:.1f} at the end of the run (a VM shared with other work: wall times vary with it, "
-        "CPU seconds much less). Command: `python -m benchmarks.ingest_bench --videos {args.videos} "
+        f"CPU seconds much less). Command: `python -m benchmarks.ingest_bench --videos {args.videos} "
         f"--shards {args.shards} --seconds {args.seconds}`.", "",
         f"Data: {args.videos} videos x {args.seconds:.0f} s, frames at {args.fps} fps ({args.image_size}px JPEG), "
         f"CLIP {args.d_clip}-d fp16, audio {args.d_audio}-d fp16 -> {rows} rows, {mb:.1f} MiB in Arrow "
