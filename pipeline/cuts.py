@@ -42,7 +42,7 @@ import av
 import cv2
 import numpy as np
 
-from .video import VideoError, VideoInfo, resize_short_side
+from .video import PTS_EPS, VideoError, VideoInfo, resize_short_side
 
 # Frames kept to look back at, so that a cut decided a few frames late (AdaptiveDetector's window, the flash
 # filter) still finds the frame just before it for the capture.
@@ -70,10 +70,13 @@ class CutParams:
 @dataclass
 class Capture:
     """Which frames to keep during the detection pass: the frame `offset` s after each shot start (clamped
-    to the shot), resized to `short_side` (None = native), at most `max_frames` of them."""
+    to the shot) and, with `midpoints`, the last shot's midpoint (the frame shown at (start + end) / 2, end =
+    the stream's end: the sampling policy of pipeline/stages/frames.py), resized to `short_side` (None =
+    native), at most `max_frames` of them."""
     offset: float = 0.5
     short_side: int | None = None
     max_frames: int = 256
+    midpoints: bool = True
 
 
 @dataclass
@@ -359,14 +362,27 @@ def make_rule(params: CutParams) -> ContentCuts | AdaptiveCuts:
 
 class _Capturer:
     """Keeps the after-cut frame of each shot as it is decoded: the frame `offset` s after the shot's first
-    frame or, for a shot that ends before that, its last frame (from a short look-back of recent frames).
+    frame or, for a shot that ends before that, its last frame (from a short look-back of recent frames); and
+    the last shot's midpoint: for the shot under way, the frame at the middle between its start and the
+    stream's end is held (one reference) and kept when the stream ends with no further cut. The midpoints of
+    the other shots are known only once they have been decoded past, and are decoded later: holding every
+    frame that could still be one costs the scan more (memory traffic) than their seeking decode.
     Any frame kept is exact for its PTS; one it misses is simply decoded later."""
 
-    def __init__(self, frame_pts: np.ndarray, capture: Capture, lookback: int):
-        self.pts, self.cap = frame_pts, capture
+    def __init__(self, info: VideoInfo, capture: Capture, lookback: int):
+        self.pts, self.cap = info.frame_pts, capture
+        self.end = info.end_pts
         self.recent: deque[tuple[int, av.VideoFrame]] = deque(maxlen=lookback)
         self.frames: dict[float, np.ndarray] = {}
         self.want = self._target(0)       # shot 0 starts at the first frame of the index
+        self.shot_t = info.first_pts      # start of the shot under way
+        self.mid = self._index_at((self.shot_t + self.end) / 2) if capture.midpoints else -1
+        self.mid_frame: av.VideoFrame | None = None
+
+    def _index_at(self, t: float) -> int:
+        """As VideoInfo.index_at: the frame shown at time t."""
+        i = int(np.searchsorted(self.pts, t + PTS_EPS, side="right")) - 1
+        return min(max(i, 0), len(self.pts) - 1)
 
     def _target(self, start: int) -> int:
         t = self.pts[start] + self.cap.offset
@@ -383,6 +399,8 @@ class _Capturer:
     def frame(self, idx: int, frame: av.VideoFrame, cuts: list[float]) -> None:
         """Called for every decoded frame (its index in the PTS index) with the cuts decided at it."""
         self.recent.append((idx, frame))
+        if idx == self.mid:
+            self.mid_frame = frame
         for c in cuts:
             start = int(np.searchsorted(self.pts, c - 1e-6))
             if self.want >= 0 and start > 0:      # the previous shot ended before its after-cut frame
@@ -391,9 +409,19 @@ class _Capturer:
             if self.want < idx:                   # decided late: the target may already be behind us
                 self._keep(self.want, self._recent(self.want))
                 self.want = -1
+            if self.cap.midpoints:                # a new shot under way: its midpoint should it be the last
+                self.shot_t = float(self.pts[start])
+                self.mid = self._index_at((self.shot_t + self.end) / 2)
+                self.mid_frame = self._recent(self.mid)
         if self.want == idx:
             self._keep(idx, frame)
             self.want = -1
+
+    def finish(self) -> None:
+        """The stream ended: the last shot's midpoint."""
+        if self.mid_frame is not None:
+            self._keep(self.mid, self.mid_frame)
+            self.mid_frame = None
 
 
 # ------------------------------------------------------------------------------------------------ detect
@@ -401,7 +429,8 @@ class _Capturer:
 def detect(info: VideoInfo, params: CutParams, capture: Capture | None = None,
            exact_scores: bool = False) -> Detection:
     """Decode every frame of the video stream once, score it and decide cuts; with `capture`, keep the
-    after-cut frames on the way (not with `skip_loop_filter`: those pixels are not exact).
+    after-cut frames and the last shot's midpoint on the way (not with `skip_loop_filter`: those pixels
+    are not exact).
     Raises VideoError('corrupt') when the stream stops decoding."""
     rule = make_rule(params)
     frame_pts = info.frame_pts
@@ -410,7 +439,7 @@ def detect(info: VideoInfo, params: CutParams, capture: Capture | None = None,
     tb = float(info.time_base)
     capturer = None
     if capture is not None and not params.skip_loop_filter:
-        capturer = _Capturer(frame_pts, capture, lookback=max(_LOOKBACK, params.window_width + 3))
+        capturer = _Capturer(info, capture, lookback=max(_LOOKBACK, params.window_width + 3))
     scores: _Scores | None = None
     times: list[float] = []
     recs: list[_Rec] = []
@@ -438,6 +467,8 @@ def detect(info: VideoInfo, params: CutParams, capture: Capture | None = None,
                 if capturer is not None:
                     capturer.frame(idx, frame, decided)
                 cuts += decided
+            if capturer is not None:
+                capturer.finish()
     except av.error.FFmpegError as exc:
         raise VideoError("corrupt", f"decode failed after {len(times)} frames: {exc}") from exc
     first = float(frame_pts[0]) if len(frame_pts) else 0.0

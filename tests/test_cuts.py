@@ -192,6 +192,8 @@ def test_after_cut_frames_captured_during_detection_are_the_exact_frames(clips, 
     plan = plan_times(info, got.cuts, cfg, uniform=False)
     after = {t for t, kind, _ in plan if kind == "after_cut"}
     assert after and after <= set(got.frames)          # every after-cut frame came from the detection pass
+    last_mid = {t for t, kind, shot in plan if kind == "midpoint" and shot == len(got.cuts)}
+    assert last_mid <= set(got.frames)                 # and the last shot's midpoint
     for backend in ("pyav", "auto"):
         for pts, image in decode_at(info, sorted(got.frames), short_side=short_side or None, backend=backend):
             assert pts in got.frames
