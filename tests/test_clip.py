@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import av
 import numpy as np
@@ -193,7 +194,12 @@ def test_clip_killed_mid_shard_resumes_from_its_parts(shared_media, cache_dir, t
     media = ["counter.mp4", "fades.mp4", "delayed_start.mp4"]
     n = 9
     manifest = tmp_path / "manifest.txt"
-    manifest.write_text("".join(f"v{i} {shared_media / media[i % 3]}\n" for i in range(n)))
+    # one file per id: the manifest keeps the same media given twice only once
+    copies = tmp_path / "media"
+    copies.mkdir()
+    for i in range(n):
+        shutil.copy(shared_media / media[i % 3], copies / f"v{i}{Path(media[i % 3]).suffix}")
+    manifest.write_text("".join(f"v{i} {copies / f'v{i}.mp4'}\n" for i in range(n)))
     env = {"VPT_CACHE_DIR": str(cache_dir)}
     base = tmp_path / "base"
     run_cli("stage=download", "launcher=local", f"run_dir={base}", f"input={manifest}", "models=tiny", env=env)
