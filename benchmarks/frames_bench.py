@@ -183,13 +183,23 @@ Notes:
   when it was chosen, it paid at 1080p in two (median 21.5 vs 24.3 s, 15.5 vs 18.9 s) and tied in the third,
   while at 360p the two modes were within the noise: hence `detect_skip_loop_filter_min_height: 720`. Cuts
   were identical in every row of every run.
-- Before this change (PySceneDetect's detector fed frames scaled to 256 px BGR by the decoder's converter,
+- The run before the scan's bound went to the sampled rows (2026-12-04 23:53 UTC, same VM, load ~12): 360p
+  stage 1.59 x ffmpeg (1.40 vs 0.88 s), 1080p 1.35 x (22.1 vs 16.3 s). Every run differs by tens of per cent
+  with the load: see the table's runs, and the goal line of each table.
+- Before the one-decode scan (PySceneDetect's detector fed frames scaled to 256 px BGR by the decoder's converter,
   every sampled frame decoded by seeking), measured side by side on the same VM: 360p stage 5.42 s vs ffmpeg
   0.69 s and PySceneDetect 1.30 s; 1080p stage 11.9 s vs ffmpeg 4.6 s.
-- Where the time goes: the scan is one decode plus ~60 us of Python and OpenCV per frame on the main thread
-  (scaling the three planes, three L1 norms, bookkeeping). On a 2-core machine this main-thread work is what
-  keeps the 360p stage above ffmpeg; under load it is stretched the most, since ffmpeg's work is spread over its
-  decoder threads. Several videos at once (`stage.workers`) hide it for throughput.
+- Where the time goes (360p, CPU seconds of the process and its children, medians of 5 runs on the same VM:
+  less noisy than wall time under this load): ffmpeg ~0.69 (video ~0.62 + audio); PyAV's decode of the video
+  stream alone ~0.54; the stage ~0.95-1.0 (1.4 x ffmpeg) = probe ~0.03 + scan ~0.80 + seeking decode of the
+  shot midpoints ~0.15 (decord, `decode_backend: auto`; PyAV's path took ~0.11 for the same frames). What
+  keeps 360p above 1.2 x: the scan's work beyond the decode (~0.25 s) and the midpoints' second decode. The scan's
+  own work beyond the decode is now ~70 us a frame: a copy of the rows the 256-px scaling samples, three L1
+  norms over them, Python bookkeeping. It was ~100 us before: `cv2.resize` (nearest) of the three planes, a
+  per-pixel gather, took ~0.15-0.2 s of it (perf), now done only for the few frames whose bound over the
+  sampled rows reaches the threshold. Holding the frames of each shot to capture every midpoint during the
+  scan was tried: it saved ~0.1 s of seeking decode but cost the scan ~0.16 s (memory traffic of a large
+  frame pool), so only the last shot's midpoint (one frame held) is captured.
 - Cut detection decodes every frame once with frame threading and scores it on the decoder's own planes
   scaled to 256 px wide (pipeline/cuts.py); nothing is converted to RGB except the sampled frames.
 """

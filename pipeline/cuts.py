@@ -25,9 +25,10 @@ stays close to that floor:
 - **Frame threading** (`thread_type="AUTO"`), and optionally `skip_loop_filter` (deblocking off) for a
   cheaper decode; the pixels are then not exact, so that mode captures nothing.
 - **One pass.** With exact decoding, the after-cut frame of each shot (`offset` s after its first frame,
-  clamped to the shot's last frame: the sampling policy of pipeline/stages/frames.py) is captured while
-  detecting, converted exactly as `pipeline.video.decode_at` converts (PyAV rgb24, then
-  `resize_short_side`), so only the remaining frames (shot midpoints) need a second, seeking decode.
+  clamped to the shot's last frame: the sampling policy of pipeline/stages/frames.py) and the last shot's
+  midpoint are captured while detecting, converted exactly as `pipeline.video.decode_at` converts (PyAV
+  rgb24, then `resize_short_side`), so only the remaining frames (the other shot midpoints) need a second,
+  seeking decode.
 
 Times are absolute stream PTS in seconds, snapped onto the probe's frame index (`VideoInfo.frame_pts`).
 """
