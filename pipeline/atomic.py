@@ -25,7 +25,8 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a directory entry list; best effort (some filesystems refuse fsync on directories)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -36,6 +37,9 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+_fsync_dir = _fsync_path
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
@@ -90,16 +94,7 @@ def fsync_tree(root: str | Path) -> None:
     root = Path(root)
     paths = [*root.rglob("*"), root] if root.is_dir() else [root]
     for p in sorted(paths, key=lambda q: -len(q.parts)):
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        _fsync_path(p)
 
 
 def _remove(path: Path) -> None:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .atomic import fsync_tree
 from .errors import ConfigError
 
 LOG_DIR = "_deeplake_log"
@@ -347,18 +348,7 @@ def saved_state(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _fsync_tree(root: Path) -> None:
-    for p in [*root.rglob("*"), root]:
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+_fsync_tree = fsync_tree
 
 
 def save_good(url: str, info: dict[str, Any], log: Callable[[str], None] = print) -> bool:
