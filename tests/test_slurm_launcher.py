@@ -92,7 +92,11 @@ def test_stage_array_template_runs_the_real_engine(tmp_path, shared_media, slurm
     import sys
 
     m = tmp_path / "m.txt"
-    m.write_text("".join(f"c{i} {shared_media / 'counter.mp4'}\n" for i in range(6)))
+    import shutil
+
+    for i in range(6):  # one file per id: the manifest keeps the same media given twice only once
+        shutil.copy(shared_media / "counter.mp4", tmp_path / f"c{i}.mp4")
+    m.write_text("".join(f"c{i} {tmp_path / f'c{i}.mp4'}\n" for i in range(6)))
     run = tmp_path / "run"
     # Pin the run (and run nothing): shards=[] launches no shard.
     run_cli("stage=download", f"run_dir={run}", f"input={m}", "num_shards=3", "shards=[]")
