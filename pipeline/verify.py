@@ -588,4 +588,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .dataset_health import exit_skipping_native_teardown
+
+    exit_skipping_native_teardown(main())
