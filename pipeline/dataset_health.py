@@ -502,6 +502,16 @@ if __name__ == "__main__":
     os._exit(0)
 
 
+_HELD: list = []
+
+
+def held(ds):
+    """Keep a Deep Lake handle until the process ends (see below: freeing one after another handle wrote the
+    same dataset is where Deep Lake 4.7 now and then aborts). For the short-lived ingest and verify processes."""
+    _HELD.append(ds)
+    return ds
+
+
 def exit_skipping_native_teardown(code: int) -> None:
     """End a command that read or wrote a Deep Lake dataset without the interpreter's teardown.
 

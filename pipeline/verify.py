@@ -487,13 +487,13 @@ def verify_dataset(run_dir: Path, cfg: Any, shard_keys: dict[int, set[tuple[str,
         url = dataset_url(cfg, run_dir)
         if not deeplake.exists(url):
             return []
-        from .dataset_health import ensure_readable
+        from .dataset_health import ensure_readable, held
         from .stages.ingest import writer_lock
 
         with writer_lock(Path(run_dir), lambda m: print(m, file=sys.stderr)):
             # an unreadable head (a disk that filled during a commit) is rolled back to the last good version
             ensure_readable(url, lambda m: print(m, file=sys.stderr))
-        ds = deeplake.open_read_only(url)
+        ds = held(deeplake.open_read_only(url))
     out: list[Violation] = []
     listed = set(int(s) for s in (ds.metadata["ingested_shards"] if "ingested_shards" in ds.metadata.keys()
                                   else []))

@@ -161,7 +161,7 @@ def open_or_create(url: str, log: Callable[[str], None] = print):
     import deeplake
 
     if deeplake.exists(url):
-        ds = deeplake.open(url)
+        ds = health.held(deeplake.open(url))
         have = {c.name for c in ds.schema.columns}
         missing = {k: v for k, v in deeplake_columns().items() if k not in have}
         if missing:     # a dataset made before these columns: its old rows read them as None
@@ -170,7 +170,7 @@ def open_or_create(url: str, log: Callable[[str], None] = print):
             health.write_checked(url, lambda: ds.commit(f"schema: add columns {sorted(missing)}"),
                                  "the schema migration", log)
         return ds
-    ds = deeplake.create(url)
+    ds = health.held(deeplake.create(url))
     for name, dtype in deeplake_columns().items():
         ds.add_column(name, dtype)
     ds.metadata["ingested_shards"] = []
