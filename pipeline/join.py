@@ -45,12 +45,19 @@ class JoinParams:
                       for k, v in cls().__dict__.items()})
 
 
+def min_tail(window_s: float) -> float:
+    """The shortest last window: MIN_TAIL_S, or one window when windows are shorter than that."""
+    return min(MIN_TAIL_S, window_s)
+
+
 def windows(duration: float, window_s: float) -> list[tuple[int, float, float]]:
-    """(segment_idx, start, end) windows covering [0, duration): the audio stage's `plan_spans` rule."""
+    """(segment_idx, start, end) windows covering [0, duration), for a video without speech (the audio stage's
+    spans and the join's rows both come from here). A remainder after the last full window shorter than
+    `min_tail(window_s)` (codec padding) joins that window."""
     if duration <= 0:
         return []
     n = max(1, math.ceil(duration / window_s - 1e-9))
-    if n > 1 and duration - (n - 1) * window_s < MIN_TAIL_S:
+    if n > 1 and duration - (n - 1) * window_s < min_tail(window_s) - 1e-9:   # (1e-9: a full window in floats)
         n -= 1
     return [(i, i * window_s, duration if i == n - 1 else (i + 1) * window_s) for i in range(n)]
 

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .join import MIN_TAIL_S, JoinParams, frames_of_span, join_video, no_audio_stream, plan_segments, video_duration
+from .join import JoinParams, min_tail, frames_of_span, join_video, no_audio_stream, plan_segments, video_duration
 from .schema import FLAG_NEAREST, FLAG_NO_AUDIO_STREAM, FLAG_NO_FRAMES, TABLE, dict_value, flags_of
 
 PTS_MATCH_S = 1e-6     # the same frame's PTS as carried by two stages (copied floats)
@@ -256,7 +256,7 @@ def check_windows(video_id: str, inputs: dict[str, dict[str, list[dict]]], param
             out.append(Violation(video_id, i, f"audio window starts at {a:.3f}, not at {prev_end:.3f}"))
         elif not last and abs((b - a) - full) > PTS_MATCH_S:
             out.append(Violation(video_id, i, f"audio window is {b - a:.3f}s, window 0 is {full:.3f}s"))
-        elif last and len(spans) > 1 and not (MIN_TAIL_S - PTS_MATCH_S <= b - a < full + MIN_TAIL_S):
+        elif last and len(spans) > 1 and not (min_tail(full) - PTS_MATCH_S <= b - a < full + min_tail(full)):
             out.append(Violation(video_id, i, f"last audio window is {b - a:.3f}s (full windows {full:.3f}s)"))
         prev_end = b
     duration = video_duration(inputs)

@@ -335,3 +335,20 @@ def test_nearest_frame_rows_verify_in_the_dataset(run):
     ds = deeplake.open_read_only(url)
     assert any(FLAG_NEAREST in (f or "") for f in ds["flags"][0:len(ds)])
     assert verify_run(run) == []
+
+
+@pytest.mark.parametrize("window_s", [0.25, 0.5, 0.8, 1.0, 2.5, 10.0])
+def test_the_audio_stages_windows_verify_for_any_window_size(window_s):
+    """The audio stage's windows of a video without speech pass the verifier's tiling check for windows shorter
+    than a second too, and they cover [0, duration) without a gap (the oracle: their own ends, summed)."""
+    from pipeline.join import JoinParams
+    from pipeline.verify import Tolerances, check_windows
+
+    for duration in (0.3, 0.9, 1.0, 2.6, 3.2, 7.05, 24.0, 25.3):
+        spans = plan_spans([], duration, window_s)
+        assert spans[0].start == 0.0 and spans[-1].end == duration
+        assert all(a.end == b.start for a, b in zip(spans, spans[1:]))
+        inputs = {"asr": {"segments": [], "videos": [{"duration": duration}]},
+                  "audio": {"audio": [{"segment_idx": s.segment_idx, "start": s.start, "end": s.end,
+                                       "source": s.source} for s in spans]}}
+        assert check_windows("v", inputs, JoinParams(), Tolerances()) == [], (window_s, duration, spans)

@@ -37,11 +37,11 @@ import numpy as np
 import pyarrow as pa
 
 from ..inference.runner import Done, ItemFailure, RunnerConfig, run_inference
+from ..join import windows
 from .base import ItemResult, Resources, Stage, StageConfig, WorkItem
 
 SAMPLE_RATE = 32000
 EMBEDDING_SIZE = 2048
-MIN_TAIL_S = 1.0                      # a shorter remainder after the last full window extends that window
 
 
 @dataclass
@@ -72,12 +72,7 @@ def plan_spans(segments: list[dict], duration: float, window_s: float) -> list[S
     if segments:
         return [Span(int(s["segment_idx"]), float(s["start"]), float(s["end"]), "asr_segment")
                 for s in sorted(segments, key=lambda s: int(s["segment_idx"]))]
-    if duration <= 0:
-        return []
-    n = max(1, math.ceil(duration / window_s - 1e-9))
-    if n > 1 and duration - (n - 1) * window_s < MIN_TAIL_S:
-        n -= 1                        # a sliver at the end (codec padding) joins the last window
-    return [Span(i, i * window_s, duration if i == n - 1 else (i + 1) * window_s, "window") for i in range(n)]
+    return [Span(i, a, b, "window") for i, a, b in windows(duration, window_s)]
 
 
 def padded_samples(span: Span, min_span_s: float, pad_multiple_s: float, sample_rate: int = SAMPLE_RATE) -> int:
