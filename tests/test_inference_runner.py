@@ -11,7 +11,8 @@ import numpy as np
 import psutil
 import pytest
 
-from pipeline.inference import runner as runner_mod
+from pipeline.inference import gpu_stats
+from pipeline.inference import host as host_mod
 from pipeline.inference.runner import (FixedLatencyModel, ItemFailure, RunnerConfig, ensure_ray,
                                        fixed_latency_preprocess, gpu_used_mb, local_ray_cpus, model_actor_count,
                                        run_inference, visible_gpus)
@@ -234,7 +235,7 @@ def test_visible_gpus_follow_cuda_visible_devices():
 
 def test_nvml_memory_is_none_without_a_gpu(monkeypatch, tmp_path):
     """No pynvml and no nvidia-smi (or one that fails): None, never an exception."""
-    monkeypatch.setattr(runner_mod, "_pynvml", False)
+    monkeypatch.setattr(gpu_stats, "_pynvml", False)
     monkeypatch.setenv("PATH", str(tmp_path))
     assert gpu_used_mb(["0"]) is None
     assert gpu_used_mb([]) is None
@@ -248,7 +249,7 @@ def test_nvml_memory_is_none_without_a_gpu(monkeypatch, tmp_path):
 
 def test_nvml_memory_from_nvidia_smi(monkeypatch, tmp_path):
     """Without pynvml the figure comes from nvidia-smi for the visible devices only (MiB, summed)."""
-    monkeypatch.setattr(runner_mod, "_pynvml", False)
+    monkeypatch.setattr(gpu_stats, "_pynvml", False)
     monkeypatch.setenv("PATH", str(tmp_path))
     smi = tmp_path / "nvidia-smi"
     smi.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/args\nprintf '1500\\n250\\n'\n")
@@ -269,11 +270,11 @@ def test_cpu_runs_report_no_nvml_figure():
 def test_a_cuda_model_host_records_the_nvml_peak(monkeypatch):
     """On cuda the host samples after load, after every batch and for its stats, and keeps the peak."""
     readings = iter([900.0, 1400.0, 1100.0])
-    monkeypatch.setattr(runner_mod, "gpu_used_mb", lambda allow_smi=True: next(readings))
-    host = runner_mod._ModelHost(functools.partial(FixedLatencyModel, 0.0), device="cuda")
+    monkeypatch.setattr(host_mod, "gpu_used_mb", lambda allow_smi=True: next(readings))
+    host = host_mod.ModelHost(functools.partial(FixedLatencyModel, 0.0), device="cuda")
     host.predict(b"ab")
     stats = host.stats()
     assert stats["gpu_nvml_mb"] == 1400.0
-    cpu_host = runner_mod._ModelHost(functools.partial(FixedLatencyModel, 0.0), device="cpu")
+    cpu_host = host_mod.ModelHost(functools.partial(FixedLatencyModel, 0.0), device="cpu")
     cpu_host.predict(b"ab")
     assert cpu_host.stats()["gpu_nvml_mb"] is None
