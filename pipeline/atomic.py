@@ -42,36 +42,41 @@ def _fsync_path(path: Path) -> None:
 _fsync_dir = _fsync_path
 
 
-def write_bytes(path: str | Path, data: bytes) -> None:
+def write_bytes(path: str | Path, data: bytes, durable: bool = True) -> None:
+    """durable=False: still atomic (a reader or a process that dies sees the old or the new content), without the
+    fsyncs, so not guaranteed to survive a crash of the machine: for state that only guards process deaths."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk must not leave a torn temp file behind
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
-def write_text(path: str | Path, text: str) -> None:
-    write_bytes(path, text.encode())
+def write_text(path: str | Path, text: str, durable: bool = True) -> None:
+    write_bytes(path, text.encode(), durable=durable)
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+def write_json(path: str | Path, obj: Any, durable: bool = True) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", durable=durable)
 
 
-def write_parquet(path: str | Path, table: pa.Table) -> None:
+def write_parquet(path: str | Path, table: pa.Table, **options: Any) -> None:
+    """`options` go to pyarrow.parquet.write_table (compression defaults to zstd)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, **{"compression": "zstd", **options})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
