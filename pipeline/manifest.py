@@ -229,7 +229,7 @@ def pin_geometry(run_dir: Path, geo: Geometry, items: list[Item]) -> None:
 
 
 def load_items(run_dir: Path, shard: int | None = None) -> list[Item]:
-    table = pq.read_table(run_dir / MANIFEST_FILE)
+    table = pq.ParquetFile(run_dir / MANIFEST_FILE).read()  # pq.read_table would import pyarrow.dataset + pandas
     items = [Item(v, u, s) for v, u, s in zip(table.column("video_id").to_pylist(), table.column("url").to_pylist(),
                                               table.column("shard").to_pylist())]
     if shard is not None:
