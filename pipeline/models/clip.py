@@ -111,3 +111,36 @@ def image_transform(model: str, pretrained: str):
         if tagged.get(key) is not None:
             pre[key] = tagged[key]
     return image_transform_v2(PreprocessCfg(**pre), is_train=False)
+
+
+class ImageEncoder:
+    """The image tower of an open_clip model: pixel tensors (from `image_transform`) in, float16 embeddings out.
+
+    Embeds in chunks of `frames_per_forward` images; `normalize` L2-normalises the pooled embedding (in fp32);
+    `patch_tokens` also returns the vision transformer's patch tokens. Used by the clip stage for video frames and
+    by the VQA features for still images, so both get the same numbers for the same pixels."""
+
+    def __init__(self, model: str, pretrained: str, device: str = "cpu", precision: str = "auto",
+                 normalize: bool = True, patch_tokens: bool = False, frames_per_forward: int = 64):
+        self.device, self.normalize, self.patch_tokens = device, normalize, patch_tokens
+        self.frames_per_forward = frames_per_forward
+        self.model = load_clip(model, pretrained, device=device, precision=precision)
+        self.model.visual.output_tokens = patch_tokens
+        self.dtype = next(self.model.parameters()).dtype
+
+    def encode(self, pixels) -> tuple[Any, Any]:
+        """float32 [N, 3, S, S] -> (float16 numpy [N, D] embeddings, float16 numpy patch tokens or None)."""
+        import torch
+
+        embeddings, tokens = [], []
+        with torch.inference_mode():
+            for start in range(0, len(pixels), self.frames_per_forward):
+                chunk = pixels[start:start + self.frames_per_forward].to(self.device, self.dtype)
+                out = self.model.visual(chunk)
+                pooled, toks = out if self.patch_tokens else (out, None)
+                if self.normalize:
+                    pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
+                embeddings.append(pooled.to(torch.float16).cpu())
+                if toks is not None:
+                    tokens.append(toks.to(torch.float16).cpu())
+        return torch.cat(embeddings).numpy(), (torch.cat(tokens).numpy() if tokens else None)

@@ -61,33 +61,20 @@ def preprocess_frames(item: WorkItem, model: str, pretrained: str, image_column:
 
 
 class ClipEmbedder:
-    """The model side (one per actor): frame tensors in, float16 embeddings out."""
+    """The model side (one per actor): frame tensors in, float16 embeddings out (`pipeline.models.clip.ImageEncoder`)."""
 
     def __init__(self, cfg: ClipConfig, model: str, pretrained: str, device: str):
-        from ..models.clip import load_clip
+        from ..models.clip import ImageEncoder
 
         self.cfg, self.device = cfg, device
-        self.model = load_clip(model, pretrained, device=device, precision=cfg.precision)
-        self.model.visual.output_tokens = cfg.patch_tokens
-        self.dtype = next(self.model.parameters()).dtype
+        self.encoder = ImageEncoder(model, pretrained, device=device, precision=cfg.precision,
+                                    normalize=cfg.normalize, patch_tokens=cfg.patch_tokens,
+                                    frames_per_forward=cfg.frames_per_forward)
 
     def predict(self, payloads: list[dict]) -> list[dict]:
         import torch
 
-        pixels = torch.cat([p["pixels"] for p in payloads])
-        embeddings, tokens = [], []
-        with torch.inference_mode():
-            for start in range(0, len(pixels), self.cfg.frames_per_forward):
-                chunk = pixels[start:start + self.cfg.frames_per_forward].to(self.device, self.dtype)
-                out = self.model.visual(chunk)
-                pooled, toks = out if self.cfg.patch_tokens else (out, None)
-                if self.cfg.normalize:
-                    pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
-                embeddings.append(pooled.to(torch.float16).cpu())
-                if toks is not None:
-                    tokens.append(toks.to(torch.float16).cpu())
-        emb = torch.cat(embeddings).numpy()
-        tok = torch.cat(tokens).numpy() if tokens else None
+        emb, tok = self.encoder.encode(torch.cat([p["pixels"] for p in payloads]))
         outputs, at = [], 0
         for p in payloads:
             n = len(p["frame_idx"])

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Iterable, Iterator
 
-import numpy as np
 import pyarrow as pa
 
 from ..inference.runner import Done, ItemFailure, RunnerConfig, run_inference
+from ..scenegraph.frames import decode_frame, frame_graphs
 from .base import ItemResult, Resources, Stage, StageConfig, WorkItem
 
 
@@ -41,21 +41,6 @@ class SceneGraphConfig(StageConfig):
     runner: RunnerConfig = field(default_factory=lambda: RunnerConfig(batch_size=2, max_in_flight=4,
                                                                             num_cpus_preprocess=2))
     resources: Resources = field(default_factory=lambda: Resources(cpus=4, gpus=0, mem_gb=16))
-
-
-def decode_frame(data: bytes, max_side: int) -> np.ndarray:
-    """JPEG bytes -> RGB uint8, longest side at most max_side (JPEG draft mode makes big frames cheap)."""
-    import io
-
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        if max(im.size) > max_side:
-            im.draft("RGB", (max_side, max_side))
-        im = im.convert("RGB")
-        if max(im.size) > max_side:
-            im.thumbnail((max_side, max_side), Image.BICUBIC)
-        return np.array(im)          # writable: torch.from_numpy warns on read-only arrays
 
 
 def prepare_frames(item: WorkItem, max_side: int) -> Any:
@@ -84,18 +69,8 @@ class SceneGraphModel:
         self.backend = backend_class(backend)(**backend_kwargs)
 
     def predict(self, payloads: list[dict]) -> list[dict]:
-        from ..scenegraph.serialize import to_columns
-
-        images = [im for p in payloads for im in p["images"]]
-        graphs = list(self.backend.predict_frames(images))
-        # Graphs are paired with frames by position: a backend returning more or fewer would shift every
-        # later frame's graph onto the wrong footage.
-        if len(graphs) != len(images):
-            raise RuntimeError(f"scene-graph backend {type(self.backend).__name__} returned {len(graphs)} graphs "
-                               f"for {len(images)} frames (it must return one per frame, in order)")
-        it = iter(graphs)
-        return [{"frames": p["frames"], "graphs": [to_columns(next(it)) for _ in p["images"]]}
-                for p in payloads]
+        it = iter(frame_graphs(self.backend, [im for p in payloads for im in p["images"]]))
+        return [{"frames": p["frames"], "graphs": [next(it) for _ in p["images"]]} for p in payloads]
 
 
 _OBJECT = pa.struct([("label", pa.string()), ("score", pa.float32()), ("box", pa.list_(pa.float32(), 4))])
