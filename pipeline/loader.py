@@ -119,16 +119,14 @@ class DeepLakeSource:
 
     def __init__(self, url: str, cfg: LoaderConfig | None = None, split: str = "train", rank: int = 0,
                  world_size: int = 1, version: str | None = None):
-        import deeplake
+        from .dataset import open_read_only
 
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.url, self.cfg, self.split, self.rank, self.world_size = url, cfg or LoaderConfig(), split, rank, world_size
-        ds = deeplake.open_read_only(url)
-        if version is not None and ds.version != version:
-            ds = ds.history[version].open()
+        ds = open_read_only(url, version)   # one dataset, or every shard group's as one (pipeline.dataset)
         self.ds = ds
         self.version = ds.version
         n = len(ds)

@@ -112,23 +112,16 @@ def _tables(run_dir: Path, stage: str, table: str, columns: list[str] | None = N
 
 
 def _open_dataset(run_dir: Path):
-    import deeplake
-
+    from .dataset import exists, open_read_only, repair
     from .stages.ingest import dataset_url
     from .verify import ingest_settings
 
     url = dataset_url(ingest_settings(run_dir), run_dir)
-    if not deeplake.exists(url):
+    if not exists(url):
         return None
-    try:
-        from .dataset_health import ensure_readable
-        from .stages.ingest import writer_lock
-
-        with writer_lock(run_dir, lambda m: print(m, file=sys.stderr)):
-            ensure_readable(url, lambda m: print(m, file=sys.stderr))
-    except ImportError:
-        pass
-    return deeplake.open_read_only(url)
+    # an unreadable head (of any shard group) is rolled back to its last good version, under its writer's lock
+    repair(run_dir, url, lambda m: print(m, file=sys.stderr))
+    return open_read_only(url)      # one dataset, or every shard group's as one
 
 
 def _column(ds, name: str, n: int) -> list:

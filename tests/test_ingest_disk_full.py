@@ -209,14 +209,13 @@ def test_a_commit_that_does_not_fit_is_refused_before_writing(run):
     assert_every_row_once(url, run)
 
 
-def test_free_space_defaults_match_the_config():
-    from omegaconf import OmegaConf
-
+def test_free_space_defaults_match_the_config(tmp_path):
+    """A run composed from conf/ (stage=ingest) writes with the documented free-space defaults."""
     from pipeline.stages.ingest import IngestConfig
 
-    yaml = OmegaConf.load(REPO / "conf" / "stage" / "ingest.yaml")
-    assert (yaml.free_space_margin, yaml.free_space_min_mb) == (IngestConfig.free_space_margin,
-                                                                IngestConfig.free_space_min_mb)
+    stage = ingest_config(tmp_path).stage
+    assert (stage.free_space_margin, stage.free_space_min_mb) == (IngestConfig.free_space_margin,
+                                                                  IngestConfig.free_space_min_mb)
 
 
 def test_status_does_not_read_a_dataset_being_written(run):

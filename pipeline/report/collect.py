@@ -148,11 +148,11 @@ def dataset_rows(run_dir: Path) -> tuple[int | None, str]:
 
             stage_cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False).get("stage") or {}
         url = dataset_url(stage_cfg, run_dir)
-        import deeplake
+        from ..dataset import exists, open_read_only     # one dataset, or every shard group's as one
 
-        if not deeplake.exists(url):
+        if not exists(url):
             return None, url
-        return len(deeplake.open_read_only(url)), url
+        return len(open_read_only(url)), url
     except Exception as exc:  # the report must not die on an unreadable dataset: it says so instead
         return None, f"unreadable ({type(exc).__name__}: {exc})"
 
