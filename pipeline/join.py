@@ -11,7 +11,8 @@ Every pairing is by explicit keys, never by list order:
   (a frame within the tolerance of a boundary may belong to both neighbours); a segment with no frame inside
   gets the nearest frame within `nearest_frame_tolerance_s` (flag "nearest_frame"), else none (flag
   "no_frames"; the row is kept or dropped per `keep_no_frames`);
-- CLIP and scene graphs by (video_id, frame_idx); audio by (video_id, segment_idx);
+- every other modality by its key (`pipeline.modalities`: its `attach`): CLIP and scene graphs by
+  (video_id, frame_idx), audio by (video_id, segment_idx);
 - prev_text: the texts of the `prev_segments` speech segments directly before this one (by segment_idx),
   never the segment's own text;
 - content_id: the download stage's content identity of the video, on every row ("" when it has none).
@@ -25,6 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from . import modalities
 from .schema import FLAG_NEAREST, FLAG_NO_AUDIO, FLAG_NO_AUDIO_STREAM, FLAG_NO_CLIP, FLAG_NO_FRAMES
 
 MIN_TAIL_S = 1.0   # as in the audio stage: a shorter remainder after the last full window joins that window
@@ -122,15 +124,81 @@ def _embedding(value: Any):
     return np.asarray(value, dtype=np.float16)
 
 
+@dataclass
+class Span:
+    """What a modality's `attach` sees of one row: the video, the planned segment, the span's frames (the frames
+    stage's rows, PTS order), the video's upstream rows, and its own rows (all of the video's, `rows`, and those
+    keyed to this span, `keyed`: per frame a list, in the frames' order, of the frames that have one; per
+    segment the row or None; per video the video's row or None)."""
+    video_id: str
+    segment: dict
+    frames: list[dict]
+    inputs: dict[str, dict[str, list[dict]]]
+    params: JoinParams
+    rows: list[dict]
+    keyed: Any
+    no_audio_stream: bool = False
+
+
+def _index(mod: "modalities.Modality", rows: list[dict]) -> dict[int, dict] | None:
+    column = modalities.KEY_COLUMN[mod.key]
+    return None if column is None else {int(r[column]): r for r in rows}
+
+
+def _keyed(mod: "modalities.Modality", index: dict[int, dict] | None, rows: list[dict], seg: dict,
+           chosen: list[dict]) -> Any:
+    if mod.key == modalities.FRAME:
+        return [index[int(f["frame_idx"])] for f in chosen if int(f["frame_idx"]) in index]
+    if mod.key == modalities.SEGMENT:
+        return index.get(seg["segment_idx"])
+    return rows[0] if rows else None
+
+
+def attach_clip(span: Span) -> tuple[dict, list[str]]:
+    """CLIP by (video_id, frame_idx): one embedding per frame of the span that has one."""
+    clips = span.keyed
+    models = sorted({str(r.get("model")) for r in span.rows if r.get("model")})
+    return ({"clip": [_embedding(c.get("embedding")) for c in clips],
+             "clip_frame_idx": [int(c["frame_idx"]) for c in clips],
+             "clip_pts": [float(c["pts"]) for c in clips], "clip_model": ",".join(models)},
+            [FLAG_NO_CLIP] if len(clips) < len(span.frames) else [])
+
+
+def attach_audio(span: Span) -> tuple[dict, list[str]]:
+    """Audio by (video_id, segment_idx): the audio stage's row of exactly this span."""
+    audio = span.keyed
+    flags = [] if audio is not None else [FLAG_NO_AUDIO_STREAM if span.no_audio_stream else FLAG_NO_AUDIO]
+    return ({"audio": _embedding(audio.get("embedding")) if audio else [],
+             "has_audio": audio is not None,
+             "audio_start": float(audio["start"]) if audio else None,
+             "audio_end": float(audio["end"]) if audio else None,
+             "audio_labels": _audio_labels(audio), "audio_scores": _audio_scores(audio)}, flags)
+
+
+def attach_scenegraph(span: Span) -> tuple[dict, list[str]]:
+    """Scene graphs by (video_id, frame_idx), and their texts joined with "; "."""
+    scenes = span.keyed
+    return ({"scene_graphs": [{"frame_idx": int(s["frame_idx"]), "pts": float(s["pts"]),
+                               "text": s.get("text") or "",
+                               "graph": json.dumps({"objects": s.get("objects") or [],
+                                                    "relations": s.get("relations") or []}, default=str)}
+                              for s in scenes],
+             "scene_text": "; ".join(s.get("text") for s in scenes if s.get("text"))}, [])
+
+
 def join_video(video_id: str, inputs: dict[str, dict[str, list[dict]]], params: JoinParams,
                shard: int, provenance: dict[str, Any]) -> tuple[list[dict], list[int]]:
-    """Rows of one video (sorted by segment_idx) and the segment_idx of rows dropped for want of frames."""
+    """Rows of one video (sorted by segment_idx) and the segment_idx of rows dropped for want of frames.
+
+    The spine (segments, frames, prev_text) is built here; every other modality is attached by its key with its
+    own `attach` (`pipeline.modalities`)."""
     frames = sorted(inputs.get("frames", {}).get("frames", []), key=lambda f: (float(f["pts"]), int(f["frame_idx"])))
     pts = [float(f["pts"]) for f in frames]
-    clip_by_frame = {int(r["frame_idx"]): r for r in inputs.get("clip", {}).get("clip", [])}
-    scene_by_frame = {int(r["frame_idx"]): r for r in inputs.get("scenegraph", {}).get("scenegraph", [])}
-    audio_by_segment = {int(r["segment_idx"]): r for r in inputs.get("audio", {}).get("audio", [])}
-    clip_models = sorted({str(r.get("model")) for r in clip_by_frame.values() if r.get("model")})
+    experts = []
+    for mod in modalities.experts():
+        rows = inputs.get(mod.stage, {}).get(mod.table, [])
+        experts.append((mod, modalities.resolve(mod.attach), rows, _index(mod, rows)))
+    clip_models = sorted({str(r.get("model")) for r in inputs.get("clip", {}).get("clip", []) if r.get("model")})
     silent = no_audio_stream(inputs)
     prov = json.dumps({**provenance, "clip_model": ",".join(clip_models)}, sort_keys=True)
     downloaded = inputs.get("download", {}).get("videos", [])
@@ -153,37 +221,22 @@ def join_video(video_id: str, inputs: dict[str, dict[str, list[dict]]], params: 
         if seg["is_speech"] and params.prev_segments > 0:
             n = speech_pos[idx]
             prev = " ".join(t for _, t in speech_texts[max(0, n - params.prev_segments):n] if t)
-        clips = [clip_by_frame[int(f["frame_idx"])] for f in chosen if int(f["frame_idx"]) in clip_by_frame]
-        if len(clips) < len(chosen):
-            flags.append(FLAG_NO_CLIP)
-        scenes = [scene_by_frame[int(f["frame_idx"])] for f in chosen if int(f["frame_idx"]) in scene_by_frame]
-        audio = audio_by_segment.get(idx)
-        if audio is None:
-            flags.append(FLAG_NO_AUDIO_STREAM if silent else FLAG_NO_AUDIO)
-        rows.append({
+        row = {
             "video_id": video_id, "segment_idx": idx, "start": start, "end": end, "is_speech": seg["is_speech"],
             "text": seg["text"], "words": seg["words"], "prev_text": prev,
             "frame_idx": [int(f["frame_idx"]) for f in chosen], "frame_pts": [float(f["pts"]) for f in chosen],
             "frame_kind": [str(f.get("kind") or "") for f in chosen],
             "frame_shot": [int(f.get("shot") or 0) for f in chosen],
             "frames": [f.get("jpeg") or b"" for f in chosen],
-            "clip": [_embedding(c.get("embedding")) for c in clips],
-            "clip_frame_idx": [int(c["frame_idx"]) for c in clips],
-            "clip_pts": [float(c["pts"]) for c in clips],
-            "clip_model": ",".join(clip_models),
-            "audio": _embedding(audio.get("embedding")) if audio else [],
-            "has_audio": audio is not None,
-            "audio_start": float(audio["start"]) if audio else None,
-            "audio_end": float(audio["end"]) if audio else None,
-            "audio_labels": _audio_labels(audio), "audio_scores": _audio_scores(audio),
-            "scene_graphs": [{"frame_idx": int(s["frame_idx"]), "pts": float(s["pts"]),
-                              "text": s.get("text") or "",
-                              "graph": json.dumps({"objects": s.get("objects") or [],
-                                                   "relations": s.get("relations") or []}, default=str)}
-                             for s in scenes],
-            "scene_text": "; ".join(s.get("text") for s in scenes if s.get("text")),
-            "flags": ",".join(flags), "shard": shard, "provenance": prov, "content_id": content,
-        })
+        }
+        for mod, attach, mod_rows, index in experts:
+            span = Span(video_id, seg, chosen, inputs, params, mod_rows, _keyed(mod, index, mod_rows, seg, chosen),
+                        silent)
+            cols, more = attach(span)
+            row.update(cols)
+            flags.extend(more)
+        row.update({"flags": ",".join(flags), "shard": shard, "provenance": prov, "content_id": content})
+        rows.append(row)
     return rows, dropped
 
 

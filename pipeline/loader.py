@@ -8,7 +8,7 @@ The interface matches `pipeline.train.data.BatchSource`:
         def load_state_dict(self, state: dict) -> None: ...
 
 Each batch follows the contract in `pipeline.schema` (video_id, segment_idx, text, prev_text, clip, clip_mask,
-frame_time, audio, audio_mask, scene_text, sample_mask). A row whose CLIP embeddings do not number its frames is
+frame_time, audio, audio_mask, scene_text, sample_mask; a registered modality adds its `collate`'s entries). A row whose CLIP embeddings do not number its frames is
 an error (ValueError naming the row), never truncated. Use it from training with
 `data.source: pipeline.loader:build_source` and `data.path: <dataset URL>`.
 
@@ -45,9 +45,17 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from . import modalities
+
 SPLITS = ("train", "val", "test")
+# the dataset columns read (key + start, then each modality's `read`, `pipeline.modalities`); COLUMNS: the
+# built-in modalities', `columns()` the current ones
 COLUMNS = ("video_id", "segment_idx", "start", "text", "prev_text", "clip", "frame_pts", "audio", "has_audio",
            "scene_text")
+
+
+def columns() -> tuple[str, ...]:
+    return modalities.loader_columns()
 PLAN_VERSION = 2        # the epoch-order algorithm; a checkpoint of another one cannot resume mid-epoch
 # settings that decide the order of an epoch: may change at an epoch boundary, never inside an epoch
 ORDER_KEYS = ("seed", "shuffle", "block_rows", "shuffle_buffer_rows", "world_size", "batch_size", "drop_last",
@@ -220,10 +228,11 @@ class DeepLakeSource:
     # -- reading -----------------------------------------------------------------------------------------
     def read_block(self, a: int, b: int) -> dict[int, dict[str, Any]]:
         """Rows [a, b) as samples, one column slice per column."""
-        cols = {c: self.ds[c][a:b] for c in COLUMNS}
+        names = columns()
+        cols = {c: self.ds[c][a:b] for c in names}
         out = {}
         for k in range(b - a):
-            out[a + k] = {c: cols[c][k] for c in COLUMNS}
+            out[a + k] = {c: cols[c][k] for c in names}
         return out
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, Any]]:
@@ -259,52 +268,17 @@ class DeepLakeSource:
         return self.read_block(row, row + 1)[row]
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        cfg = self.cfg
-        clips, times = [], []
-        for s in samples:
-            clip = np.asarray(s["clip"], dtype=np.float32)
-            pts = np.asarray(s["frame_pts"], dtype=np.float64)
-            n = clip.shape[0] if clip.ndim == 2 and clip.size else 0
-            if n != len(pts):   # pairing them by position would put embeddings on the wrong frames' times
-                raise ValueError(f"dataset {self.url} row ({s['video_id']!r}, {int(s['segment_idx'])}): {n} CLIP "
-                                 f"embeddings for {len(pts)} frames; the row is misaligned (check the run with "
-                                 f"`python -m pipeline verify run_dir=...`)")
-            if not n:
-                clip, pts = np.zeros((0, self.d_clip or 0), np.float32), pts[:0]
-            if n > cfg.max_frames:        # evenly spaced frames keep the whole span
-                idx = np.linspace(0, n - 1, cfg.max_frames).round().astype(int)
-                clip, pts = clip[idx], pts[idx]
-            if n and self.d_clip is None:
-                self.d_clip = clip.shape[1]
-            clips.append(clip)
-            times.append((pts - float(s["start"])).astype(np.float32))
-        for s in samples:
-            if self.d_audio is None and bool(s["has_audio"]) and len(s["audio"]):
-                self.d_audio = len(s["audio"])
-        B = len(samples)
-        F = max(1, max(len(c) for c in clips))
-        d_clip, d_audio = self.d_clip or 1, self.d_audio or 1
-        clip_t = torch.zeros(B, F, d_clip)
-        mask = torch.zeros(B, F, dtype=torch.bool)
-        ftime = torch.zeros(B, F)
-        audio = torch.zeros(B, d_audio)
-        audio_mask = torch.zeros(B, dtype=torch.bool)
-        for i, (c, t, s) in enumerate(zip(clips, times, samples)):
-            if len(c):
-                clip_t[i, :len(c)] = torch.from_numpy(c)
-                mask[i, :len(c)] = True
-                ftime[i, :len(t)] = torch.from_numpy(t)
-            if bool(s["has_audio"]) and len(s["audio"]):
-                audio[i] = torch.from_numpy(np.asarray(s["audio"], dtype=np.float32))
-                audio_mask[i] = True
-        return {
+        """Samples -> one batch of the contract in `pipeline.schema`: the key, then each modality's entries
+        (its `collate`, `pipeline.modalities`), then sample_mask."""
+        out: dict[str, Any] = {
             "video_id": [str(s["video_id"]) for s in samples],
             "segment_idx": torch.tensor([int(s["segment_idx"]) for s in samples], dtype=torch.long),
-            "text": [_text(s["text"]) for s in samples], "prev_text": [_text(s["prev_text"]) for s in samples],
-            "clip": clip_t, "clip_mask": mask, "frame_time": ftime, "audio": audio, "audio_mask": audio_mask,
-            "scene_text": [_text(s["scene_text"]) for s in samples],
-            "sample_mask": torch.ones(B, dtype=torch.bool),
         }
+        for mod in modalities.all_modalities():
+            if mod.collate is not None:
+                out.update(modalities.resolve(mod.collate)(samples, self))
+        out["sample_mask"] = torch.ones(len(samples), dtype=torch.bool)
+        return out
 
     # -- position ----------------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
@@ -345,6 +319,88 @@ class DeepLakeSource:
     def resume(self) -> Iterator[dict[str, Any]]:
         """The remaining batches of the epoch at the current position."""
         return self.batches(self.position["epoch"], self.position["step"])
+
+
+# ------------------------------------------------------------------------------------ per-modality collation
+
+
+def collate_text(samples: list[dict[str, Any]], source: DeepLakeSource) -> dict[str, Any]:
+    """asr: the target text and the preceding text."""
+    return {"text": [_text(s["text"]) for s in samples], "prev_text": [_text(s["prev_text"]) for s in samples]}
+
+
+def collate_scene_text(samples: list[dict[str, Any]], source: DeepLakeSource) -> dict[str, Any]:
+    return {"scene_text": [_text(s["scene_text"]) for s in samples]}
+
+
+def collate_clip(samples: list[dict[str, Any]], source: DeepLakeSource) -> dict[str, Any]:
+    """clip: [B, F, D] embeddings (at most max_frames, evenly spaced), their mask and frame times."""
+    cfg = source.cfg
+    clips, times = [], []
+    for s in samples:
+        clip = np.asarray(s["clip"], dtype=np.float32)
+        pts = np.asarray(s["frame_pts"], dtype=np.float64)
+        n = clip.shape[0] if clip.ndim == 2 and clip.size else 0
+        if n != len(pts):   # pairing them by position would put embeddings on the wrong frames' times
+            raise ValueError(f"dataset {source.url} row ({s['video_id']!r}, {int(s['segment_idx'])}): {n} CLIP "
+                             f"embeddings for {len(pts)} frames; the row is misaligned (check the run with "
+                             f"`python -m pipeline verify run_dir=...`)")
+        if not n:
+            clip, pts = np.zeros((0, source.d_clip or 0), np.float32), pts[:0]
+        if n > cfg.max_frames:        # evenly spaced frames keep the whole span
+            idx = np.linspace(0, n - 1, cfg.max_frames).round().astype(int)
+            clip, pts = clip[idx], pts[idx]
+        if n and source.d_clip is None:
+            source.d_clip = clip.shape[1]
+        clips.append(clip)
+        times.append((pts - float(s["start"])).astype(np.float32))
+    B = len(samples)
+    F = max(1, max(len(c) for c in clips))
+    clip_t = torch.zeros(B, F, source.d_clip or 1)
+    mask = torch.zeros(B, F, dtype=torch.bool)
+    ftime = torch.zeros(B, F)
+    for i, (c, t) in enumerate(zip(clips, times)):
+        if len(c):
+            clip_t[i, :len(c)] = torch.from_numpy(c)
+            mask[i, :len(c)] = True
+            ftime[i, :len(t)] = torch.from_numpy(t)
+    return {"clip": clip_t, "clip_mask": mask, "frame_time": ftime}
+
+
+def collate_audio(samples: list[dict[str, Any]], source: DeepLakeSource) -> dict[str, Any]:
+    """audio: [B, D] embeddings and whether each sample has one."""
+    for s in samples:
+        if source.d_audio is None and bool(s["has_audio"]) and len(s["audio"]):
+            source.d_audio = len(s["audio"])
+    B = len(samples)
+    audio = torch.zeros(B, source.d_audio or 1)
+    audio_mask = torch.zeros(B, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        if bool(s["has_audio"]) and len(s["audio"]):
+            audio[i] = torch.from_numpy(np.asarray(s["audio"], dtype=np.float32))
+            audio_mask[i] = True
+    return {"audio": audio, "audio_mask": audio_mask}
+
+
+def collate_frame_values(name: str, samples: list[dict[str, Any]], max_frames: int) -> dict[str, torch.Tensor]:
+    """A per-frame column (one number or vector per frame of the row) -> [B, F, D] + mask [B, F], at most
+    max_frames evenly spaced frames (the same frames `collate_clip` keeps): for an expert's `collate`."""
+    values = []
+    for s in samples:
+        v = np.asarray(s[name] if s[name] is not None else [], dtype=np.float32)
+        v = v.reshape(len(v), -1) if v.size else np.zeros((0, 1), np.float32)
+        if len(v) > max_frames:
+            v = v[np.linspace(0, len(v) - 1, max_frames).round().astype(int)]
+        values.append(v)
+    width = max((v.shape[1] for v in values if len(v)), default=1)
+    F = max(1, max(len(v) for v in values))
+    out = torch.zeros(len(samples), F, width)
+    mask = torch.zeros(len(samples), F, dtype=torch.bool)
+    for i, v in enumerate(values):
+        if len(v):
+            out[i, :len(v)] = torch.from_numpy(v)
+            mask[i, :len(v)] = True
+    return {name: out, f"{name}_mask": mask}
 
 
 def build_source(data_cfg: Any, split: str = "train", rank: int = 0, world_size: int = 1) -> DeepLakeSource:

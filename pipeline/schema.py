@@ -31,12 +31,12 @@ Batch contract (what `pipeline.loader` yields and `pipeline.train.data` consumes
 """
 from __future__ import annotations
 
-import json
-import math
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from . import modalities
 
 KEY = ("video_id", "segment_idx")
 TABLE = "rows"                       # ingest's per-shard output table
@@ -47,28 +47,18 @@ FLAG_NO_AUDIO = "no_audio"           # the audio stage has no row for this span
 FLAG_NO_AUDIO_STREAM = "no_audio_stream"   # the video has no audio stream at all (visual-only row, has_audio false)
 FLAG_NO_CLIP = "no_clip"             # some frames of the span have no CLIP embedding
 
-WORD = pa.struct([("word", pa.string()), ("start", pa.float64()), ("end", pa.float64()),
-                  ("probability", pa.float64())])
-SCENE = pa.struct([("frame_idx", pa.int64()), ("pts", pa.float64()), ("text", pa.string()),
-                   ("graph", pa.string())])      # graph: {"objects": [...], "relations": [...]} as JSON
+WORD = modalities.WORD
+SCENE = modalities.SCENE
 
-ROW_SCHEMA = pa.schema([
-    ("video_id", pa.string()), ("segment_idx", pa.int64()),
-    ("start", pa.float64()), ("end", pa.float64()), ("is_speech", pa.bool_()),
-    ("text", pa.string()), ("words", pa.list_(WORD)), ("prev_text", pa.string()),
-    ("frame_idx", pa.list_(pa.int64())), ("frame_pts", pa.list_(pa.float64())),
-    ("frame_kind", pa.list_(pa.string())), ("frame_shot", pa.list_(pa.int64())),
-    ("frames", pa.list_(pa.binary())),
-    ("clip", pa.list_(pa.list_(pa.float16()))), ("clip_frame_idx", pa.list_(pa.int64())),
-    ("clip_pts", pa.list_(pa.float64())), ("clip_model", pa.string()),
-    ("audio", pa.list_(pa.float16())), ("has_audio", pa.bool_()),
-    ("audio_start", pa.float64()), ("audio_end", pa.float64()),
-    ("audio_labels", pa.list_(pa.string())), ("audio_scores", pa.list_(pa.float32())),
-    ("scene_graphs", pa.list_(SCENE)), ("scene_text", pa.string()),
-    ("flags", pa.string()), ("shard", pa.int64()), ("provenance", pa.string()),
-    ("content_id", pa.string()),
-])
+# The row schema of the built-in modalities (generated from `pipeline.modalities`); `row_schema()` is the
+# current one, with any registered expert's columns after these.
+ROW_SCHEMA = modalities.row_schema()
 COLUMNS = tuple(ROW_SCHEMA.names)
+
+
+def row_schema() -> pa.Schema:
+    """The row schema of every registered modality (`ROW_SCHEMA` plus registered experts' columns)."""
+    return modalities.row_schema()
 
 
 def flags_of(row: dict) -> set[str]:
@@ -84,28 +74,7 @@ def deeplake_columns() -> dict[str, Any]:
     graph's frame_idx) so that the dataset itself can be checked; a dataset made before clip_frame_idx existed
     gets the column on its next ingest write, with None for its old rows (re-ingest to have them checked).
     """
-    from deeplake import types
-
-    return {
-        "video_id": types.Text(), "segment_idx": types.Int64(),
-        "start": types.Float64(), "end": types.Float64(), "is_speech": types.Bool(),
-        "text": types.Text(), "words": types.Dict(), "prev_text": types.Text(),
-        "frame_idx": types.Array(types.Int64(), dimensions=1),
-        "frame_pts": types.Array(types.Float64(), dimensions=1),
-        "frame_info": types.Dict(),                                   # {"kind": [...], "shot": [...]}
-        "frames": types.Sequence(types.Image(sample_compression="jpg")),
-        "clip": types.Array(types.Float16(), dimensions=2),           # ragged n_frames x D
-        "clip_frame_idx": types.Array(types.Int64(), dimensions=1),   # the frame of each clip row: == frame_idx
-        "clip_model": types.Text(),
-        "audio": types.Array(types.Float16(), dimensions=1),          # empty when has_audio is False
-        "has_audio": types.Bool(),
-        "audio_start": types.Float64(), "audio_end": types.Float64(),  # the audio row's span (NaN: none)
-        "audio_tags": types.Dict(),                                   # {"labels": [...], "scores": [...]}
-        "scene_graphs": types.Dict(),                                 # {"frames": [{frame_idx, pts, text, graph}]}
-        "scene_text": types.Text(),
-        "flags": types.Text(), "shard": types.Int64(), "provenance": types.Dict(),
-        "content_id": types.Text(),                                   # split key; added to older datasets
-    }
+    return modalities.deeplake_columns()
 
 
 def clip_matrix(rows: list | None) -> np.ndarray:
@@ -156,30 +125,15 @@ def to_deeplake_columns(table: pa.Table) -> dict[str, list]:
 
     Numeric list columns (frame keys, PTS, CLIP, audio) become numpy arrays cut column-wise from the Arrow
     buffers: no Python object per number (converting them row by row was most of the write's time)."""
-    numeric = {"frame_idx": np.int64, "frame_pts": np.float64, "clip_frame_idx": np.int64, "audio": np.float16}
-    rest = [c for c in table.column_names if c not in numeric and c != "clip"]
-    d = table.select(rest).to_pydict()
     n = table.num_rows
-    out: dict[str, list] = {
-        "video_id": d["video_id"], "segment_idx": d["segment_idx"], "start": d["start"], "end": d["end"],
-        "is_speech": d["is_speech"], "text": d["text"], "prev_text": d["prev_text"],
-        "words": [{"words": w or []} for w in d["words"]],
-        "frame_info": [{"kind": k or [], "shot": s or []} for k, s in zip(d["frame_kind"], d["frame_shot"])],
-        "frames": [list(x or []) for x in d["frames"]],
-        "clip_model": d["clip_model"],
-        "has_audio": d["has_audio"],
-        "audio_start": [math.nan if x is None else x for x in d["audio_start"]],
-        "audio_end": [math.nan if x is None else x for x in d["audio_end"]],
-        "audio_tags": [{"labels": lab or [], "scores": sc or []} for lab, sc in zip(d["audio_labels"],
-                                                                                   d["audio_scores"])],
-        "scene_graphs": [{"frames": sg or []} for sg in d["scene_graphs"]],
-        "scene_text": d["scene_text"], "flags": d["flags"], "shard": d["shard"],
-        "provenance": [json.loads(p) if p else {} for p in d["provenance"]],
-        "content_id": [c or "" for c in d.get("content_id", [None] * n)],
-    }
-    for name, dtype in numeric.items():
-        out[name] = _list_cells(_combined(table, name), dtype)
-    out["clip"] = _clip_cells(_combined(table, "clip"))
+    out: dict[str, list] = {}
+    for col in modalities.stored():
+        if col.convert is None:
+            out[col.name] = table.column(col.name).to_pylist()
+        elif isinstance(col.convert, str) and col.convert.startswith("list:"):
+            out[col.name] = modalities.list_cells(table, col.name, col.convert[len("list:"):])
+        else:
+            out[col.name] = modalities.resolve(col.convert)(table)
     assert all(len(v) == n for v in out.values())
     return out
 

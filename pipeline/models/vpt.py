@@ -1,11 +1,17 @@
 """The Video Pre-trained Transformer: expert embeddings + prompt text -> T5 encoder; the T5 decoder predicts the text.
 
-Encoder input (one row per sample), in this order, each part with its own mask:
+Encoder input (one row per sample): one part per modality of `VPTConfig.modalities`, in that order, each with
+its own mask; what each part is comes from the modality's `Encoder` (`pipeline.modalities`). The default:
 
-    [frame_1 .. frame_F]   CLIP embeddings -> projector + type embedding + frame-time features
-    [audio]                PANNs embedding -> projector + type embedding
-    [scene-graph tokens]   backbone token embeddings + type embedding
-    [prompt tokens]        the *preceding* text (or a VQA question): backbone token embeddings + type embedding
+    [frame_1 .. frame_F]   clip: CLIP embeddings -> projector + type embedding + frame-time features
+    [audio]                audio: PANNs embedding -> projector + type embedding
+    [scene-graph tokens]   scenegraph: backbone token embeddings + type embedding
+    [prompt tokens]        asr: the *preceding* text (or a VQA question): backbone token embeddings + type embedding
+
+Projectors are an `nn.ModuleDict` keyed by modality name (`proj.clip`, `proj.audio`, ...); the type embedding
+has one row per modality, in the config's order. The config (saved with every checkpoint and export) names the
+modalities, so a checkpoint of other modalities is refused by name; weights saved before the projectors were
+keyed by name (`frame_proj`, `audio_proj`) load as `proj.clip` / `proj.audio`.
 
 The target text only ever reaches the model as `labels` (decoder side). `encode` has no access to it.
 """
@@ -21,26 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FRAME, AUDIO, SCENE, PROMPT = range(4)   # type (modality) ids
+from pipeline import modalities
+from pipeline.train.config import ModelConfig
+
+FRAME, AUDIO, SCENE, PROMPT = range(4)   # type-embedding rows of the default modalities (clip, audio, scenegraph, asr)
+# names of the projectors before they were keyed by modality (weights saved then load under the new names)
+LEGACY_PROJECTORS = {"frame_proj.": "proj.clip.", "audio_proj.": "proj.audio."}
 
 
 @dataclass
-class VPTConfig:
-    backbone: str = "google/flan-t5-large"
-    d_clip: int = 768
-    d_audio: int = 2048
-    projector: str = "linear"         # linear | mlp | identity (identity needs dims equal to the backbone width);
-                                      #   linear is the identity for an input already as wide as the backbone
-    use_frames: bool = True
-    use_audio: bool = True
-    use_scene_graph: bool = True
-    use_prompt: bool = True           # prev_text for pretraining, the question for VQA
-    max_frames: int = 32
-    max_scene_tokens: int = 128
-    max_prompt_tokens: int = 128
-    max_target_tokens: int = 64
-    time_features: int = 16           # sinusoidal features of the frame time (seconds)
-    max_time_s: float = 60.0          # longest period of the time features
+class VPTConfig(ModelConfig):
+    """The model's settings: the fields (with their defaults and notes) are `pipeline.train.config.ModelConfig`,
+    the `model` config group's schema, defined once; this class adds the model's methods."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VPTConfig":
@@ -48,7 +46,24 @@ class VPTConfig:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown VPT config keys: {sorted(unknown)}")
+        d = dict(d)
+        if "modalities" in d:
+            d["modalities"] = [str(m) for m in d["modalities"]]
         return cls(**d)
+
+    def width(self, enc: "modalities.Encoder") -> int:
+        """An encoder input's expert width: a fixed number, or a config field (d_clip, d_audio)."""
+        return int(getattr(self, enc.width) if isinstance(enc.width, str) else enc.width)
+
+    def uses(self, enc: "modalities.Encoder") -> bool:
+        return enc.switch is None or bool(getattr(self, enc.switch))
+
+
+def check_modalities(saved: list[str] | tuple[str, ...], wanted: list[str] | tuple[str, ...], what: str) -> None:
+    """A checkpoint's modalities must be the config's (same names, same order): else a one-line ValueError."""
+    if list(saved) != list(wanted):
+        raise ValueError(f"{what} has modalities {list(saved)} but the model config names {list(wanted)}: "
+                         f"set model.modalities to match, or train a new model")
 
 
 def make_projector(kind: str, d_in: int, d_model: int) -> nn.Module:
@@ -81,15 +96,43 @@ class VPT(nn.Module):
         self.cfg = cfg
         self.backbone = backbone
         d = backbone.config.d_model
-        self.frame_proj = make_projector(cfg.projector, cfg.d_clip, d)
-        self.audio_proj = make_projector(cfg.projector, cfg.d_audio, d)
+        self.encoders = modalities.encoders(cfg.modalities)     # [(name, Encoder)], in encoder order
+        self.proj = nn.ModuleDict({name: make_projector(cfg.projector, cfg.width(enc), d)
+                                   for name, enc in self.encoders if enc.projected})
         self.time_proj = nn.Linear(cfg.time_features, d)
-        self.type_embed = nn.Embedding(4, d)
+        self.type_embed = nn.Embedding(len(self.encoders), d)    # row k: the k-th of cfg.modalities
         nn.init.normal_(self.type_embed.weight, std=0.02)
+        self._register_load_state_dict_pre_hook(self._legacy_keys)
+
+    @property
+    def frame_proj(self) -> nn.Module:
+        return self.proj["clip"]
+
+    @property
+    def audio_proj(self) -> nn.Module:
+        return self.proj["audio"]
 
     @property
     def d_model(self) -> int:
         return self.backbone.config.d_model
+
+    def _legacy_keys(self, state_dict, prefix, *args) -> None:
+        """Weights saved with `frame_proj` / `audio_proj` load as `proj.clip` / `proj.audio`; projector weights of
+        modalities this model does not have (or the reverse) are refused by name."""
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            rest = key[len(prefix):]
+            for old, new in LEGACY_PROJECTORS.items():
+                if rest.startswith(old):
+                    state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
+        saved = {k[len(prefix) + 5:].split(".")[0] for k in state_dict if k.startswith(prefix + "proj.")}
+        mine = set(self.proj.keys())
+        if saved and saved != mine:
+            raise ValueError(f"the weights have projectors for modalities {sorted(saved)}, this model for "
+                             f"{sorted(mine)} (model.modalities {self.cfg.modalities})")
+        rows = state_dict.get(prefix + "type_embed.weight")
+        if rows is not None and rows.shape[0] != len(self.encoders):
+            raise ValueError(f"the weights have {rows.shape[0]} modality type embeddings, this model "
+                             f"{len(self.encoders)} (model.modalities {self.cfg.modalities})")
 
     def encode(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs_embeds [B, L, d], attention_mask [B, L]) from the encoder-side inputs only (never the target)."""
@@ -98,22 +141,27 @@ class VPT(nn.Module):
         dtype = tok_embed.weight.dtype
         parts: list[torch.Tensor] = []
         masks: list[torch.Tensor] = []
-        if cfg.use_frames:
-            clip = inputs["clip"].to(dtype)
-            x = self.frame_proj(clip) + self.type_embed.weight[FRAME]
-            x = x + self.time_proj(time_features(inputs["frame_time"], cfg.time_features, cfg.max_time_s).to(dtype))
+        for k, (name, enc) in enumerate(self.encoders):
+            if not cfg.uses(enc):
+                continue
+            kind_embed = self.type_embed.weight[k]
+            if enc.kind == "text":
+                ids, mask = enc.inputs
+                parts.append(tok_embed(inputs[ids]) + kind_embed)
+                masks.append(inputs[mask])
+                continue
+            value, mask = enc.inputs[0], enc.inputs[1]
+            x = self.proj[name](inputs[value].to(dtype))
+            if enc.kind == "vector":
+                parts.append(x.unsqueeze(1) + kind_embed)
+                masks.append(inputs[mask].unsqueeze(1))
+                continue
+            x = x + kind_embed
+            if enc.kind == "frames":
+                x = x + self.time_proj(time_features(inputs[enc.inputs[2]], cfg.time_features,
+                                                     cfg.max_time_s).to(dtype))
             parts.append(x)
-            masks.append(inputs["clip_mask"])
-        if cfg.use_audio:
-            x = self.audio_proj(inputs["audio"].to(dtype)).unsqueeze(1) + self.type_embed.weight[AUDIO]
-            parts.append(x)
-            masks.append(inputs["audio_mask"].unsqueeze(1))
-        if cfg.use_scene_graph:
-            parts.append(tok_embed(inputs["scene_ids"]) + self.type_embed.weight[SCENE])
-            masks.append(inputs["scene_mask"])
-        if cfg.use_prompt:
-            parts.append(tok_embed(inputs["prompt_ids"]) + self.type_embed.weight[PROMPT])
-            masks.append(inputs["prompt_mask"])
+            masks.append(inputs[mask])
         if not parts:
             raise ValueError("every encoder input is switched off")
         mask = torch.cat([m.bool() for m in masks], dim=1)
@@ -188,7 +236,11 @@ def load_exported(out_dir: Path, **overrides) -> tuple[VPT, Any]:
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
     out_dir = Path(out_dir)
-    cfg = VPTConfig.from_dict(json.loads((out_dir / CONFIG_FILE).read_text()) | overrides)
+    saved = json.loads((out_dir / CONFIG_FILE).read_text())
+    if "modalities" in overrides:
+        check_modalities(saved.get("modalities", modalities.DEFAULT_MODEL_MODALITIES), overrides["modalities"],
+                         f"the exported model {out_dir}")
+    cfg = VPTConfig.from_dict(saved | overrides)
     path = out_dir / cfg.backbone
     backbone = T5ForConditionalGeneration.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -1,13 +1,22 @@
-"""Stage registry: stage name -> module. Modules are imported lazily so `--help` and config errors stay fast."""
+"""Stage registry: stage name -> module. Modules are imported lazily so `--help` and config errors stay fast.
+
+`STAGES` lists the stages in pipeline order: a topological order of the graph their `upstream` declarations
+make (`stage_order`, `graphlib`); a test holds the two together. A stage from another package is added with
+`register(name, "package.module")` (its module defines `STAGE`), which re-orders `STAGES` by the graph;
+`registered(...)` does so for a `with` block and restores the registry afterwards.
+"""
 from __future__ import annotations
 
+import graphlib
 import importlib
 import importlib.util
+from contextlib import contextmanager
+from typing import Iterator
 
 from ..errors import ConfigError
 
-# Pipeline order; each name is a module in this package defining `STAGE`.
-STAGES: dict[str, str] = {
+# Pipeline order; each name is a module defining `STAGE`.
+BUILTIN: dict[str, str] = {
     "download": "pipeline.stages.download",
     "frames": "pipeline.stages.frames",
     "asr": "pipeline.stages.asr",
@@ -16,6 +25,7 @@ STAGES: dict[str, str] = {
     "scenegraph": "pipeline.stages.scenegraph",
     "ingest": "pipeline.stages.ingest",
 }
+STAGES: dict[str, str] = dict(BUILTIN)
 
 
 def available() -> list[str]:
@@ -30,3 +40,60 @@ def get_stage(name: str):
     if name not in STAGES or importlib.util.find_spec(STAGES[name]) is None:
         raise ConfigError(f"unknown stage {name!r}; choose one of: {', '.join(available())}")
     return importlib.import_module(STAGES[name]).STAGE
+
+
+def stage_order(stages: dict[str, str] | None = None) -> list[str]:
+    """The stages in an order where each comes after every stage its `upstream` names (ties keep the listed
+    order). Imports the stage modules. A cycle, or an upstream stage that is not registered, is a ConfigError."""
+    stages = STAGES if stages is None else stages
+    position = {name: k for k, name in enumerate(stages)}
+    graph: dict[str, set[str]] = {}
+    for name, module in stages.items():
+        deps = set(importlib.import_module(module).STAGE.upstream)
+        unknown = sorted(deps - set(stages))
+        if unknown:
+            raise ConfigError(f"stage {name!r} reads from unregistered stage(s) {unknown}")
+        graph[name] = deps
+    sorter = graphlib.TopologicalSorter(graph)
+    try:
+        sorter.prepare()
+    except graphlib.CycleError as exc:
+        raise ConfigError(f"stage upstream graph has a cycle: {' -> '.join(exc.args[1])}") from None
+    order: list[str] = []
+    ready: set[str] = set()
+    while sorter.is_active():
+        ready |= set(sorter.get_ready())
+        first = min(ready, key=position.__getitem__)     # one at a time: the earliest listed of the ready ones
+        ready.discard(first)
+        order.append(first)
+        sorter.done(first)
+    return order
+
+
+def register(name: str, module: str) -> None:
+    """Add the stage `name` (module `module`, defining `STAGE`) and re-order `STAGES` by the upstream graph."""
+    if name in STAGES and STAGES[name] != module:
+        raise ValueError(f"stage {name!r} is already registered as {STAGES[name]}")
+    candidate = {**STAGES, name: module}
+    order = stage_order(candidate)
+    STAGES.clear()
+    STAGES.update({n: candidate[n] for n in order})
+
+
+def unregister(name: str) -> None:
+    if name in BUILTIN:
+        raise ValueError(f"stage {name!r} is built in")
+    STAGES.pop(name, None)
+
+
+@contextmanager
+def registered(**stages: str) -> Iterator[None]:
+    """Register name=module stages for a `with` block; `STAGES` is restored afterwards."""
+    saved = dict(STAGES)
+    try:
+        for name, module in stages.items():
+            register(name, module)
+        yield
+    finally:
+        STAGES.clear()
+        STAGES.update(saved)

@@ -21,12 +21,13 @@ import hashlib
 import importlib
 import queue
 import threading
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
 
 import torch
 
+from pipeline import modalities
 from pipeline.models.vpt import VPTConfig
+from pipeline.train.config import SyntheticConfig  # noqa: F401 - data.synthetic's schema, defined once
 
 
 @runtime_checkable
@@ -96,18 +97,24 @@ class InputBuilder:
         return ids, mask
 
     def encoder_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The model inputs of every modality of the model config (`pipeline.modalities` encoders), in order."""
         cfg = self.cfg
         out: dict[str, torch.Tensor] = {}
-        clip, clip_mask, frame_time = batch["clip"], batch["clip_mask"], batch["frame_time"]
-        if clip.shape[1] > cfg.max_frames:     # evenly spaced frames, keeps the whole segment's span
-            idx = torch.linspace(0, clip.shape[1] - 1, cfg.max_frames).round().long()
-            clip, clip_mask, frame_time = clip[:, idx], clip_mask[:, idx], frame_time[:, idx]
-        out["clip"], out["clip_mask"], out["frame_time"] = clip.float(), clip_mask.bool(), frame_time.float()
-        out["audio"], out["audio_mask"] = batch["audio"].float(), batch["audio_mask"].bool()
-        out["scene_ids"], out["scene_mask"] = self._pad(
-            self._ids(batch["scene_text"], cfg.max_scene_tokens, keep="start"), self.pad_id)
-        out["prompt_ids"], out["prompt_mask"] = self._pad(
-            self._ids(batch["prev_text"], cfg.max_prompt_tokens, keep="end"), self.pad_id)
+        for _, enc in modalities.encoders(cfg.modalities):
+            if enc.kind == "text":
+                ids, mask = enc.inputs
+                out[ids], out[mask] = self._pad(
+                    self._ids(batch[enc.text], int(getattr(cfg, enc.max_tokens)), keep=enc.keep), self.pad_id)
+            elif enc.kind == "vector":
+                value, mask = enc.inputs
+                out[value], out[mask] = batch[value].float(), batch[mask].bool()
+            else:
+                seq = [batch[k] for k in enc.inputs]
+                if seq[0].shape[1] > cfg.max_frames:     # evenly spaced frames, keeps the whole segment's span
+                    idx = torch.linspace(0, seq[0].shape[1] - 1, cfg.max_frames).round().long()
+                    seq = [t[:, idx] for t in seq]
+                for k, t in zip(enc.inputs, seq):
+                    out[k] = t.bool() if k == enc.inputs[1] else t.float()
         return out
 
     def labels(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,26 +130,27 @@ class InputBuilder:
         return out
 
     def token_counts(self, inputs: dict[str, torch.Tensor]) -> dict[str, int]:
-        """Positions in use: `encoder` (every encoder part in use), of them `frames` and `audio`, and `decoder`
-        (target tokens). The tokens/s figure is encoder + decoder; MFU weighs each by its own FLOPs. Padding
-        samples (`sample_mask` False) count nothing."""
+        """Positions in use: `encoder` (every encoder part in use), of them `frames` and `audio` (and each
+        projected input's own count key), and `decoder` (target tokens). The tokens/s figure is encoder +
+        decoder; MFU weighs each by its own FLOPs. Padding samples (`sample_mask` False) count nothing."""
         cfg = self.cfg
         real = inputs.get("sample_mask")
         if real is None:
-            real = torch.ones(inputs["audio_mask"].shape[0], dtype=torch.bool, device=inputs["audio_mask"].device)
+            some = inputs["labels"] if "labels" in inputs else inputs[
+                modalities.encoders(cfg.modalities)[0][1].inputs[1]]
+            real = torch.ones(some.shape[0], dtype=torch.bool, device=some.device)
 
         def used(mask: torch.Tensor) -> int:
             return int(mask[real].sum())
 
-        frames = used(inputs["clip_mask"]) if cfg.use_frames else 0
-        audio = used(inputs["audio_mask"]) if cfg.use_audio else 0
-        encoder = frames + audio
-        if cfg.use_scene_graph:
-            encoder += used(inputs["scene_mask"])
-        if cfg.use_prompt:
-            encoder += used(inputs["prompt_mask"])
-        return {"encoder": encoder, "frames": frames, "audio": audio,
-                "decoder": int((inputs["labels"] != -100).sum())}
+        counts = {"encoder": 0, "frames": 0, "audio": 0}
+        for name, enc in modalities.encoders(cfg.modalities):
+            n = used(inputs[enc.inputs[1]]) if cfg.uses(enc) else 0
+            counts["encoder"] += n
+            if enc.projected:
+                counts[enc.count or name] = n
+        counts["decoder"] = int((inputs["labels"] != -100).sum())
+        return counts
 
     def token_count(self, inputs: dict[str, torch.Tensor]) -> int:
         """Encoder positions in use + target tokens (the tokens of the tokens/s figure)."""
@@ -245,20 +253,6 @@ def _pinned(value: Any) -> Any:
 CONCEPT_WORDS = ["apple", "river", "guitar", "bicycle", "kitchen", "mountain", "window", "garden",
                  "camera", "pencil", "rocket", "violin", "tiger", "ocean", "ladder", "candle"]
 SCENE_OBJECTS = ["cup", "table", "chair", "lamp", "book", "phone", "bag", "shoe"]
-
-
-@dataclass
-class SyntheticConfig:
-    """A learnable signal: the spoken word of a segment is the concept whose CLIP vector its frames show."""
-    num_concepts: int = 8
-    d_clip: int = 128
-    d_audio: int = 2048
-    max_frames: int = 8
-    segments_per_video: int = 6
-    train_videos: int = 64
-    eval_videos: int = 8
-    frame_noise: float = 0.3
-    seed: int = 1234
 
 
 def _seed(*parts: Any) -> int:

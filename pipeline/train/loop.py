@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import json
 import math
 import os
 import signal
@@ -24,7 +25,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from pipeline.models.vpt import VPT, VPTConfig, build_vpt, lm_losses, load_exported
+from pipeline.modalities import DEFAULT_MODEL_MODALITIES
+from pipeline.models.vpt import (CONFIG_FILE, VPT, VPTConfig, build_vpt, check_modalities, lm_losses,
+                                 load_exported)
 from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.data import BatchSource, InputBuilder, Prefetcher, build_source, to_device
 from pipeline.train.metrics import (ActivationNorms, MetricsWriter, Throughput, count_params, flop_params,
@@ -167,7 +170,15 @@ def evaluate(model: VPT, source: BatchSource, builder: InputBuilder, device: tor
 
 
 # the model keys an exported model fixes (its weights depend on them); the others only switch inputs and lengths
-ARCHITECTURE_KEYS = ("backbone", "d_clip", "d_audio", "projector", "time_features", "max_time_s")
+ARCHITECTURE_KEYS = ("backbone", "d_clip", "d_audio", "projector", "time_features", "max_time_s", "modalities")
+
+
+def check_checkpoint_modalities(root: Path, model_cfg: VPTConfig) -> None:
+    """A checkpoint directory written for other modalities is refused by name before anything is loaded."""
+    path = root / CONFIG_FILE
+    if path.exists():
+        saved = json.loads(path.read_text()).get("modalities", list(DEFAULT_MODEL_MODALITIES))
+        check_modalities(saved, model_cfg.modalities, f"the checkpoints in {root}")
 
 
 def input_overrides(model_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -238,6 +249,9 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg.get("init_from"):     # finetuning: weights, tokenizer and architecture of an exported model
         model, tokenizer = load_exported(Path(cfg["init_from"]), **input_overrides(cfg["model"]))
         model_cfg = model.cfg
+        if cfg["model"].get("modalities") is not None:
+            check_modalities(model_cfg.modalities, list(cfg["model"]["modalities"]),
+                             f"the exported model {cfg['init_from']}")
     else:
         model_cfg = VPTConfig.from_dict(dict(cfg["model"]))
         texts = train_source.tokenizer_texts() if hasattr(train_source, "tokenizer_texts") else ()
@@ -258,6 +272,8 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(ocfg["warmup_steps"], tcfg["max_steps"], ocfg["min_lr_ratio"]))
     ckpt = Checkpointer(Path(ccfg["dir"]), ccfg["keep_last"], d.rank, d.world_size)
+    if tcfg["resume"] or tcfg.get("resume_from") is not None:
+        check_checkpoint_modalities(Path(ccfg["dir"]), model_cfg)
     ckpt.write_static(model_cfg, model.backbone.config, tokenizer)
     step, position = 0, (0, 0)
     torch.manual_seed(cfg["seed"] + 1000 * (d.rank + 1))      # dropout differs per rank
@@ -292,7 +308,7 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
     writer = MetricsWriter(run_dir, d.rank, tensorboard=cfg["logging"]["tensorboard"],
                            wandb=cfg["logging"]["wandb"], run_name=run_dir.name, config=cfg)
     act_norms = ActivationNorms(model.blocks())
-    norm_groups = dict(model.blocks()) | {"frame_proj": model.frame_proj, "audio_proj": model.audio_proj}
+    norm_groups = dict(model.blocks()) | {f"{name}_proj": proj for name, proj in model.proj.items()}
     meter = Throughput()
     summary: dict[str, Any] = {"start_step": step, "params": n_params}
     eval_loss = None

@@ -27,6 +27,7 @@ class FlopParams:
     decoder: int    # T5 decoder + lm_head: at every target token
     frames: int     # frame and frame-time projectors: at every frame
     audio: int      # audio projector: at every audio position
+    others: tuple[tuple[str, int], ...] = ()   # (token_counts key, projector weights) of other projected inputs
 
 
 def _linear_weights(*modules: nn.Module) -> int:
@@ -36,9 +37,15 @@ def _linear_weights(*modules: nn.Module) -> int:
 def flop_params(model: nn.Module) -> FlopParams:
     """The `FlopParams` of a VPT, counted before sharding (after sharding DTensors count globally too)."""
     bb = model.backbone
+    per_input: dict[str, int] = {}
+    for name, enc in model.encoders:
+        if enc.projected:
+            extra = (model.time_proj,) if enc.kind == "frames" else ()
+            key = enc.count or name
+            per_input[key] = per_input.get(key, 0) + _linear_weights(model.proj[name], *extra)
+    frames, audio = per_input.pop("frames", 0), per_input.pop("audio", 0)
     return FlopParams(encoder=_linear_weights(bb.encoder), decoder=_linear_weights(bb.decoder, bb.lm_head),
-                      frames=_linear_weights(model.frame_proj, model.time_proj),
-                      audio=_linear_weights(model.audio_proj))
+                      frames=frames, audio=audio, others=tuple(sorted(per_input.items())))
 
 
 def train_flops(p: FlopParams, counts: dict[str, int]) -> float:
@@ -53,7 +60,8 @@ def train_flops(p: FlopParams, counts: dict[str, int]) -> float:
     at the full lengths (~290 encoder positions, d_model 1024) they add ~5%. Frozen weights (LoRA) still count
     their weight gradients, so LoRA MFU is an upper bound."""
     return 6.0 * (p.encoder * counts["encoder"] + p.decoder * counts["decoder"]
-                  + p.frames * counts["frames"] + p.audio * counts["audio"])
+                  + p.frames * counts["frames"] + p.audio * counts["audio"]
+                  + sum(n * counts.get(key, 0) for key, n in p.others))
 
 
 def mfu(flops_per_s: float, peak_flops_per_device: float, world_size: int) -> float:
