@@ -33,6 +33,7 @@ ORDER = ["download", "frames", "asr", "clip", "audio", "scenegraph", "ingest"]
 NEEDS = {"frames": ["download"], "asr": ["download"], "clip": ["download", "frames"], "audio": ["download", "asr"],
          "scenegraph": ["download", "frames"], "ingest": ["download", "frames", "asr", "clip", "audio", "scenegraph"]}
 TIMING_COLUMNS = {"seconds", "time", "ingested_at", "created_at"}
+GRACE_S = 25.0  # the Ray reaper keeps ending the task's Ray processes for ~20 s after the task is gone
 STAGE_ARGS = ["launcher=local", "launcher.workers=2", "models=tiny", "device=cpu", "stage.flush_every=1"]
 
 
@@ -135,47 +136,90 @@ def _group_alive(sid: int) -> list[int]:
     return alive
 
 
-def kill_once(base: Path, stage: str, work: Path, env: dict, t_ref: float, rng: random.Random,
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def is_ray_process(cmd: str) -> bool:
+    """A process of Ray: a worker (`ray::...`), its daemons, or a script of the ray package (agents, monitors)."""
+    first = cmd.split(" ", 1)[0]
+    return (cmd.startswith("ray::") or first.endswith(("/raylet", "/gcs_server")) or "/ray/" in cmd
+            or "/session_" in cmd)
+
+
+def _written(run: Path, stage: str) -> int:
+    """Files the stage has written so far (parts, ledgers, markers; not its logs or config)."""
+    root = run / stage
+    return sum(1 for p in root.rglob("*") if p.is_file() and "logs" not in p.parts and p.name != "config.yaml") \
+        if root.exists() else 0
+
+
+def kill_once(base: Path, stage: str, work: Path, env: dict, t_ref: float | None, rng: random.Random,
               reference: dict[str, str]) -> dict:
+    """One run of `stage` on a copy of `base`, SIGKILLed as a whole at a moment drawn uniformly over `t_ref`
+    seconds (None: no kill, an uninterrupted timed run), then re-run to completion and compared with `reference`."""
     run = work / "run"
     shutil.rmtree(run, ignore_errors=True)
     dropped = {s for s in ORDER if s not in NEEDS[stage]}
     shutil.copytree(base, run, ignore=lambda d, names: [n for n in names if Path(d) == base and
                                                         (n in dropped or n.startswith((".ingest", "dataset")))])
     args = [f"stage={stage}", f"run_dir={run}", *STAGE_ARGS]
-    delay = rng.uniform(0.3, max(0.5, 0.9 * t_ref))
+    # Uniform over the measured uninterrupted duration of the stage (start-up, work and finalize alike).
+    delay = None if t_ref is None else rng.uniform(0.02 * t_ref, 0.98 * t_ref)
+    t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    written = 0
     try:
         proc.wait(timeout=delay)
         landed = False          # the run finished before the kill
+        ran_s = time.time() - t0
     except subprocess.TimeoutExpired:
+        written = _written(run, stage)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         landed = True
-    deadline = time.time() + 10
+        ran_s = None
+    # The kill reaches the task's process group; Ray's workers sit in groups of their own under the same session
+    # and must end with the task (the Ray reaper). Wait out its grace, then count what is left.
+    deadline = time.time() + GRACE_S
     left = _group_alive(proc.pid)
     while left and time.time() < deadline:
         time.sleep(0.2)
         left = _group_alive(proc.pid)
-    left_names = []
+    gone_after = round(GRACE_S - max(0.0, deadline - time.time()), 1) if not left else None
+    left_names, left_ray = [], 0
     for pid in left:  # counted, then cleaned up so that the next round starts clean
+        cmd = _cmdline(pid)
+        left_ray += is_ray_process(cmd)
+        left_names.append(cmd[:160])
         try:
-            left_names.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:80])
             os.kill(pid, signal.SIGKILL)
         except (OSError, ProcessLookupError):
             pass
-    rerun = _cli(args, env)
-    reruns = 1
-    if rerun.returncode != 0:  # as a user would: once more (e.g. Ray timed out starting on a loaded machine)
+    if t_ref is None:
+        rerun, reruns = subprocess.CompletedProcess(args, proc.returncode, "", ""), 0
+    else:
+        rerun, reruns = _cli(args, env), 1
+    if rerun.returncode != 0 and reruns:  # as a user would: once more (e.g. Ray timed out starting on a loaded machine)
         first_error = rerun.stderr.strip().splitlines()[-1:]
         rerun = _cli(args, env)
         reruns = 2
     got = stage_digest(run, stage) if rerun.returncode == 0 else {}
     diff = sorted(k for k in set(got) | set(reference) if got.get(k) != reference.get(k))
-    return {"delay_s": round(delay, 2), "landed": landed, "left_behind": len(left), "left_names": left_names, "reruns": reruns,
+    kept = None
+    if diff or rerun.returncode != 0:  # kept for a look: what differs, and the logs of the killed run and re-run
+        kept = work.parent / f"differs-{stage}-{int(time.time())}"
+        shutil.copytree(run, kept, ignore=lambda d, names: [n for n in names if Path(d) == run and n != stage])
+    return {"delay_s": delay and round(delay, 2), "landed": landed, "ran_s": None if ran_s is None else round(ran_s, 1),
+            "run_rc": None if landed else proc.returncode, "files_at_kill": written,
+            "session_gone_after_s": gone_after,
+            "left_behind": len(left), "left_ray": left_ray, "left_names": left_names, "reruns": reruns,
             "first_rerun_error": first_error if reruns == 2 else [], "rerun_rc": rerun.returncode,
-            "identical": rerun.returncode == 0 and not diff, "differs": diff[:5],
+            "identical": rerun.returncode == 0 and not diff, "differs": diff[:5], "kept": kept and str(kept),
             "rerun_tail": rerun.stderr.strip().splitlines()[-1:] if rerun.returncode else []}
 
 
@@ -184,16 +228,21 @@ def write_report(a, manifest: Path, durations: dict, results: dict[str, list[dic
     lines = [f"kill -9 soak, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
              f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
              f"{len(manifest.read_text().splitlines())} videos in 2 shards, seed {a.seed}", "",
-             "| stage | reference run (s) | runs | kills that landed mid-run | identical / total | re-runs that needed a 2nd try "
-             "| processes left behind |",
-             "|---|---|---|---|---|---|---|"]
+             "| stage | uninterrupted run (s) | runs | kills that landed mid-run | of them after the stage wrote "
+             "output | identical / total | re-runs that needed a 2nd try | Ray processes left after the kill "
+             f"(+{GRACE_S:.0f} s) | other processes left |",
+             "|---|---|---|---|---|---|---|---|---|"]
     failed = False
     for s, rs in results.items():
         same = sum(r["identical"] for r in rs)
         left = sum(r["left_behind"] for r in rs)
+        ray_left = sum(r["left_ray"] for r in rs)
         failed |= same != len(rs) or left > 0
-        lines.append(f"| {s} | {durations[s]:.1f} | {len(rs)} | {sum(r['landed'] for r in rs)} | "
-                     f"{same} / {len(rs)} | {sum(r['reruns'] > 1 for r in rs)} | {left} |")
+        t = durations.get(f"{s}_uninterrupted", durations[s])
+        lines.append(f"| {s} | {t:.1f} | {len(rs)} | {sum(r['landed'] for r in rs)} | "
+                     f"{sum(r['landed'] and r['files_at_kill'] > 0 for r in rs)} | "
+                     f"{same} / {len(rs)} | {sum(r['reruns'] > 1 for r in rs)} | "
+                     f"{ray_left} (in {sum(r['left_ray'] > 0 for r in rs)} kills) | {left - ray_left} |")
     text = "\n".join(lines)
     if a.report:
         Path(a.report).parent.mkdir(parents=True, exist_ok=True)
@@ -257,12 +306,20 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for s in stages:
         results[s] = []
-        tries, t_est = 0, durations[s]
+        # The kill moment is drawn over the stage's uninterrupted duration as measured now, on this machine's
+        # present load (a reference from earlier, or from a busier moment, aims kills past the end of the run).
+        r = kill_once(base, s, work / "killed", env, None, rng, references[s])
+        durations[f"{s}_uninterrupted"] = t_est = r["ran_s"]
+        print(f"{s} uninterrupted: {t_est:.1f}s, identical to the reference: {r['identical']}", flush=True)
+        if not r["identical"] or r["run_rc"] != 0:
+            print(f"error: an uninterrupted run of {s} differs from the reference: {r['differs']}", file=sys.stderr)
+            return 1
+        tries = 0
         while sum(r["landed"] for r in results[s]) < a.kills and tries < 3 * a.kills:  # N kills that landed
             tries += 1
             r = kill_once(base, s, work / "killed", env, t_est, rng, references[s])
-            if not r["landed"]:  # the run took less than that: aim the next kills inside it
-                t_est = r["delay_s"]
+            if not r["landed"] and r["run_rc"] == 0:  # the run took less than that: the latest measured duration
+                t_est = r["ran_s"]
             results[s].append(r)
             print(f"{s} try {tries}: {json.dumps(r)}", flush=True)
         failed = write_report(a, manifest, durations, results)  # after each stage: partial results survive

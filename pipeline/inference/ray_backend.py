@@ -142,6 +142,8 @@ driver = int(sys.argv[1])
 ours = re.compile(r"session_[0-9_-]+_%d(?![0-9])" % driver)  # Ray's session dir is named after its starter
 
 def is_ray(p):
+    if p.pid == os.getpid():  # this reaper: a child of the task, and its own source names "/ray/"
+        return False
     try:
         cmd = " ".join(p.cmdline())
         return p.name() in ("raylet", "gcs_server") or cmd.startswith("ray::") or "/ray/" in cmd
