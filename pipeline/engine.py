@@ -3,6 +3,10 @@
     pending items -> stage.process() -> parts flushed every `flush_every` items -> finalize (packed Parquet,
     ledger, stats) -> marker
 
+Each output row is encoded once: parts are Arrow IPC files (written and fsynced as they are, read back
+memory-mapped), the finalize concatenates them without copying and writes the shard's one Parquet file per table
+(sorting and deduplicating only when the rows are not already in key order with unique keys).
+
 Resumption falls out of the layout: a killed or requeued task leaves complete parts behind (a part counts once its
 ledger file exists), and the next attempt skips every item a part already holds. A complete shard is skipped,
 unless `retry_failed=true` and it has failed items, or an upstream stage has since completed items that were

@@ -210,3 +210,26 @@ def test_ray_node_start_retries_with_fresh_ports_and_reports_its_log(tmp_path, m
         ray_cluster._stop_node(node)
     with pytest.raises(RuntimeError, match="failed to start 3 times(.|\n)*port never in use"):
         ray_cluster._start_node(lambda attempt: ["never"], {}, tmp_path / "bad.log", time.time() + 30)
+
+
+def test_dedupe_sorted_matches_a_plain_python_oracle():
+    """Last row per key wins, rows sorted by key: for tables already sorted and unique (returned as they are,
+    without a copy), for unsorted ones, with duplicates and with null keys, over several chunks."""
+    import random
+
+    rng = random.Random(7)
+    for trial in range(200):
+        n = rng.randint(0, 14)
+        rows = [{"v": rng.choice(["a", "b", "c", None] if trial % 5 == 0 else ["a", "b", "c"]),
+                 "k": rng.randint(0, 3), "x": i} for i in range(n)]
+        if trial % 2:
+            rows = sorted({(r["v"] or "", r["k"]): r for r in rows}.values(), key=lambda r: (r["v"] or "", r["k"]))
+        cut = rng.randint(0, len(rows))
+        table = pa.concat_tables([pa.Table.from_pylist(rows[:cut], schema=pa.schema(
+            [("v", pa.string()), ("k", pa.int64()), ("x", pa.int64())]))] + [pa.Table.from_pylist(
+                rows[cut:], schema=pa.schema([("v", pa.string()), ("k", pa.int64()), ("x", pa.int64())]))])
+        last = {}
+        for r in rows:
+            last[(r["v"], r["k"])] = r
+        want = sorted(last.values(), key=lambda r: (r["v"] is None, r["v"] or "", r["k"]))
+        assert dedupe_sorted(table, ["v", "k"]).to_pylist() == want, rows

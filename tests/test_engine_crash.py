@@ -292,3 +292,54 @@ def test_unwitnessed_death_on_slurm_is_judged_by_accounting(tmp_path, monkeypatc
     monkeypatch.delenv("SLURM_JOB_ID")
     path.write_text(json.dumps({"inflight": ["v1", "v2"], "crashes": {}, "owner": {"slurm_job": "77"}}))
     assert InFlight(path).crashes == {"v1": 0, "v2": 0}
+
+
+def test_rows_are_encoded_once_and_the_inflight_record_is_not_fsynced(tmp_path, monkeypatch):
+    """Parts are Arrow files and the shard's Parquet output is the only encoding of a row; the in-flight record
+    (two writes per item) costs no fsync. Counted against the items fed in, not against the code's own output."""
+    from pipeline import atomic
+
+    n = 64
+    run = _run_dir(tmp_path, n)
+    encoded, fsyncs = [], []
+    real_write, real_fsync = atomic.pq.write_table, os.fsync
+
+    def counting_write(table, where, **kw):
+        if "ledger" not in Path(where).name:  # stage tables only (ledgers: one small row per item)
+            encoded.append(table.num_rows)
+        return real_write(table, where, **kw)
+
+    monkeypatch.setattr(atomic.pq, "write_table", counting_write)
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd))[1])
+    inflight_writes = []
+    real_write_json = atomic.write_json
+    monkeypatch.setattr("pipeline.shards.write_json",
+                        lambda path, obj, **kw: (inflight_writes.append(kw.get("durable", True))
+                                                 if Path(path).name == "inflight.json" else None,
+                                                 real_write_json(path, obj, **kw))[1])
+    run_shard(_cfg(run, flush_every=16), 0)
+    store = ShardStore(run, "crashy", 0)
+    assert store.read_table("rows").column("video_id").to_pylist() == sorted(f"v{i}" for i in range(n))
+    assert sum(encoded) == n                     # each row once: parts were not Parquet, nor re-encoded
+    assert len(inflight_writes) >= 2 * n and not any(inflight_writes)   # start + done per item, none durable
+    assert len(fsyncs) < n                       # before: 4 per item (file + directory, twice)
+
+
+def test_resumes_a_shard_whose_parts_an_older_version_wrote_as_parquet(tmp_path):
+    """A shard killed mid-run by an older version left Parquet parts: the next run adopts them (no item redone)
+    and the shard ends with every item exactly once."""
+    from pipeline.atomic import write_parquet
+    from pipeline.shards import LEDGER_SCHEMA
+
+    run = _run_dir(tmp_path, 6)
+    store = ShardStore(run, "crashy", 0)
+    done = ["v0", "v1", "v2"]
+    write_parquet(store.parts_dir / "part-000001.rows.parquet",
+                  pa.table({"video_id": done, "attempts_before": [0, 0, 0]}))
+    write_parquet(store.parts_dir / "part-000001.ledger.parquet", pa.Table.from_pylist(
+        [{"video_id": v, "status": "ok", "reason": "", "attempts": 1, "seconds": 0.0, "note": ""} for v in done],
+        schema=LEDGER_SCHEMA))
+    stats = run_shard(_cfg(run, flush_every=16), 0)
+    assert stats["processed"] == 3 and store.is_complete()
+    assert store.read_table("rows").column("video_id").to_pylist() == [f"v{i}" for i in range(6)]
+    assert sorted(r["video_id"] for r in store.read_ledger()) == [f"v{i}" for i in range(6)]
