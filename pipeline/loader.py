@@ -387,7 +387,7 @@ def collate_frame_values(name: str, samples: list[dict[str, Any]], max_frames: i
     max_frames evenly spaced frames (the same frames `collate_clip` keeps): for an expert's `collate`."""
     values = []
     for s in samples:
-        v = np.asarray(s[name] if s[name] is not None else [], dtype=np.float32)
+        v = np.array(s[name] if s[name] is not None else [], dtype=np.float32)
         v = v.reshape(len(v), -1) if v.size else np.zeros((0, 1), np.float32)
         if len(v) > max_frames:
             v = v[np.linspace(0, len(v) - 1, max_frames).round().astype(int)]

@@ -21,14 +21,15 @@ from the segments and picks each span's frames by PTS itself); the experts hang 
 
 A new expert is one stage module + one yaml + one `register(Modality(...))` (and `pipeline.stages.register`
 for its stage), from any package: nothing here needs editing. `registered(...)` registers for a `with` block
-and restores the registry after it. Functions are given as callables or as "package.module:name" strings
+and restores the registry after it; `VPT_MODALITIES=package.module` has every process of a run load such a
+registering module when it imports this one. Functions are given as callables or as "package.module:name" strings
 (resolved on first use, so that this module imports nothing heavy).
 """
 from __future__ import annotations
 
 import importlib
-import math
 import json
+import math
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -408,3 +409,23 @@ def list_cells(table: pa.Table, name: str, dtype: Any) -> list[np.ndarray]:
     from .schema import _combined, _list_cells
 
     return _list_cells(_combined(table, name), np.dtype(dtype))
+
+
+# ------------------------------------------------------------------------------------------------ plug-ins
+
+PLUGINS_ENV = "VPT_MODALITIES"
+
+
+def load_plugins(spec: str | None = None) -> list[str]:
+    """Load the experts named in `VPT_MODALITIES` (comma-separated "package.module" or "package.module:function",
+    each registering its modality and stage), so that every process of a run (Slurm tasks, training ranks) has
+    the same modalities. Runs once, when this module is first imported."""
+    import os
+
+    names = [s.strip() for s in (os.environ.get(PLUGINS_ENV, "") if spec is None else spec).split(",") if s.strip()]
+    for name in names:
+        load(name)
+    return names
+
+
+load_plugins()

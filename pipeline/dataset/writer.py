@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from .. import dataset_health as health
 from ..join import JoinParams
-from ..schema import ROW_SCHEMA, TABLE, deeplake_columns, to_deeplake_columns
+from ..schema import TABLE, deeplake_columns, row_schema, to_deeplake_columns
 from ..shards import MARKER, ShardStore
 from ..verify import Tolerances, verify_dataset, verify_shard
 from .layout import Layout, dataset_url, writer_layout
@@ -122,10 +122,11 @@ class ShardRows:
             return
         for batch in self.pf.iter_batches(batch_size=self.max_rows, use_threads=False):
             table = pa.Table.from_batches([batch])
-            for name in ROW_SCHEMA.names:
+            schema = row_schema()       # every registered modality's columns (pipeline.modalities)
+            for name in schema.names:
                 if name not in table.column_names:
-                    table = table.append_column(name, pa.nulls(len(table), ROW_SCHEMA.field(name).type))
-            yield table.select(list(ROW_SCHEMA.names)).cast(ROW_SCHEMA)
+                    table = table.append_column(name, pa.nulls(len(table), schema.field(name).type))
+            yield table.select(list(schema.names)).cast(schema)
 
     def slim(self) -> pa.Table | None:
         """Every row without its bulky columns (JPEGs and embeddings counted, as the run-level check wants)."""
