@@ -157,7 +157,7 @@ def test_activation_checkpointing_and_the_mlp_projector_train_on_two_gloo_ranks(
 
     exported = assert_export_matches_checkpoint(run / "checkpoints", tmp_path / "export", last_step=32)
     assert exported.cfg.projector == "mlp" and isinstance(exported.frame_proj, torch.nn.Sequential)
-    assert any(k.startswith("frame_proj.2.") for k in exported.state_dict())
+    assert any(k.startswith("proj.clip.2.") for k in exported.state_dict())
 
     r = run_train(run, cache_dir, args + ["train.max_steps=34"], nproc=2)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
