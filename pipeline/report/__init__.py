@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, command_main
 from .collect import (PRETRAIN_DIR, VQA_METRICS, VQA_METRICS_CANDIDATES, StageReport, collect_stage,  # noqa: F401
                       cuts_per_minute, dataset_rows, finetune_metrics, read_metrics_jsonl, video_durations,
                       vqa_metrics)
@@ -45,6 +45,4 @@ def cli(overrides: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cli import command_main
-
     return command_main(cli, argv)
