@@ -1,13 +1,16 @@
 """`python -m pipeline ...`: run a stage, or show status. See `python -m pipeline --help`."""
 from __future__ import annotations
 
-import re
+import logging
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .errors import ConfigError
+from .errors import ConfigError, command_main, fail  # noqa: F401 - command_main: re-exported
+from .redaction import SECRET_KEY, is_secret, redacted  # noqa: F401 - re-exported
+
+log = logging.getLogger(__name__)
 
 USAGE = """\
 usage:
@@ -30,40 +33,6 @@ conf/cluster/*.yaml (cluster.<key>) can be overridden, e.g.
 A run_dir pins its manifest and shard geometry on the first launch; later stages need only run_dir.
 Re-running a stage skips completed shards and resumes partial ones; retry_failed=true re-does failed items.
 """
-
-SECRET_KEY = re.compile(r"(cookie|proxy|password|passwd|token|secret)", re.I)
-
-
-def fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-
-
-def command_main(command, argv: list[str] | None = None) -> int:
-    """`python -m pipeline.<module> key=value ...` for a subcommand: a ConfigError is one line and exit code 2."""
-    try:
-        return command(list(sys.argv[1:] if argv is None else argv))
-    except ConfigError as exc:
-        return fail(str(exc))
-
-
-def is_secret(key, value) -> bool:
-    """A config value that must not be written anywhere (cookies, proxies, tokens, passwords)."""
-    return bool(SECRET_KEY.search(str(key))) and not isinstance(value, dict) and value not in (None, "", [], {})
-
-
-def redacted(container: dict) -> dict:
-    """Config as written to run dirs and logs: credentials (cookies, proxies, tokens) never leave memory."""
-    out = {}
-    for k, v in container.items():
-        if isinstance(v, dict):
-            out[k] = redacted(v)
-        elif is_secret(k, v):
-            out[k] = "***"
-        else:
-            out[k] = v
-    return out
-
 
 def check_run_dir(run_dir: Path, min_free_gb: float) -> None:
     """run_dir (or the nearest folder above it that exists) is a writable directory on a filesystem with at least
@@ -105,7 +74,7 @@ def launch_stage(overrides: list[str]):
     from .atomic import write_text
     from .config import compose
     from .engine import container, plan_pending
-    from .launchers import launch
+    from .launchers import get_launcher
     from .manifest import load_items, pin_geometry, plan_geometry
     from .shards import ShardStore
     from .stages import get_stage
@@ -113,11 +82,10 @@ def launch_stage(overrides: list[str]):
     from .status import format_status, stage_status, write_summary
 
     cfg = compose(overrides)
-    # Preflight, before anything is written to run_dir: Slurm answers, run_dir writable with room.
-    if cfg.launcher.name == "slurm":
-        from .launchers.slurm import require_slurm
-
-        require_slurm(float(cfg.launcher.preflight_timeout_s))
+    # Preflight, before anything is written to run_dir: the launcher can run (Slurm answers), run_dir writable
+    # with room.
+    launcher = get_launcher(cfg.launcher.name)
+    launcher.preflight(cfg)
     run_dir = Path(cfg.run_dir)
     check_run_dir(run_dir, float(cfg.min_free_gb))
     geo, items, is_new = plan_geometry(run_dir, cfg.input, cfg.num_shards, cfg.items_per_shard)
@@ -151,14 +119,13 @@ def launch_stage(overrides: list[str]):
             to_run.append(s)
     write_text(run_dir / stage_cls.name / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(redacted(container(cfg)))))
     print(f"{stage_cls.name}: {len(to_run)} of {len(shards)} shard(s) to run with launcher={cfg.launcher.name}")
-    result = launch(cfg, to_run)
+    result = launcher.launch(cfg, to_run)
     if not result.waited:
-        if cfg.launcher.name == "slurm" and stage_cls.finish.__func__ is not Stage.finish.__func__:
-            from .launchers.slurm import submit_finish
-
-            after = result.job_ids or ([cfg.launcher.dependency.split(":", 1)[1]] if cfg.launcher.dependency else [])
+        if stage_cls.finish.__func__ is not Stage.finish.__func__:
+            dependency = cfg.launcher.get("dependency")
+            after = result.job_ids or ([dependency.split(":", 1)[1]] if dependency else [])
             if after:
-                result.job_ids.append(submit_finish(cfg, after))
+                result.job_ids.append(launcher.submit_finish(cfg, after))
             elif all(ShardStore(run_dir, stage_cls.name, s).is_complete() for s in range(geo.num_shards)):
                 stage_cls.finish(cfg)  # nothing to wait for: finish here (cheap when already done)
         return result
@@ -167,9 +134,9 @@ def launch_stage(overrides: list[str]):
         stage_cls.finish(cfg)
     print(format_status(run_dir, [stage_status(run_dir, stage_cls.name, geo.num_shards)]))
     for shard, owner in sorted(result.busy_shards.items()):
-        print(f"shard {shard} is being run by {owner}: left to it (on_leased_shard=skip)", file=sys.stderr)
+        log.warning("shard %s is being run by %s: left to it (on_leased_shard=skip)", shard, owner)
     for shard, err in sorted(result.failed_shards.items()):
-        print(f"shard {shard} did not complete: {err} (log: {run_dir / stage_cls.name / 'logs'})", file=sys.stderr)
+        log.error("shard %s did not complete: %s (log: %s)", shard, err, run_dir / stage_cls.name / "logs")
     return result
 
 
@@ -206,6 +173,9 @@ COMMANDS = {"status": show_status, "verify": verify, "report": report}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .logs import configure
+
+    configure()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE.format(stages=_stage_names()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import http.server
+import logging
 import sys
 import threading
 from functools import partial
@@ -18,6 +19,7 @@ from urllib.parse import urlparse
 from .samples import make_samples
 
 REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger(__name__)
 
 
 def serve(directory: Path, port: int = 0) -> tuple[http.server.ThreadingHTTPServer, str]:
@@ -74,10 +76,11 @@ def write_manifest(run_dir: Path, paths: list[Path], base_url: str) -> Path:
 
 
 def main() -> int:
-    from .cli import fail
-    from .errors import ConfigError
+    from .errors import ConfigError, fail
+    from .logs import configure
     from .workflow import load, run_local
 
+    configure()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", default="runs/demo")
     ap.add_argument("--videos", type=int, default=10)
@@ -85,7 +88,7 @@ def main() -> int:
     args = ap.parse_args()
     run_dir = Path(args.run_dir).resolve()
     samples = run_dir / "samples"
-    print(f"making {args.videos} sample videos in {samples} (ffmpeg + espeak-ng)", flush=True)
+    log.info("making %d sample videos in %s (ffmpeg + espeak-ng)", args.videos, samples)
     paths = make_samples(samples, args.videos)
     try:
         httpd, pinned = start_server(run_dir, samples, paths)
@@ -101,9 +104,10 @@ def main() -> int:
     finally:
         httpd.shutdown()
     from .status import format_status, run_status
+    from .train.layout import VQA_RUN, report_file, vqa_metrics
 
     print("\n" + format_status(run_dir, run_status(run_dir)))
-    metrics = run_dir / "vqa" / "vqa" / "metrics.json"
+    metrics = vqa_metrics(run_dir / VQA_RUN)
     if metrics.exists():
         import json
 
@@ -111,7 +115,7 @@ def main() -> int:
         print(f"\nVQA accuracy {m['accuracy']:.2f}% vs majority baseline {m['majority_baseline']:.2f}% "
               f"(always {m['majority_answer']!r}) on {m['n_eval_questions']} held-out questions")
     print(f"\nrun dir: {run_dir}")
-    report = run_dir / "report" / "report.md"
+    report = report_file(run_dir)
     if report.exists():
         print(f"report: {report}")
     return rc

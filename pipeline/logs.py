@@ -18,6 +18,22 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _HANDLER_NAME = "pipeline.logs"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted (not the stream of the first call), so a
+    command run in-process under a replaced stderr (tests' capture, a redirect) logs where its errors go."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def configure(level: int | str | None = None, rank: int = 0) -> logging.Logger:
     """Send the `pipeline` loggers to stderr once; idempotent (a second call only updates the level)."""
     env = os.environ.get("VPT_LOG_LEVEL")
@@ -30,7 +46,7 @@ def configure(level: int | str | None = None, rank: int = 0) -> logging.Logger:
     root = logging.getLogger("pipeline")
     root.setLevel(level)
     if not any(getattr(h, "name", None) == _HANDLER_NAME for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.name = _HANDLER_NAME
         prefix = f"[rank {rank}] " if rank else ""
         handler.setFormatter(logging.Formatter(prefix + FORMAT, datefmt="%H:%M:%S"))

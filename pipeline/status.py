@@ -15,6 +15,7 @@ from .atomic import read_json, write_json
 from .manifest import GEOMETRY_FILE
 from .shards import FAILED, OK, SKIPPED, ShardStore, describe_owner, lease_owner, reason_category
 from .stages import STAGES
+from .train.layout import checkpoints_dir, complete_checkpoints, metrics_log, vqa_metrics
 
 
 @dataclass
@@ -203,23 +204,21 @@ def training_runs(run_dir: str | Path) -> list[Path]:
     """run_dir and its subdirectories that hold a training run (metrics.jsonl or checkpoints/)."""
     run_dir = Path(run_dir)
     candidates = [run_dir] + sorted(d for d in run_dir.iterdir() if d.is_dir())
-    return [d for d in candidates if (d / "metrics.jsonl").is_file() or (d / "checkpoints").is_dir()]
+    return [d for d in candidates if metrics_log(d).is_file() or checkpoints_dir(d).is_dir()]
 
 
 def format_training_status(run_dir: str | Path) -> str:
     """One line per training run under run_dir; "" if there is none."""
-    from .train.layout import complete_checkpoints
-
     run_dir = Path(run_dir)
     rows = []
     for d in training_runs(run_dir):
-        records = _last_records(d / "metrics.jsonl") if (d / "metrics.jsonl").is_file() else []
+        records = _last_records(metrics_log(d)) if metrics_log(d).is_file() else []
         last = next((r for r in reversed(records) if "loss" in r), {})
         last_eval = next((r for r in reversed(records) if "eval_loss" in r), {})
-        ckpts = complete_checkpoints(d / "checkpoints")
+        ckpts = complete_checkpoints(checkpoints_dir(d))
         ckpt = f"step {ckpts[-1][0]} ({len(ckpts)} kept)" if ckpts else "-"
         vqa = ""
-        metrics = read_json(d / "vqa" / "metrics.json")
+        metrics = read_json(vqa_metrics(d))
         if metrics:
             vqa = f"VQA {metrics['accuracy']:.2f}% vs {metrics['majority_baseline']:.2f}% majority baseline"
         name = "." if d == run_dir else d.name

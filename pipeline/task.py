@@ -48,11 +48,12 @@ def run_task(cfg_container: dict[str, Any], shard: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import fail
     from .config import compose
     from .engine import container
-    from .errors import ConfigError
+    from .errors import ConfigError, fail
+    from .logs import configure
 
+    configure()
     argv = list(sys.argv[1:] if argv is None else argv)
     shard_args = [a for a in argv if a.startswith("shard=")]
     if len(shard_args) != 1:

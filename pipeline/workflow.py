@@ -30,6 +30,7 @@ stage ended with shards that did not complete (a task died or was refused) or a 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import subprocess
 import sys
 import time
@@ -39,7 +40,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from .atomic import write_json
-from .errors import ConfigError
+from .errors import ConfigError, fail
+
+log = logging.getLogger(__name__)
 
 STEP_KEYS = {"stage", "module", "args", "overrides", "after", "resources", "nproc", "rerun"}
 RESOURCE_KEYS = {"cpus", "gpus", "mem_gb", "timeout_min", "partition"}
@@ -149,22 +152,15 @@ def command_cluster(wf: DictConfig) -> DictConfig:
 
 def command_parameters(name: str, step: DictConfig, cluster: DictConfig, upstream: list[str]) -> dict[str, Any]:
     """submitit parameters of a command step: the stage launcher's own (partition, account, QoS, constraint, setup
-    lines, extra sbatch options, time limit cap), sized by the step's resources."""
-    from .launchers.slurm import executor_parameters
+    lines, extra sbatch options, time limit cap), sized by the step's resources; one job, not an array."""
+    from .launchers.sbatch import slurm_params
 
     res = step.get("resources", {})
-    cfg = OmegaConf.create({
-        "stage": {"name": name, "resources": {"cpus": res.get("cpus", 2), "gpus": res.get("gpus", 0),
-                                              "mem_gb": res.get("mem_gb", 8),
-                                              "timeout_min": res.get("timeout_min", 240), "nodes": 1}},
-        "cluster": cluster,
-        "launcher": {"array_parallelism": 1, "dependency": f"afterany:{':'.join(upstream)}" if upstream else None},
-    })
-    params = executor_parameters(cfg)
-    del params["slurm_array_parallelism"]  # one job, not an array
-    if res.get("partition"):
-        params["slurm_partition"] = res.partition
-    return params
+    resources = {"cpus": res.get("cpus", 2), "gpus": res.get("gpus", 0), "mem_gb": res.get("mem_gb", 8),
+                 "timeout_min": res.get("timeout_min", 240), "nodes": 1, "tasks_per_node": 1,
+                 "partition": res.get("partition")}
+    return slurm_params(resources, cluster, f"afterany:{':'.join(upstream)}" if upstream else None,
+                        name=f"vpt-{name}")
 
 
 def _marker(wf: DictConfig, name: str) -> Path:
@@ -174,7 +170,10 @@ def _marker(wf: DictConfig, name: str) -> Path:
 def run_command_step(module: str, args: list[str], marker: str, nproc: int = 1) -> None:
     """A command step (pretraining, VQA): runs the module (under torchrun when nproc > 1), then its done marker."""
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
-    print(f"\n$ python {' '.join(launcher)} -m {module} {' '.join(args)}", flush=True)
+    from .logs import configure
+
+    configure()  # in a Slurm job this is the process's entry point
+    log.info("$ python %s", " ".join([*launcher, "-m", module, *args]))
     subprocess.run([sys.executable, *launcher, "-m", module, *args], check=True)
     write_json(marker, {"module": module, "args": list(args), "time": time.time()})
 
@@ -189,22 +188,22 @@ def run_local(wf: DictConfig, cfgs: dict[str, DictConfig] | None = None) -> int:
     for name in order(wf):
         step = wf.steps[name]
         if any(d in failed for d in step.get("after", [])):
-            print(f"\n== {name}: skipped (upstream step failed)")
+            log.warning("== %s: skipped (upstream step failed)", name)
             failed[name] = []
             continue
-        print(f"\n== {name}", flush=True)
+        log.info("== %s", name)
         if "stage" in step:
             result = launch_stage(stage_overrides(wf, step))
             if not result.ok:
                 failed[name] = sorted(result.failed_shards)
         elif _marker(wf, name).exists() and not step.get("rerun", False):
-            print(f"{name}: done already ({_marker(wf, name)})")
+            log.info("%s: done already (%s)", name, _marker(wf, name))
         else:
             try:
                 run_command_step(step.module, list(step.get("args", [])), str(_marker(wf, name)),
                                  int(step.get("nproc", 1)))
             except subprocess.CalledProcessError as exc:
-                print(f"{name} failed: {exc}", file=sys.stderr)
+                log.error("%s failed: %s", name, exc)
                 failed[name] = []
     return report_failures(wf, failed)
 
@@ -265,7 +264,7 @@ def submit_slurm(wf: DictConfig, cfgs: dict[str, DictConfig] | None = None) -> d
             ex.update_parameters(**command_parameters(name, step, cluster, upstream))
             job = ex.submit(run_command_step, step.module, list(step.get("args", [])), str(_marker(wf, name)),
                             int(step.get("nproc", 1)))
-            print(f"submitted {name}: job {job.job_id}")
+            print(f"submitted {name}: job {job.job_id}")  # the command's output: the job ids to watch
             jobs[name] = [job.job_id]
     write_json(Path(wf.run_dir) / "workflow" / "jobs.json", jobs)
     return jobs
@@ -298,9 +297,10 @@ def wait_for(job_ids: list[str], poll_s: float = 3.0, max_failures: int = 20) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import fail
+    from .logs import configure
     from .status import format_status, run_status
 
+    configure()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             jobs = submit_slurm(wf, cfgs)
             rc = 0
             if wf.wait:
-                print("waiting for the workflow's jobs ...", flush=True)
+                log.info("waiting for the workflow's jobs ...")
                 wait_for([j for ids in jobs.values() for j in ids])
                 rc = report_failures(wf, slurm_failures(wf, cfgs))
     except ConfigError as exc:

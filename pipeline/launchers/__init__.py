@@ -1,25 +1,28 @@
-"""Launchers run the incomplete shards of a stage: `local` (process pool) or `slurm` (submitit array jobs)."""
+"""Launchers run the incomplete shards of a stage: `local` (process pool) or `slurm` (submitit array jobs).
+
+Each is a module of this package defining `LAUNCHER` (a `base.Launcher`); modules are imported when first asked
+for, so choosing `local` never imports submitit.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import importlib
+
+from ..errors import ConfigError
+from .base import LaunchResult, Launcher
+
+__all__ = ["LAUNCHERS", "LaunchResult", "Launcher", "get_launcher", "launch"]
+
+LAUNCHERS: dict[str, str] = {
+    "local": "pipeline.launchers.local",
+    "slurm": "pipeline.launchers.slurm",
+}
 
 
-@dataclass
-class LaunchResult:
-    shards: list[int]
-    failed_shards: dict[int, str] = field(default_factory=dict)   # shard -> error
-    busy_shards: dict[int, str] = field(default_factory=dict)     # shard -> the live owner that runs it (skipped)
-    job_ids: list[str] = field(default_factory=list)
-    waited: bool = True
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed_shards
+def get_launcher(name: str) -> Launcher:
+    if name not in LAUNCHERS:
+        raise ConfigError(f"unknown launcher {name!r}; choose one of: {', '.join(LAUNCHERS)}")
+    return importlib.import_module(LAUNCHERS[name]).LAUNCHER
 
 
 def launch(cfg, shards: list[int]) -> LaunchResult:
-    if cfg.launcher.name == "local":
-        from .local import launch as run
-    else:
-        from .slurm import launch as run
-    return run(cfg, shards)
+    return get_launcher(cfg.launcher.name).launch(cfg, shards)

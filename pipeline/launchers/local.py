@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ..engine import container
 from ..task import run_task
-from . import LaunchResult
+from .base import LaunchResult, Launcher
 
 # Pools that broke before any of their shards started (workers that cannot even start): then give up.
 MAX_IDLE_REBUILDS = 2
@@ -78,3 +78,14 @@ def launch(cfg, shards: list[int], task: Callable[[dict, int], Any] = run_task) 
         bar.set_postfix(items=items, ok=ok, failed_shards=len(result.failed_shards))
     bar.close()
     return result
+
+
+class LocalLauncher(Launcher):
+    """Shards in fresh local processes; waits for them, so a stage's finish step runs in the calling process."""
+    name = "local"
+
+    def launch(self, cfg, shards: list[int]) -> LaunchResult:
+        return launch(cfg, shards)
+
+
+LAUNCHER = LocalLauncher()

@@ -1,11 +1,12 @@
 """Slurm launcher: one submitit array job per stage over the incomplete shards.
 
 - `%` throttle from `launcher.array_parallelism`; split into several arrays past the cluster's MaxArraySize.
-- Partition/account/QoS/GPUs from the cluster profile, sizes from the stage's `resources`.
+- Partition/account/QoS/GPUs from the cluster profile, sizes from the stage's `resources`: `sbatch.slurm_params`,
+  the one builder of sbatch parameters (also used by workflow command steps and training jobs).
 - Timeouts and preemption: the task is `Checkpointable`, so submitit requeues it on the pre-timeout signal; the
   requeued task resumes from the shard's parts (see pipeline.engine).
 - `resources.nodes > 1`: each array task is a multi-node job that starts a Ray cluster over its allocation.
-- Credentials (anything `cli.redacted` masks: proxy, cookies file, tokens) are not pickled into the job folder: the
+- Credentials (anything `redaction.redacted` masks: proxy, cookies file, tokens) are not pickled into the job folder: the
   pickled config holds `${oc.env:VPT_SECRET_...}` in their place, the values travel in the environment `sbatch`
   passes to the job (its default --export=ALL), and the task resolves them when it rebuilds the config.
 """
@@ -23,11 +24,12 @@ from pathlib import Path
 import submitit
 from tqdm import tqdm
 
-from ..cli import is_secret
 from ..engine import container
 from ..errors import ConfigError
+from ..redaction import is_secret
 from ..task import run_task
-from . import LaunchResult
+from .base import LaunchResult, Launcher
+from .sbatch import slurm_params
 
 
 class Requeueable(submitit.helpers.Checkpointable):
@@ -71,37 +73,24 @@ def cluster_max_array_size() -> int:
     return 1001  # Slurm's default
 
 
+def stage_resources(cfg) -> dict:
+    """The stage's `resources` as `slurm_params` takes them (one task per node; multi-node tasks start Ray)."""
+    res = cfg.stage.resources
+    return {"cpus": res.cpus, "gpus": res.gpus, "mem_gb": res.mem_gb, "timeout_min": res.timeout_min,
+            "nodes": res.nodes, "tasks_per_node": 1}
+
+
 def executor_parameters(cfg) -> dict:
-    res, cl = cfg.stage.resources, cfg.cluster
-    gpus = int(res.gpus)
-    params = {
-        "name": f"vpt-{cfg.stage.name}",
-        "timeout_min": min(int(res.timeout_min), int(cl.max_timeout_min)),
-        "nodes": int(res.nodes),
-        "tasks_per_node": 1,
-        "cpus_per_task": int(max(res.cpus, gpus * cl.cpus_per_gpu if gpus else res.cpus)),
-        "mem_gb": float(max(res.mem_gb, gpus * cl.mem_gb_per_gpu if gpus else res.mem_gb)),
-        "slurm_array_parallelism": int(cfg.launcher.array_parallelism),
-    }
-    if gpus:
-        params["gpus_per_node"] = gpus
-    partition = (cl.gpu_partition or cl.partition) if gpus else cl.partition
-    if partition:
-        params["slurm_partition"] = partition
-    if cl.account:
-        params["slurm_account"] = cl.account
-    if cl.qos:
-        params["slurm_qos"] = cl.qos
-    if cl.constraint:
-        params["slurm_constraint"] = cl.constraint
-    if cl.setup:
-        params["slurm_setup"] = list(cl.setup)
-    extra = dict(cl.additional or {})
-    if cfg.launcher.dependency:
-        extra["dependency"] = cfg.launcher.dependency
-    if extra:
-        params["slurm_additional_parameters"] = extra
-    return params
+    """submitit parameters of the stage's array jobs."""
+    return slurm_params(stage_resources(cfg), cfg.cluster, cfg.launcher.dependency or None,
+                        name=f"vpt-{cfg.stage.name}", array_parallelism=int(cfg.launcher.array_parallelism))
+
+
+def finish_parameters(cfg, after_job_ids: list[str]) -> dict:
+    """submitit parameters of the stage's finish job: one node, after (`afterany`) the given jobs."""
+    dependency = "afterany:" + ":".join(after_job_ids) if after_job_ids else None
+    return slurm_params({**stage_resources(cfg), "nodes": 1}, cfg.cluster, dependency,
+                        name=f"vpt-{cfg.stage.name}-finish", array_parallelism=1)
 
 
 SECRET_ENV_PREFIX = "VPT_SECRET_"
@@ -179,11 +168,11 @@ def secrets_in_environ(env: dict[str, str]):
                 os.environ[k] = v
 
 
-def make_executor(cfg) -> submitit.AutoExecutor:
+def make_executor(cfg, params: dict | None = None) -> submitit.AutoExecutor:
     require_sbatch()
     folder = Path(cfg.run_dir) / cfg.stage.name / "logs" / "slurm"
     executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
-    executor.update_parameters(**executor_parameters(cfg))
+    executor.update_parameters(**(executor_parameters(cfg) if params is None else params))
     return executor
 
 
@@ -207,6 +196,7 @@ def launch(cfg, shards: list[int]) -> LaunchResult:
         return result
     submitted = submit(cfg, shards)
     result.job_ids = sorted({job.job_id.split("_")[0] for _, job in submitted})
+    # the command's output when it does not wait: the job ids to watch
     print(f"submitted {len(submitted)} array task(s) of {cfg.stage.name}: job(s) {', '.join(result.job_ids)}")
     if not cfg.launcher.wait:
         return result
@@ -249,15 +239,26 @@ def finish_stage(cfg_container: dict) -> None:
 
 def submit_finish(cfg, after_job_ids: list[str]) -> str:
     """Submit finish_stage as one job that waits for the stage's arrays (afterany: the gate is the markers)."""
-    executor = make_executor(cfg)
-    extra = dict(executor_parameters(cfg).get("slurm_additional_parameters", {}))
-    extra.pop("dependency", None)
-    if after_job_ids:
-        extra["dependency"] = "afterany:" + ":".join(after_job_ids)
-    executor.update_parameters(name=f"vpt-{cfg.stage.name}-finish", slurm_array_parallelism=1, nodes=1,
-                               slurm_additional_parameters=extra)
+    executor = make_executor(cfg, finish_parameters(cfg, after_job_ids))
     payload, secrets = secretless(container(cfg))
     with secrets_in_environ(secrets):
         job = executor.submit(finish_stage, payload)
     print(f"submitted {cfg.stage.name} finish step: job {job.job_id}")
     return job.job_id
+
+
+class SlurmLauncher(Launcher):
+    """Array jobs through submitit; with `launcher.wait=false` it returns once they are queued."""
+    name = "slurm"
+
+    def preflight(self, cfg) -> None:
+        require_slurm(float(cfg.launcher.preflight_timeout_s))
+
+    def launch(self, cfg, shards: list[int]) -> LaunchResult:
+        return launch(cfg, shards)
+
+    def submit_finish(self, cfg, after_job_ids: list[str]) -> str:
+        return submit_finish(cfg, after_job_ids)
+
+
+LAUNCHER = SlurmLauncher()

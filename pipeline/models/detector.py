@@ -10,12 +10,24 @@ pretrained download) and COCO's 80 label names, saves it with its image processo
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from ..atomic import temp_path
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass
+class SceneObject:
+    """One detection: what the detector returns and the node of a scene graph (`pipeline.scenegraph`)."""
+    label: str
+    score: float
+    box: Box                                    # normalised x0, y0, x1, y1
+
 
 DEFAULT_CHECKPOINT = "facebook/detr-resnet-50"
 
@@ -88,8 +100,6 @@ class ObjectDetector:
 
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Any]]:
         import torch
-
-        from ..scenegraph.relations import SceneObject
 
         if not images:
             return []

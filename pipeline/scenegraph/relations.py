@@ -42,7 +42,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-Box = tuple[float, float, float, float]
+from ..models.detector import Box, SceneObject  # noqa: F401 - SceneObject: part of this module's interface
 
 PERSON = frozenset({"person", "man", "woman", "boy", "girl", "child", "people", "player", "rider"})
 HOLDABLE = frozenset({
@@ -61,13 +61,6 @@ SUPPORTS = frozenset({
 })
 
 PREDICATES = ("holding", "riding", "on", "in front of", "behind", "above", "below", "next to")
-
-
-@dataclass
-class SceneObject:
-    label: str
-    score: float
-    box: Box                                    # normalised x0, y0, x1, y1
 
 
 @dataclass

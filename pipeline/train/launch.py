@@ -16,6 +16,7 @@ from typing import Any
 import submitit
 
 from ..launchers.ray_cluster import _job_number, _node_address
+from ..launchers.sbatch import slurm_params
 from ..launchers.slurm import Requeueable
 
 CLUSTER_DIR = Path(__file__).resolve().parents[2] / "conf" / "cluster"
@@ -44,47 +45,38 @@ class TrainTask(Requeueable):
 
 
 def cluster_profile(name: str | None) -> dict[str, Any]:
-    """conf/cluster/<name>.yaml (or a yaml path) as a dict; {} for none."""
+    """conf/cluster/<name>.yaml (or a yaml path) over its schema (`ClusterConfig`, as the stages see it) as a dict;
+    {} for none."""
     if not name:
         return {}
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ..config import ClusterConfig
 
     path = Path(name) if str(name).endswith(".yaml") else CLUSTER_DIR / f"{name}.yaml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in CLUSTER_DIR.glob("*.yaml")))
         raise ValueError(f"slurm.cluster={name!r}: no profile {path} (known: {known})")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    own = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    own.pop("defaults", None)  # the yaml names its schema; merged here by hand
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ClusterConfig), own)
+    except OmegaConfBaseException as exc:
+        raise ValueError(f"slurm.cluster={name!r}: {path}: {str(exc).splitlines()[0]}") from None
+    return OmegaConf.to_container(merged, resolve=True)
 
 
 def executor_parameters(sl: dict[str, Any]) -> dict[str, Any]:
-    """submitit parameters of a training job: the explicit `slurm.*` values, every null one from the profile."""
+    """submitit parameters of a training job: the explicit `slurm.*` values, every null one from the profile.
+    One rank per task and one GPU per rank: tasks per node default to the node's GPUs (1 without GPUs)."""
     prof = cluster_profile(sl.get("cluster"))
     gpus = int(sl["gpus_per_node"] if sl.get("gpus_per_node") is not None else prof.get("gpus_per_node", 0))
     tasks = int(sl["tasks_per_node"] if sl.get("tasks_per_node") is not None else max(1, gpus))
-    cpus = sl.get("cpus_per_task")
-    cpus = int(cpus if cpus is not None else (prof.get("cpus_per_gpu", 2) if gpus else 2))
-    mem = sl.get("mem_gb")
-    mem = float(mem if mem is not None else (prof.get("mem_gb_per_gpu", 8) * gpus if gpus else 8))
-    timeout = int(sl["timeout_min"])
-    if prof.get("max_timeout_min"):
-        timeout = min(timeout, int(prof["max_timeout_min"]))
-    params: dict[str, Any] = {"name": "vpt-train", "nodes": int(sl["nodes"]), "tasks_per_node": tasks,
-                              "cpus_per_task": cpus, "mem_gb": mem, "timeout_min": timeout}
-    if gpus:
-        params["gpus_per_node"] = gpus
-    partition = sl.get("partition") or ((prof.get("gpu_partition") or prof.get("partition")) if gpus
-                                        else prof.get("partition"))
-    if partition:
-        params["slurm_partition"] = partition
-    for key in ("account", "qos", "constraint"):
-        value = sl.get(key) or prof.get(key)
-        if value:
-            params[f"slurm_{key}"] = value
-    if prof.get("setup"):
-        params["slurm_setup"] = list(prof["setup"])
-    if prof.get("additional"):
-        params["slurm_additional_parameters"] = dict(prof["additional"])
-    return params
+    resources = {"nodes": sl["nodes"], "tasks_per_node": tasks, "gpus": gpus, "gpus_per_task": 1,
+                 "cpus": sl.get("cpus_per_task"), "mem_gb": sl.get("mem_gb"), "timeout_min": sl["timeout_min"],
+                 **{key: sl.get(key) for key in ("partition", "account", "qos", "constraint")}}
+    return slurm_params(resources, prof, None, name="vpt-train", gpu_share="default")
 
 
 def submit(cfg: dict[str, Any]) -> submitit.Job:
@@ -92,6 +84,7 @@ def submit(cfg: dict[str, Any]) -> submitit.Job:
     ex = submitit.AutoExecutor(folder=str(Path(cfg["run_dir"]) / "logs" / "slurm"), cluster="slurm")
     ex.update_parameters(**params)
     job = ex.submit(TrainTask(cfg))
+    # the command's output when it does not wait: the job id to watch
     print(f"submitted training: job {job.job_id} ({params['nodes']} node(s) x {params['tasks_per_node']} rank(s)); "
           f"logs in {Path(cfg['run_dir']) / 'logs' / 'slurm'}", flush=True)
     return job
