@@ -62,8 +62,8 @@ class VPTConfig(ModelConfig):
 def check_modalities(saved: list[str] | tuple[str, ...], wanted: list[str] | tuple[str, ...], what: str) -> None:
     """A checkpoint's modalities must be the config's (same names, same order): else a one-line ValueError."""
     if list(saved) != list(wanted):
-        raise ValueError(f"{what} has modalities {list(saved)} but the model config names {list(wanted)}: "
-                         f"set model.modalities to match, or train a new model")
+        raise ValueError(f"{what} was made with modalities {list(saved)}, but the model config names "
+                         f"{list(wanted)}: set model.modalities to match, or train a new model")
 
 
 def make_projector(kind: str, d_in: int, d_model: int) -> nn.Module:
