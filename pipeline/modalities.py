@@ -38,6 +38,8 @@ from typing import Any, Callable, Iterator, Union
 import numpy as np
 import pyarrow as pa
 
+from . import cells
+
 FRAME, SEGMENT, VIDEO = "frame", "segment", "video"      # alignment keys
 KEY_COLUMN = {FRAME: "frame_idx", SEGMENT: "segment_idx", VIDEO: None}
 
@@ -183,9 +185,7 @@ def _frames(table: pa.Table) -> list:
 
 
 def _clip(table: pa.Table) -> list:
-    from .schema import _clip_cells, _combined
-
-    return _clip_cells(_combined(table, "clip"))
+    return cells.clip_cells(cells.column_array(table, "clip"))
 
 
 HEAD_STORED = (Stored("video_id", "Text"), Stored("segment_idx", "Int64"), Stored("start", "Float64"),
@@ -406,9 +406,7 @@ class LiveMapping(Mapping):
 
 
 def list_cells(table: pa.Table, name: str, dtype: Any) -> list[np.ndarray]:
-    from .schema import _combined, _list_cells
-
-    return _list_cells(_combined(table, name), np.dtype(dtype))
+    return cells.list_cells(cells.column_array(table, name), np.dtype(dtype))
 
 
 # ------------------------------------------------------------------------------------------------ plug-ins
