@@ -1,14 +1,18 @@
-"""`python -m pipeline.train [key=value ...]` (Hydra-style overrides of conf/train/pretrain.yaml, validated
-against `pipeline.train.config.PretrainConfig`; `--help` lists them), also under torchrun.
+"""`python -m pipeline.train [key=value ...]` (Hydra-style overrides of conf/train/pretrain.yaml, composed onto
+the schema `pipeline.train.config.PretrainConfig` registered in Hydra's ConfigStore; `--help` lists them), also
+under torchrun. A bad key or value is one error line and exit status 2 before anything runs.
 `python -m pipeline.train export CHECKPOINT_DIR OUT_DIR` writes a Hugging Face-format model."""
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.logs import configure
 from pipeline.train.config import CONF_DIR, compose, usage, wants_help  # noqa: F401 - compose: public API
 
 
@@ -28,8 +32,23 @@ def check(cfg: dict[str, Any]) -> str:
     return ""
 
 
+log = logging.getLogger(__name__)
+
+
+def rank() -> int:
+    """This process's global rank (torchrun: RANK; a Slurm task: SLURM_PROCID); 0 outside a launcher."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    configure(rank=rank())          # rank 0 logs at INFO, the other ranks warnings and errors
     if argv[:1] == ["export"]:
+        if len(argv) != 3:
+            print("error: usage: python -m pipeline.train export CHECKPOINT_DIR OUT_DIR", file=sys.stderr)
+            return 2
         from pipeline.train.checkpoint import export_hf
         print(export_hf(Path(argv[1]), Path(argv[2])))
         return 0
