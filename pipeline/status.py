@@ -95,7 +95,7 @@ def dataset_status(run_dir: Path, st: StageStatus) -> None:
     """The ingest dataset's head (local datasets): an unreadable one means ingest is not done, whatever its
     shards say (`verify` or the next `stage=ingest` rolls it back to the last good version)."""
     from .dataset_health import head_problem, local_dir
-    from .stages.ingest import dataset_url
+    from .dataset.layout import dataset_url
     from .verify import ingest_settings
 
     from filelock import FileLock, Timeout

@@ -139,7 +139,7 @@ def read_metrics_jsonl(path: Path) -> list[dict]:
 def dataset_rows(run_dir: Path) -> tuple[int | None, str]:
     """Rows of the Deep Lake dataset the ingest stage wrote (None if there is none), and its URL."""
     try:
-        from ..stages.ingest import dataset_url
+        from ..dataset.layout import dataset_url
 
         path = run_dir / "ingest" / "config.yaml"
         stage_cfg = {}

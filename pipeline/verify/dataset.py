@@ -87,7 +87,7 @@ def verify_dataset(run_dir: Path, cfg: Any, shard_keys: dict[int, set[tuple[str,
     """
     from ..dataset import exists, open_read_only, repair
     from ..dataset.view import group_violations
-    from ..stages.ingest import dataset_url
+    from ..dataset.layout import dataset_url
 
     if ds is None:
         url = dataset_url(cfg, run_dir)
