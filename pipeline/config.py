@@ -163,6 +163,11 @@ def hydra_error_text(exc: BaseException, hint: str) -> str:
         return f"unknown {m.group(1)} {m.group(2)!r}; choose one of: {', '.join(options)}"
     if type(exc).__name__ == "OverrideParseException" or "mismatched input" in text or "no viable" in text:
         return f"cannot parse the overrides ({_one_line(exc)}); write KEY=VALUE ({hint})"
+    m = re.match(r"In '([^']+)': \w+ raised while composing config:\n(.*)\n(?:.*\n)*?\s*full_key: (\S+)", str(exc))
+    if m:   # a yaml file's own value of the wrong type, or a key its schema lacks
+        where, text, key = m.groups()
+        what = f"unknown config key {key!r}" if "Key '" in text and "not in" in text else f"{key}: {text.strip()}"
+        return f"conf/{where}.yaml: {what}"
     if isinstance(cause, OmegaConfBaseException):
         where = re.search(r"Error merging '([^']+)'", str(exc))
         body = _config_error_text(cause, hint)
@@ -326,14 +331,14 @@ def schema_types(schema: type, prefix: str = "") -> dict[str, str]:
 
 
 def _comment_notes(lines: list[str], key_re: str, prefix: str) -> dict[str, str]:
-    """key -> the comment beside it, continued by comment-only lines aligned under it."""
+    """key -> the comment beside it, continued by the comment-only lines right below indented deeper than it."""
     notes: dict[str, str] = {}
-    last, column = "", 0
+    last, indent = "", 0
     for line in lines:
         m = re.match(key_re, line)
         if not m:
             c = re.match(r"^(\s+)#\s?(.*)$", line)
-            if c and last and len(c.group(1)) >= column:
+            if c and last and len(c.group(1)) > indent:
                 notes[last] = f"{notes[last]} {c.group(2).strip()}".strip()
             else:
                 last = ""
@@ -342,7 +347,7 @@ def _comment_notes(lines: list[str], key_re: str, prefix: str) -> dict[str, str]
         at = _comment_at(line, m.end(1))
         if at is not None:
             key = prefix + m.group(1).strip()
-            notes[key], last, column = line[at + 1:].strip(), key, at
+            notes[key], last, indent = line[at + 1:].strip(), key, len(line) - len(line.lstrip())
     return notes
 
 
