@@ -331,9 +331,10 @@ def schema_types(schema: type, prefix: str = "") -> dict[str, str]:
 
 
 def _comment_notes(lines: list[str], key_re: str, prefix: str) -> dict[str, str]:
-    """key -> the comment beside it, continued by the comment-only lines right below indented deeper than it."""
+    """key -> the comment beside it, continued by the comment-only lines right below indented deeper than it;
+    without one, the comment lines right above it."""
     notes: dict[str, str] = {}
-    last, indent = "", 0
+    last, indent, above = "", 0, []
     for line in lines:
         m = re.match(key_re, line)
         if not m:
@@ -342,12 +343,16 @@ def _comment_notes(lines: list[str], key_re: str, prefix: str) -> dict[str, str]
                 notes[last] = f"{notes[last]} {c.group(2).strip()}".strip()
             else:
                 last = ""
+                above = above + [c.group(2).strip()] if c else []
             continue
         last = ""
         at = _comment_at(line, m.end(1))
+        key = prefix + m.group(1).strip()
         if at is not None:
-            key = prefix + m.group(1).strip()
             notes[key], last, indent = line[at + 1:].strip(), key, len(line) - len(line.lstrip())
+        elif above:
+            notes[key] = " ".join(above)
+        above = []
     return notes
 
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 class Resources:
     """What one array task of this stage asks the cluster for (ignored by the local launcher)."""
     cpus: int = 2
-    gpus: int = 0
+    gpus: int = 0           # GPUs per node on GPU partitions; a model stage's runner starts one model per GPU
     mem_gb: float = 8.0
     timeout_min: int = 240
     nodes: int = 1          # >1: a multi-node job that starts a Ray cluster over the allocation

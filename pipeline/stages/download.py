@@ -71,22 +71,22 @@ def _clean(message: str) -> str:
 @dataclass
 class DownloadConfig(StageConfig):
     name: str = "download"
-    format: str = "bv*[height<=360]+ba/b[height<=360]/wv*+ba/w"
+    format: str = "bv*[height<=360]+ba/b[height<=360]/wv*+ba/w"   # <=360p video + audio; else the smallest
     merge_output_format: str = "mp4"
-    max_files_per_dir: int = 1000
+    max_files_per_dir: int = 1000       # media files per directory (metadata servers hate huge directories)
     socket_timeout_s: float = 30.0
-    retries: int = 3
-    max_attempts: int = 3
-    backoff_s: float = 2.0
-    rate_limited_backoff_s: float = 30.0
-    max_backoff_s: float = 900.0
-    sleep_between_s: float = 0.0
-    jitter: float = 0.25
-    rate_limit: Optional[str] = None
-    max_duration_s: Optional[float] = 21600.0
-    max_filesize: Optional[str] = "5G"
-    cookies_file: Optional[str] = None
-    proxy: Optional[str] = None
+    retries: int = 3                    # yt-dlp's own HTTP retries
+    max_attempts: int = 3               # whole-item attempts for transient failures (timeout, 429, 5xx), with backoff
+    backoff_s: float = 2.0              # 2, 4, 8 ... seconds before retry 1, 2, 3 (also yt-dlp's own retries)
+    rate_limited_backoff_s: float = 30.0   # after an HTTP 429: 30, 60, 120 ... seconds, doubling per consecutive 429
+    max_backoff_s: float = 900.0        # cap on any single backoff
+    sleep_between_s: float = 0.0        # pause after every request attempt, ok or not (request rate limit)
+    jitter: float = 0.25                # every pause is stretched by a random 0..25%
+    rate_limit: Optional[str] = None    # bandwidth cap per download, e.g. 5M (bytes/s; yt-dlp syntax)
+    max_duration_s: Optional[float] = 21600.0   # refuse longer videos (too_long); null: no limit; live: always refused
+    max_filesize: Optional[str] = "5G"  # refuse bigger downloads (too_large), e.g. 500M; null: no limit
+    cookies_file: Optional[str] = None  # never logged (conf/stage/download.yaml: $VPT_COOKIES_FILE)
+    proxy: Optional[str] = None         # never logged (conf/stage/download.yaml: $VPT_PROXY)
     resources: Resources = field(default_factory=lambda: Resources(cpus=2, gpus=0, mem_gb=4))
 
 
