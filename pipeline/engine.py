@@ -250,6 +250,7 @@ def _run_leased(cfg: DictConfig, stage_cls: type[Stage], store: ShardStore, leas
         stage = stage_cls(cfg.stage, make_context(cfg, shard, lg))
     except BaseException:
         witness.stop()
+        inflight.close()
         raise
     try:
         runnable: list[WorkItem] = []
@@ -309,6 +310,7 @@ def _run_leased(cfg: DictConfig, stage_cls: type[Stage], store: ShardStore, leas
             stage.close()
         finally:
             witness.stop()
+            inflight.close()
 
     part_ledger, part_tables = store.read_parts()
     ledger = _one_row_per_item(kept_ledger + part_ledger, items, f"{stage_cls.name} shard {shard}")

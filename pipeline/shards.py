@@ -212,9 +212,18 @@ class InFlight:
     accounting tells: an attempt that ran as another job and ended FAILED or OUT_OF_MEMORY died on its own (a
     preempted, cancelled, timed-out or requeued job, or a failed node, did not)."""
 
+    # A record up to one page is overwritten in place by one pwrite (a process death cannot tear a single-page
+    # write: the kernel copies the page whole); a larger one goes to a temp file and a rename.
+    IN_PLACE_MAX = 4096
+
     def __init__(self, path: Path):
         self.path = path
-        state = read_json(path, {}) or {}
+        self._fd: int | None = None
+        self._size = 0
+        try:
+            state = read_json(path, {}) or {}
+        except ValueError:  # torn by a crash of the machine (never fsynced): the task died with it, nothing to count
+            state = {}
         self.crashes: dict[str, int] = {k: int(v) for k, v in state.get("crashes", {}).items()}
         left = state.get("inflight", [])
         for vid in left:
@@ -245,12 +254,38 @@ class InFlight:
                 self._save()
 
     def _save(self) -> None:
-        # Atomic (temp + rename) but not fsynced: the record guards deaths of processes (native crash, OOM kill,
-        # kill -9), and the page cache outlives those. Only a crash of the machine could lose it, and that kills
-        # the witness and the task too: nothing would be counted anyway, and the items are simply run again.
-        write_json(self.path, {"inflight": sorted(self.items), "crashes": self.crashes,
-                               "owner": {"host": socket.gethostname(), "pid": os.getpid(),
-                                         "slurm_job": os.environ.get("SLURM_JOB_ID", "")}}, durable=False)
+        # Two writes per item, neither fsynced: the record guards deaths of processes (native crash, OOM kill,
+        # kill -9), and the page cache outlives those. Only a crash of the machine could lose or tear it, and that
+        # kills the witness and the task too: nothing would be counted anyway, and the items simply run again (a
+        # torn record reads as empty). Readers (the witness, the next attempt) read it after this process died.
+        state = {"inflight": sorted(self.items), "crashes": self.crashes,
+                 "owner": {"host": socket.gethostname(), "pid": os.getpid(),
+                           "slurm_job": os.environ.get("SLURM_JOB_ID", "")}}
+        data = json.dumps(state, sort_keys=True).encode()
+        if self._fd is None and len(data) <= self.IN_PLACE_MAX:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._size = os.fstat(self._fd).st_size
+        if self._fd is None or max(len(data), self._size) > self.IN_PLACE_MAX:
+            self.close()
+            write_json(self.path, state, durable=False)  # atomic: temp file + rename (a new, compact file)
+            return
+        # JSON then blanks up to the longest record written so far: no tail of an older one is left to parse.
+        record = data.ljust(self._size)
+        if os.pwrite(self._fd, record, 0) != len(record):
+            raise OSError(f"{self.path}: short write of the in-flight record")
+        self._size = max(self._size, len(data))
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001  (interpreter shutdown)
+            pass
 
 
 def slurm_job_died_on_its_own(job: str, timeout_s: float = 15.0) -> bool:

@@ -312,16 +312,14 @@ def test_rows_are_encoded_once_and_the_inflight_record_is_not_fsynced(tmp_path, 
     monkeypatch.setattr(atomic.pq, "write_table", counting_write)
     monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd))[1])
     inflight_writes = []
-    real_write_json = atomic.write_json
-    monkeypatch.setattr("pipeline.shards.write_json",
-                        lambda path, obj, **kw: (inflight_writes.append(kw.get("durable", True))
-                                                 if Path(path).name == "inflight.json" else None,
-                                                 real_write_json(path, obj, **kw))[1])
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, at: (inflight_writes.append(json.loads(data)["inflight"]),
+                                                           real_pwrite(fd, data, at))[1])
     run_shard(_cfg(run, flush_every=16), 0)
     store = ShardStore(run, "crashy", 0)
     assert store.read_table("rows").column("video_id").to_pylist() == sorted(f"v{i}" for i in range(n))
     assert sum(encoded) == n                     # each row once: parts were not Parquet, nor re-encoded
-    assert len(inflight_writes) >= 2 * n and not any(inflight_writes)   # start + done per item, none durable
+    assert inflight_writes == [w for v in sorted(f"v{i}" for i in range(n)) for w in ([v], [])]  # start, done
     assert len(fsyncs) < n                       # before: 4 per item (file + directory, twice)
 
 
@@ -343,3 +341,34 @@ def test_resumes_a_shard_whose_parts_an_older_version_wrote_as_parquet(tmp_path)
     assert stats["processed"] == 3 and store.is_complete()
     assert store.read_table("rows").column("video_id").to_pylist() == [f"v{i}" for i in range(6)]
     assert sorted(r["video_id"] for r in store.read_ledger()) == [f"v{i}" for i in range(6)]
+
+
+def test_inflight_record_overwritten_in_place_reads_back_whole(tmp_path):
+    """The record is rewritten in place while small, by temp file and rename when over a page; either way each
+    state reads back exactly (no tail of a longer earlier record), and a record torn by a machine crash reads as
+    empty instead of failing the shard."""
+    from pipeline.shards import InFlight
+
+    path = tmp_path / "parts" / "inflight.json"
+    record = InFlight(path)
+    states = [["a-rather-long-video-id"], ["a-rather-long-video-id", "b"], ["b"], []]
+    record.start("a-rather-long-video-id")
+    seen = [json.loads(path.read_text())["inflight"]]
+    record.start("b")
+    seen.append(json.loads(path.read_text())["inflight"])
+    record.done("a-rather-long-video-id")
+    seen.append(json.loads(path.read_text())["inflight"])
+    record.done("b")
+    seen.append(json.loads(path.read_text())["inflight"])
+    assert seen == states
+    many = [f"video-{i:05d}" for i in range(400)]          # ~6 KB: over a page
+    for v in many:
+        record.start(v)
+    assert json.loads(path.read_text())["inflight"] == many
+    for v in many[1:]:
+        record.done(v)
+    assert json.loads(path.read_text())["inflight"] == many[:1] and path.stat().st_size < 4096
+    record.close()
+    assert InFlight(path).crashes == {many[0]: 0}          # the leftover is a suspect of the next attempt
+    path.write_bytes(b'{"inflight": ["vid')                # torn
+    assert InFlight(path).crashes == {}
