@@ -1,14 +1,17 @@
-"""ingest: join every modality per segment, verify alignment, then write one Deep Lake 4 dataset.
+"""ingest: join every modality per segment, verify alignment, then write the Deep Lake 4 dataset.
 
 Per shard (an engine stage): each video's upstream rows are joined on explicit keys (`pipeline.join`) into
 table `rows` keyed (video_id, segment_idx), schema `pipeline.schema.ROW_SCHEMA`. The verifier then checks the
 video's rows and its upstream keys and counts (`pipeline.verify`); a video with any violation fails as
 "misaligned: <first violations>" and none of its rows are written.
 
-After every shard is joined, `write_dataset(cfg)` (the stage's `finish`) brings ONE Deep Lake dataset at
-`stage.dataset_path` (default `<run_dir>/dataset`; any URL Deep Lake supports) up to date with the complete
-shards, appending in batches of `append_batch_rows` with a commit per `shards_per_commit` shards. Before a
-shard's rows are appended they pass the run-level verifier (`pipeline.verify.verify_shard`, on the very rows
+After every shard is joined, `write_dataset(cfg)` (the stage's `finish`; the writer lives in
+`pipeline.dataset`) brings the Deep Lake dataset at `stage.dataset_path` (default `<run_dir>/dataset`; any URL
+Deep Lake supports) up to date with the complete shards. Runs of more than `shards_per_group` shards (local
+datasets) write one dataset per group of shards, `<dataset>/group-<g>`, each by its own writer and lock, up to
+`writers` at once, read as one dataset through `pipeline.dataset.open_read_only` (`pipeline.dataset.layout`);
+what follows holds per group. Shard rows are read `max_rows_in_memory` at a time and appended in batches of
+`append_batch_rows`, with a commit per `shards_per_commit` shards. Before a shard's rows are appended they pass the run-level verifier (`pipeline.verify.verify_shard`, on the very rows
 read for the append: every frame of each span, counts against the stage ledgers...); a shard that fails is not
 committed (logged, and listed with its first violations in the result's `shards_refused`; no tag while any is),
 and after the commits the dataset-level check runs over the rows just committed (`dataset_violations`; no tag
@@ -20,8 +23,8 @@ shard re-finalized since (retry_failed, upstream catch-up) whose rows digest cha
 (`ds.delete`) and the new ones appended in one commit; unchanged markers cost no read of the rows. Deep Lake
 drops uncommitted changes when a writer dies, so after a crash the dataset holds exactly the committed state
 (old rows or new, never both) and a re-run completes it without duplicates; readers (`deeplake.open_read_only`)
-see committed rows only. Writers of one run are serialised by a file lock, `<run_dir>/ingest/dataset.lock`
-(metadata is re-read once it is held). Whenever every shard is complete and ingested and the current version
+see committed rows only. Writers of one dataset are serialised by a file lock, `<run_dir>/ingest/dataset.lock`
+(`dataset-group-<g>.lock` per group; metadata is re-read once it is held). Whenever every shard is complete and ingested and the current version
 has no tag, it is tagged `<tag_prefix>-<time>-<n>rows` (so a crash before the tag is repaired by a re-run).
 
 Full disks (`pipeline.dataset_health`; Deep Lake 4.7 reports no ENOSPC and leaves a head that crashes its readers):
