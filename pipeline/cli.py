@@ -24,10 +24,13 @@ usage:
                                                  the stage tables
   python -m pipeline report run_dir=<dir>        markdown + PNG run report (<run_dir>/report/)
   python -m pipeline help                        this text
+  python -m pipeline stage=<name> [...] --help   every key of that stage, the run, launcher and cluster: type,
+                                                 value, note
 
 Stages (in pipeline order): {stages}
-Every key in conf/config.yaml, conf/stage/<name>.yaml (as stage.<key>), conf/launcher/*.yaml (launcher.<key>) and
-conf/cluster/*.yaml (cluster.<key>) can be overridden, e.g.
+Every key of the run (RunConfig), the stage (stage.<key>: its dataclass, e.g. FramesConfig), the launcher
+(launcher.<key>) and the cluster profile (cluster.<key>) can be overridden; conf/*.yaml hold only what differs
+from the dataclass defaults. A bad key or value is one error line and exit status 2 before anything is written, e.g.
   python -m pipeline stage=download run_dir=runs/r1 input=videos.txt stage.socket_timeout_s=60
   python -m pipeline stage=frames run_dir=runs/r1 launcher=slurm cluster=a40 launcher.array_parallelism=20
 A run_dir pins its manifest and shard geometry on the first launch; later stages need only run_dir.
@@ -181,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE.format(stages=_stage_names()))
         return 0 if argv else 2
     try:
+        if argv[0] not in COMMANDS and any(a in ("-h", "--help") for a in argv):
+            from .config import stage_usage
+
+            print(stage_usage([a for a in argv if a not in ("-h", "--help")]))
+            return 0
         if argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
         if "=" not in argv[0]:
