@@ -30,11 +30,11 @@ from .base import ItemResult, Resources, Stage, StageConfig, WorkItem
 @dataclass
 class SceneGraphConfig(StageConfig):
     name: str = "scenegraph"
-    backend: str = "detector_rules"
+    backend: str = "detector_rules"   # or "package.module:ClassName" (a SceneGraphBackend, e.g. a learned PSG model)
     checkpoint: str = "facebook/detr-resnet-50"   # any AutoModelForObjectDetection checkpoint (name or dir)
     score_threshold: float = 0.5
-    max_objects: int = 20
-    max_relations: int = 20
+    max_objects: int = 20             # per frame, best first
+    max_relations: int = 20           # per frame, best first
     max_side: int = 800               # frames are downscaled to at most this longest side before the model
     batch_frames: int = 16            # frames per detector call
     precision: str = "auto"           # auto (fp32 on CPU, bf16 on GPU) | fp32 | bf16 | fp16
