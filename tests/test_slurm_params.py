@@ -221,3 +221,45 @@ def test_gpu_share_raises_a_stage_request_and_fills_a_training_one():
     assert (cpu["cpus_per_task"], cpu["mem_gb"], cpu["slurm_additional_parameters"]) == (2, 8.0, {"dependency": "afterok:5"})
     with pytest.raises(ValueError):
         slurm_params({"timeout_min": 60}, None, name="x")  # a stage request must say what it needs
+
+
+def test_the_finish_job_goes_out_with_its_own_parameters(monkeypatch):
+    """Through the launcher interface: the finish job waits on the given arrays (not on the stage's own
+    dependency), runs on one node, under its own name, with the stage's sizes and the profile's partition."""
+    from types import SimpleNamespace
+
+    import pipeline.launchers.slurm as slurm
+    from pipeline.launchers import get_launcher
+
+    seen: dict = {"params": {}}
+
+    class RecordingExecutor:
+        def __init__(self, folder, cluster):
+            seen["folder"] = folder
+
+        def update_parameters(self, **params):
+            seen["params"].update(params)
+
+        def submit(self, fn, payload):
+            seen["fn"], seen["payload"] = fn, payload
+            return SimpleNamespace(job_id="42")
+
+    monkeypatch.setattr(slurm.submitit, "AutoExecutor", RecordingExecutor)
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: f"/usr/bin/{name}")
+    cfg = _compose("cluster=a40", "stage=ingest", "stage.resources.cpus=3", "stage.resources.nodes=2",
+                   "launcher.dependency=afterany:9", "cluster.account=proj42")
+    assert get_launcher("slurm").submit_finish(cfg, ["7", "8"]) == "42"
+    p = seen["params"]
+    assert p["name"] == "vpt-ingest-finish" and p["nodes"] == 1 and p["slurm_array_parallelism"] == 1
+    assert p["slurm_additional_parameters"] == {"dependency": "afterany:7:8"}
+    assert p["cpus_per_task"] == 3 and p["slurm_partition"] == "cpu" and p["slurm_account"] == "proj42"
+    assert seen["fn"] is slurm.finish_stage and seen["payload"]["stage"]["name"] == "ingest"
+    assert seen["folder"].endswith("ingest/logs/slurm")
+
+
+def test_an_unknown_launcher_is_a_config_error():
+    from pipeline.errors import ConfigError
+    from pipeline.launchers import get_launcher
+
+    with pytest.raises(ConfigError, match="unknown launcher 'pbs'"):
+        get_launcher("pbs")
