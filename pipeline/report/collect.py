@@ -14,10 +14,12 @@ import pyarrow.parquet as pq
 from ..atomic import read_json
 from ..shards import FAILED, LEDGER, SKIPPED, ShardStore
 from ..status import StageStatus, stage_status
+from ..train.layout import METRICS_LOG, PRETRAIN_RUN, VQA_DIR, VQA_RUN
+from ..train.layout import VQA_METRICS as _VQA_METRICS_FILE
 
-PRETRAIN_DIR = "pretrain"
+PRETRAIN_DIR = PRETRAIN_RUN
 # The VQA step's own run dir is <run_dir>/vqa and it writes its evaluation under <that>/vqa/.
-VQA_METRICS_CANDIDATES = (Path("vqa") / "vqa" / "metrics.json", Path("vqa") / "metrics.json")
+VQA_METRICS_CANDIDATES = (Path(VQA_RUN) / VQA_DIR / _VQA_METRICS_FILE, Path(VQA_RUN) / _VQA_METRICS_FILE)
 VQA_METRICS = VQA_METRICS_CANDIDATES[0]
 
 
@@ -159,7 +161,7 @@ def dataset_rows(run_dir: Path) -> tuple[int | None, str]:
 
 def finetune_metrics(run_dir: Path) -> list[dict]:
     """The VQA finetuning log, if it was written under vqa/ (no recursive glob: vqa/ may hold an image set)."""
-    logs = [run_dir / "vqa" / "metrics.jsonl", *sorted((run_dir / "vqa").glob("*/metrics.jsonl"))]
+    logs = [run_dir / VQA_RUN / METRICS_LOG, *sorted((run_dir / VQA_RUN).glob(f"*/{METRICS_LOG}"))]
     for path in [p for p in logs if p.exists()][:1]:
         return read_metrics_jsonl(path)
     return []

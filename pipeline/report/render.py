@@ -12,13 +12,11 @@ from ..atomic import read_json, write_bytes, write_text
 from ..manifest import GEOMETRY_FILE
 from ..shards import FAILED, OK, SKIPPED
 from ..stages import STAGES
+from ..train.layout import METRICS_LOG, REPORT_DIR, REPORT_FILE  # noqa: F401 - REPORT_*: re-exported
 from .collect import (PRETRAIN_DIR, VQA_METRICS, collect_stage, cuts_per_minute, dataset_rows, finetune_metrics,
                       read_metrics_jsonl, video_durations, vqa_metrics)
 from .collect import finite as _finite
 from .plot import plot_cuts_histogram, plot_losses, plot_stage_items, plot_vqa
-
-REPORT_DIR = "report"
-REPORT_FILE = "report.md"
 
 
 def _fmt(v: Any, digits: int = 2) -> str:
@@ -215,7 +213,7 @@ class Report:
     def section_training(self) -> None:
         self.lines += ["## Training", ""]
         curves: dict[str, list[dict]] = {}
-        pre = read_metrics_jsonl(self.run_dir / PRETRAIN_DIR / "metrics.jsonl")
+        pre = read_metrics_jsonl(self.run_dir / PRETRAIN_DIR / METRICS_LOG)
         if pre:
             curves["pretraining"] = pre
         else:
