@@ -114,7 +114,8 @@ class UpstreamRows:
             if not idx:
                 out[stage][name] = []
                 continue
-            sub = t.take(idx)
+            # upstream outputs are sorted by key: a video's rows are one run, sliced without copying
+            sub = t.slice(idx[0], len(idx)) if idx[-1] - idx[0] + 1 == len(idx) else t.take(idx)
             arrays = [c for c in sub.column_names if c in self.array_columns
                       and pa.types.is_list(sub.schema.field(c).type)
                       and pa.types.is_floating(sub.schema.field(c).type.value_type)]
