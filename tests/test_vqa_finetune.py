@@ -118,7 +118,7 @@ def test_lora_finetune_from_a_pretraining_checkpoint(lora_run):
     assert torch.equal(init_sd["backbone.shared.weight"], tuned_sd["backbone.shared.weight"])
     assert not torch.equal(init_sd["backbone.encoder.block.0.layer.0.SelfAttention.q.weight"],
                            tuned_sd["backbone.encoder.block.0.layer.0.SelfAttention.q.weight"])
-    assert not torch.equal(init_sd["frame_proj.weight"], tuned_sd["frame_proj.weight"])
+    assert not torch.equal(init_sd["proj.clip.weight"], tuned_sd["proj.clip.weight"])
 
 
 def test_a_lora_checkpoint_exports_as_the_merged_plain_model(lora_run, tmp_path):
@@ -180,7 +180,7 @@ def test_scene_graph_option_feeds_each_image_s_scene_graph_text(tmp_path, cache_
     from pipeline.eval.vqa_data import index_images
     from pipeline.eval.vqa_finetune import build_source, check_vqa, load_scene_texts, scene_graph_texts
     from pipeline.scenegraph import DetectorRulesBackend, to_text
-    from pipeline.stages.scenegraph import decode_frame
+    from pipeline.scenegraph.frames import decode_frame
     from pipeline.train.__main__ import compose
 
     run = tmp_path / "vqa-sg"
@@ -350,3 +350,35 @@ def test_feature_statistics_come_from_training_images_only(small_set, tmp_path):
     assert torch.allclose(z.std(0), torch.ones(16), atol=1e-4)
     plain = torch.load(feature_stats(embeddings, train_ids, "none", tmp_path / "n.pt"))
     assert torch.equal(plain["shift"], torch.zeros(16)) and torch.equal(plain["scale"], torch.ones(16))
+
+
+def test_image_features_are_open_clip_s_own_embeddings_and_the_clip_stage_s(tmp_path, cache_dir):
+    """The VQA CLIP features of an image are open_clip's `encode_image` of its eval transform (L2-normalised, stored
+    as float16), and the clip stage's model gives the same numbers for the same pixels: one image encoder for both."""
+    import open_clip
+
+    from pipeline.eval.vqa_data import index_images, load_image
+    from pipeline.eval.vqa_features import clip_model, embed_images, load_embeddings
+    from pipeline.stages.clip import ClipConfig, ClipEmbedder
+    from pipeline.train.__main__ import compose
+
+    s = make_synthetic_vqa(tmp_path / "set", n_images=5, seed=1)
+    images = index_images(s.image_dir)
+    cfg = compose([f"run_dir={tmp_path}", "models=tiny", "device=cpu", "vqa.clip.frames_per_forward=2"],
+                  "train/vqa") | {"cache_dir": str(cache_dir)}
+    features = load_embeddings(embed_images(images, cfg, tmp_path / "emb.pt"))
+    assert sorted(features) == sorted(images)
+
+    name, pretrained = clip_model(cfg)
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+    model.eval()
+    pixels = torch.stack([preprocess(load_image(images[i])) for i in sorted(images)])
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1).to(torch.float16).float()
+    got = torch.stack([features[i] for i in sorted(images)])
+    assert torch.allclose(got, expected, atol=2e-3)
+    assert len({tuple(r.tolist()) for r in got}) == len(images)     # distinct images, distinct features
+
+    stage = ClipEmbedder(ClipConfig(frames_per_forward=3), name, pretrained, "cpu")
+    (out,) = stage.predict([{"frame_idx": list(range(len(images))), "pts": [0.0] * len(images), "pixels": pixels}])
+    assert torch.equal(torch.from_numpy(out["embedding"]).float(), got)
