@@ -57,10 +57,8 @@ class RunnerStats:
         return {f"runner_{k}" if not k.startswith("model_") else k: v for k, v in out.items()}
 
 
-
 class ModelUnavailable(RuntimeError):
     """The model could not be loaded or its actor died: a shard-level error, not an item's."""
-
 
 
 def model_actor_count(cfg: RunnerConfig, device: str, cluster_gpus: float) -> int:
