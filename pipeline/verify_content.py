@@ -22,8 +22,8 @@ Returns `pipeline.verify.Violation`s; `verify` prints them with its own and exit
 from __future__ import annotations
 
 import io
+import logging
 import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +31,8 @@ from typing import Any, Callable
 import numpy as np
 
 from .verify import Violation
+
+logger = logging.getLogger(__name__)
 
 FRAME_TOLERANCE = 3.0       # mean |stored JPEG - ffmpeg's decode| over 8x8 block means, 0..255 levels
 BLOCK = 8
@@ -113,14 +115,14 @@ def _tables(run_dir: Path, stage: str, table: str, columns: list[str] | None = N
 
 def _open_dataset(run_dir: Path):
     from .dataset import exists, open_read_only, repair
-    from .stages.ingest import dataset_url
+    from .dataset.layout import dataset_url
     from .verify import ingest_settings
 
     url = dataset_url(ingest_settings(run_dir), run_dir)
     if not exists(url):
         return None
     # an unreadable head (of any shard group) is rolled back to its last good version, under its writer's lock
-    repair(run_dir, url, lambda m: print(m, file=sys.stderr))
+    repair(run_dir, url, logger.warning)
     return open_read_only(url)      # one dataset, or every shard group's as one
 
 
@@ -268,11 +270,12 @@ def check_audio(ds, rows: list[int], paths: dict[str, str], run_dir: Path,
 
 
 def verify_content(run_dir: str | Path, sample: int = 32, seed: int = 0, frames_per_row: int = 2,
-                   audio: bool = True, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+                   audio: bool = True, log: Callable[[str], None] | None = None,
                    stats: dict | None = None) -> list[Violation]:
     """Every content check over the run's dataset; `sample` rows (0: all) get the re-decode checks."""
     from .verify import ingest_settings
 
+    log = log or logger.info
     run_dir = Path(run_dir)
     ds = _open_dataset(run_dir)
     if ds is None:
