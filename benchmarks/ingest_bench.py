@@ -294,7 +294,7 @@ NOTES = [
     " (`<run_dir>/ingest/dataset-group-<g>.lock`) with the single dataset's guarantees: a commit per"
     " `shards_per_commit` shards holding rows, shard list and fingerprints together, every commit and tag probed"
     " and saved as the last good version, disk-full rollback, a tag per complete group. `write_dataset(cfg,"
-    " group=g)` is one array task (`python -m pipeline.dataset.writer <g>`); the ingest finish step runs every"
+    " group=g)` is one array task (`python -m pipeline.dataset <g>`); the ingest finish step runs every"
     " group, `stage.writers` at once. A writer reads a shard's rows in batches of at most `max_rows_in_memory`"
     " rows (twice from one open file: digest + run-level check without images and embeddings, then the appends;"
     " Deep Lake writes chunks out as rows are appended, so its memory does not grow with a commit)."
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         for n, m, w, rss in writers
     ] + [
         "",
-        "Writers: local processes, as the ingest finish step runs them (one `python -m pipeline.dataset.writer"
+        "Writers: local processes, as the ingest finish step runs them (one `python -m pipeline.dataset"
         " <group>` per group, `stage.writers` at a time; this benchmark does not start a Slurm cluster), so each"
         " time includes the writers' start-up (Python + Deep Lake import, a few seconds on a loaded VM). Peak RSS"
         " per writer: the largest process the step waited for (a writer or its probe child). CPU seconds include"

@@ -110,6 +110,24 @@ def test_groups_written_by_concurrent_processes_read_as_one_dataset(run):
     for g, part in enumerate(open_read_only(run).groups):
         n = len(part)
         assert {int(s) for s in part["shard"][0:n]} == {g}
+    # global row order = the groups in order = the shards' rows tables concatenated in shard order: slices that
+    # cross group boundaries, row lists and frame bytes read through the view equal those tables
+    tables = [ShardStore(run, "ingest", s).read_table(TABLE) for s in range(SHARDS)]
+    want = [(v, i) for t in tables for v, i in zip(t.column("video_id").to_pylist(),
+                                                     t.column("segment_idx").to_pylist())]
+    frames = [f for t in tables for f in t.column("frames").to_pylist()]
+    view = open_read_only(run)
+    assert len(view) == len(want)
+    for a in range(0, len(want), 5):
+        for b in (a, a + 1, a + 7, a + 19, len(want)):
+            got = list(zip((str(v) for v in view["video_id"][a:b]), (int(i) for i in view["segment_idx"][a:b])))
+            assert got == want[a:min(b, len(want))], (a, b)
+    rows = random.Random(0).sample(range(len(want)), 15)
+    assert [(str(v), int(i)) for v, i in zip(view["video_id"][rows], view["segment_idx"][rows])] == \
+        [want[r] for r in rows]
+    with_frames = [r for r in rows if frames[r]]
+    assert [list(b) for b in view["frames"].get_bytes(with_frames)] == [frames[r] for r in with_frames]
+    assert (str(view["video_id"][len(want) - 1]), int(view["segment_idx"][-1])) == want[-1]
     again = write_dataset(cfg, **QUIET)
     assert again["commits"] == 0 and again["tag"] is None and again["rows"] == result["rows"]
 

@@ -35,8 +35,11 @@ def _url_of(run_dir_or_url: str | Path) -> tuple[str, Path | None]:
 
 
 def exists(run_dir_or_url: str | Path) -> bool:
-    """Whether any dataset (one, or a catalogue of groups) was written there."""
-    return read_layout(_url_of(run_dir_or_url)[0]) is not None
+    """Whether a dataset was written there (the one dataset, or at least one group of a catalogue)."""
+    layout = read_layout(_url_of(run_dir_or_url)[0])
+    if layout is None or not layout.grouped:
+        return layout is not None
+    return any(health.exists(health.local_dir(layout.group_url(g))) for g in layout.groups())
 
 
 def layout_of(run_dir_or_url: str | Path) -> Layout | None:
@@ -75,7 +78,10 @@ def open_read_only(run_dir_or_url: str | Path, version: str | None = None):
         if version is not None and ds.version != version:
             ds = ds.history[version].open()
         return ds
-    return GroupedView(layout, _parse_version(version) if version else None)
+    view = GroupedView(layout, _parse_version(version) if version else None)
+    if not view.groups:
+        raise FileNotFoundError(f"no group of {url} has been written yet")
+    return view
 
 
 def _parse_version(version: str) -> dict[int, str]:

@@ -6,7 +6,7 @@ with these guarantees (see `pipeline.stages.ingest` for the whole story): a comm
 shards, deletes + appends + the shard list + fingerprints in one commit, every commit and tag probed and saved as
 the last good version (`pipeline.dataset_health`), a tag once the group is complete and verified. Groups share
 nothing but the filesystem, so their writers run at once: `write_dataset(cfg, group=g)` writes one group (an
-array task, `python -m pipeline.dataset.writer`), `write_dataset(cfg)` every group, up to `stage.writers` of
+array task, `python -m pipeline.dataset <g>`), `write_dataset(cfg)` every group, up to `stage.writers` of
 them concurrently in child processes.
 
 Memory: a shard's rows table is read in batches of at most `max_rows_in_memory` rows (Deep Lake writes chunks
@@ -99,13 +99,15 @@ def read_rows(store: ShardStore) -> tuple[pa.Table | None, str]:
 
 class ShardRows:
     """A shard's rows table held open (one inode: a finalize renaming a new file in meanwhile changes nothing
-    here), read in batches of at most `max_rows` rows. `digest`: sha256 of its bytes ("absent": no table)."""
+    here), at most `max_rows` rows of it in memory at a time. `digest`: sha256 of its bytes ("absent": no table).
+    A shard of at most `max_rows` rows is decoded once and kept for the appends; a larger one is read twice in
+    batches (the check's columns, then every column for the appends)."""
 
     def __init__(self, store: ShardStore, max_rows: int):
         path = store.table_path(TABLE)
         self.max_rows = max(1, int(max_rows))
         self.file = open(path, "rb") if path.exists() else None
-        self.digest, self.num_rows, self.pf = "absent", 0, None
+        self.digest, self.num_rows, self.pf, self.whole = "absent", 0, None, None
         if self.file is not None:
             self.digest = hashlib.file_digest(self.file, "sha256").hexdigest()
             self.file.seek(0)
@@ -116,13 +118,21 @@ class ShardRows:
     def absent(self) -> bool:
         return self.file is None
 
-    def batches(self) -> Iterator[pa.Table]:
-        """The rows in the dataset's schema (columns joined before a column existed get nulls), in batches."""
+    def _tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
         if self.pf is None:
             return
-        for batch in self.pf.iter_batches(batch_size=self.max_rows, use_threads=False):
-            table = pa.Table.from_batches([batch])
-            schema = row_schema()       # every registered modality's columns (pipeline.modalities)
+        if self.num_rows <= self.max_rows:
+            if self.whole is None:
+                self.whole = self.pf.read()
+            yield self.whole
+            return
+        for batch in self.pf.iter_batches(batch_size=self.max_rows, columns=columns):
+            yield pa.Table.from_batches([batch])
+
+    def batches(self) -> Iterator[pa.Table]:
+        """The rows in the dataset's schema (columns joined before a column existed get nulls), in batches."""
+        schema = row_schema()       # every registered modality's columns (pipeline.modalities)
+        for table in self._tables():
             for name in schema.names:
                 if name not in table.column_names:
                     table = table.append_column(name, pa.nulls(len(table), schema.field(name).type))
@@ -135,9 +145,9 @@ class ShardRows:
         from .. import verify
 
         bulk = verify.row_bulk() if hasattr(verify, "row_bulk") else verify.ROW_BULK
+        names = self.pf.schema_arrow.names
         parts = []
-        for batch in self.pf.iter_batches(batch_size=self.max_rows, use_threads=False):
-            t = pa.Table.from_batches([batch])
+        for t in self._tables([c for c in names if c not in bulk or bulk[c]]):
             for column, count in bulk.items():
                 if column in t.column_names:
                     if count:
@@ -145,11 +155,11 @@ class ShardRows:
                     t = t.drop_columns([column])
             parts.append(t)
         if not parts:
-            return self.pf.schema_arrow.empty_table().drop_columns(
-                [c for c in bulk if c in self.pf.schema_arrow.names])
+            return self.pf.schema_arrow.empty_table().drop_columns([c for c in bulk if c in names])
         return pa.concat_tables(parts)
 
     def close(self) -> None:
+        self.whole = None
         if self.file is not None:
             self.file.close()
 
@@ -381,7 +391,7 @@ def _combined(layout: Layout, results: list[dict[str, Any]], seconds: float) -> 
 
 
 def _write_in_children(cfg: Any, layout: Layout, n: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Every group, `n` writer processes at a time (`python -m pipeline.dataset.writer`); a failed group is
+    """Every group, `n` writer processes at a time (`python -m pipeline.dataset <g>`); a failed group is
     reported after the others finished."""
     from omegaconf import OmegaConf
 
@@ -389,7 +399,7 @@ def _write_in_children(cfg: Any, layout: Layout, n: int, log: Callable[[str], No
                           "stage": OmegaConf.to_container(cfg.stage, resolve=True)
                           if OmegaConf.is_config(cfg.stage) else dict(cfg.stage)})
     def one(g: int) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pipeline.dataset.writer", str(g)], input=payload,
+        return subprocess.run([sys.executable, "-m", "pipeline.dataset", str(g)], input=payload,
                               capture_output=True, text=True, env=health._child_env())
 
     from concurrent.futures import ThreadPoolExecutor
@@ -414,14 +424,21 @@ def _write_in_children(cfg: Any, layout: Layout, n: int, log: Callable[[str], No
 
 
 def main(argv: list[str]) -> int:
-    """`python -m pipeline.dataset.writer <group>` with {"run_dir", "stage"} (JSON) on stdin: one group's writer
-    (an array task); its result as the last line of stdout, progress on stderr."""
+    """`python -m pipeline.dataset <group>` with {"run_dir", "stage"} (JSON) on stdin: one group's writer (an
+    array task); its result as the last line of stdout, progress on stderr."""
     from omegaconf import OmegaConf
 
     from ..errors import ConfigError
 
-    payload = json.loads(sys.stdin.read())
-    cfg = OmegaConf.create(payload)
+    if len(argv) != 1 or not argv[0].isdigit():
+        print("usage: python -m pipeline.dataset <group> < {\"run_dir\": ..., \"stage\": {...}}", file=sys.stderr)
+        return 2
+    try:
+        payload = json.loads(sys.stdin.read())
+        cfg = OmegaConf.create({"run_dir": payload["run_dir"], "stage": payload["stage"]})
+    except (ValueError, KeyError, TypeError) as exc:
+        print(f"ingest: the writer's input is not {{\"run_dir\", \"stage\"}} JSON: {exc}", file=sys.stderr)
+        return 2
     try:
         result = write_dataset(cfg, log=lambda line: print(line, file=sys.stderr, flush=True), group=int(argv[0]))
     except ConfigError as exc:
@@ -430,7 +447,3 @@ def main(argv: list[str]) -> int:
     print(json.dumps(result, default=str), flush=True)
     return 0
 
-
-if __name__ == "__main__":
-    code = main(sys.argv[1:])
-    health.exit_skipping_native_teardown(code)
