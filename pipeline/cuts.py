@@ -13,17 +13,22 @@ stays close to that floor:
   V, not Y (tests/media/counter.mp4 has two such cuts). So the score here is the same quantity: V of the
   scaled planes (BT.601, limited or full range as tagged, chroma repeated 2x2), mean |dV|.
 - **Only where it can matter.** V is 1-Lipschitz in each of R, G, B and those are affine in Y, Cb, Cr, so
-  `mean|dV| <= sY mean|dY| + sC (1.772 mean|dCb| + 1.402 mean|dCr|)`. Per frame only the rows the scaling
-  samples are copied, and the sums run over them at full width (a superset of the scaled pixels: still a
-  bound, three `cv2.norm` calls, no per-pixel gather). A frame whose bound is below the threshold cannot be a
+  `mean|dV| <= sY mean|dY| + sC (1.772 mean|dCb| + 1.402 mean|dCr|)`. Per frame the sums run over the rows
+  the scaling samples at full width (a superset of the scaled pixels: still a bound; `cv2.norm` over strided
+  views of those rows, or over a copy of them for 10-bit and irregular row patterns; no per-pixel gather). A frame whose bound is below the threshold cannot be a
   cut; for the others (a few per cent of frames) the columns are picked, the bound over the scaled pixels
   checked, then the exact score computed. `exact_scores=True` computes it for every frame (tests, stats).
 - **Same decisions as PySceneDetect 0.7.** `ContentCuts` ports `ContentDetector` + its `FlashFilter` (MERGE
   mode, `min_scene_len` in seconds), `AdaptiveCuts` ports `AdaptiveDetector`. tests/test_cuts.py checks the
   scores against PySceneDetect's own statistics and the cuts against `scenedetect.detect()` run directly
   (OpenCV backend, auto-downscale) on the sample media: equal within one frame.
-- **Frame threading** (`thread_type="AUTO"`), and optionally `skip_loop_filter` (deblocking off) for a
-  cheaper decode; the pixels are then not exact, so that mode captures nothing.
+- **Decoding ahead, in place.** A second thread decodes (FFmpeg runs without the GIL) while this one scores
+  the frames it handed over; the 8-bit planes are read in place (the sampled rows as strided views of the
+  decoder's buffers, no copy). Frames up to `_ONE_THREAD_PIXELS` are decoded by one decoder thread: at 360p
+  FFmpeg's frame threading costs ~30 % more CPU for the same frames, and the decoding thread and the scoring
+  thread already keep two cores busy; larger frames use FFmpeg's frame threading (`decode_threads` overrides).
+  Optionally `skip_loop_filter` (deblocking off) for a cheaper decode; the pixels are then not exact, so that
+  mode captures nothing.
 - **One pass.** With exact decoding, the after-cut frame of each shot (`offset` s after its first frame,
   clamped to the shot's last frame: the sampling policy of pipeline/stages/frames.py) and the last shot's
   midpoint are captured while detecting, converted exactly as `pipeline.video.decode_at` converts (PyAV
@@ -35,9 +40,12 @@ Times are absolute stream PTS in seconds, snapped onto the probe's frame index (
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import av
 import cv2
@@ -66,6 +74,8 @@ class CutParams:
     window_width: int = 2              # adaptive: frames on each side of the scored frame
     detect_width: int = 256            # frames scaled to this width (never upscaled), as PySceneDetect does
     skip_loop_filter: bool = False     # cheaper, inexact decode (no capture then)
+    decode_threads: int = 0            # decoder threads: 0 = auto (1 up to _ONE_THREAD_PIXELS, else FFmpeg's)
+    decode_ahead: bool = True          # decode in a second thread while this one scores
 
 
 @dataclass
@@ -110,6 +120,21 @@ def _nearest(n: int, size: int) -> np.ndarray | None:
     return cv2.resize(src, (size, 1), interpolation=_RESAMPLE)[0].astype(np.intp)
 
 
+def _row_slices(n: int, rows: np.ndarray | None, most: int = 8) -> list[slice] | None:
+    """`rows` (sorted, of 0..n-1; None: all) as at most `most` strided slices whose union is exactly those
+    rows, or None when no such few slices exist."""
+    if rows is None:
+        return [slice(None)]
+    m = len(rows)
+    for q in range(1, min(most, m - 1) + 1):
+        step = int(rows[q] - rows[0])
+        if step > 0 and np.all(rows[q:] - rows[:-q] == step):
+            slices = [slice(int(rows[j]), int(rows[-1]) + 1, step) for j in range(q)]
+            if np.array_equal(np.sort(np.concatenate([np.arange(n)[sl] for sl in slices])), rows):
+                return slices
+    return [slice(int(rows[0]), int(rows[0]) + 1)] if m == 1 else None
+
+
 class _Scorer:
     """Scales planes and computes PySceneDetect's luma-only content score (mean |dV|, V = max(R, G, B)).
 
@@ -143,17 +168,25 @@ class _Scorer:
         self.n = float(self.size[0] * self.size[1])
         self.nc = float(self.csize[0] * self.csize[1])
         self.pick: list[tuple[np.ndarray | None, np.ndarray | None]] = []   # (rows, cols) per plane
+        # 8-bit planes are read in place: the sampled rows as a few strided views (nearest scaling by a ratio
+        # p/q samples q rows in every p), no copy; the frame stays referenced while its views are in use.
+        self.strides: list[list[slice]] | None = [] if self.bits == 8 else None
         if self.planar:
             for k, plane in enumerate(frame.planes[:1 if self.gray else 3]):
                 size = self.size if k == 0 else self.csize
                 self.pick.append((_nearest(plane.height, size[1]), _nearest(plane.width, size[0])))
+                if self.strides is not None:
+                    strided = _row_slices(plane.height, self.pick[-1][0])
+                    self.strides = None if strided is None else self.strides + [strided]
 
     def _rows(self, plane, k: int) -> np.ndarray:
-        """The sampled rows of plane k, full width, 8 bits."""
+        """The sampled rows of plane k, full width, 8 bits (a copy); with `strides`, the whole plane in place."""
         h, w = plane.height, plane.width
         rows = self.pick[k][0]
         if self.bits == 8:
             a = np.frombuffer(plane, np.uint8).reshape(h, plane.line_size)[:, :w]
+            if self.strides is not None:
+                return a
             return np.ascontiguousarray(a) if rows is None else a.take(rows, axis=0)
         a16 = np.frombuffer(plane, "<u2").reshape(h, plane.line_size // 2)[:, :w]
         if rows is not None:
@@ -165,7 +198,9 @@ class _Scorer:
         """Plane k scaled: the sampled columns of its sampled rows."""
         if a is None:
             return None
-        cols = self.pick[k][1]
+        rows, cols = self.pick[k]
+        if self.strides is not None and rows is not None:     # a whole plane: pick its rows first
+            a = a.take(rows, axis=0)
         return a if cols is None else a[:, cols]
 
     def _scaled(self, s: _Small) -> tuple:
@@ -173,11 +208,26 @@ class _Scorer:
             s.scaled = (self._cols(s.y, 0), self._cols(s.cb, 1), self._cols(s.cr, 2))
         return s.scaled
 
-    def _norms(self, a: tuple, b: tuple) -> float:
-        ub = self.sy * cv2.norm(a[0], b[0], cv2.NORM_L1) / self.n
+    def _norms(self, a: tuple, b: tuple, strided: bool = False) -> float:
+        """The bound from the L1 norms of the planes' differences (with `strided`, over the sampled rows of
+        whole planes, as the views in `strides` give them)."""
+        if strided:
+            norm, l1, (ya, cba, cra), (yb, cbb, crb) = cv2.norm, cv2.NORM_L1, a, b
+            dy = dcb = dcr = 0.0
+            for r in self.strides[0]:
+                dy += norm(ya[r], yb[r], l1)
+            if cba is not None:
+                for r in self.strides[1]:
+                    dcb += norm(cba[r], cbb[r], l1)
+                for r in self.strides[2]:
+                    dcr += norm(cra[r], crb[r], l1)
+        else:
+            dy = cv2.norm(a[0], b[0], cv2.NORM_L1)
+            if a[1] is not None:
+                dcb, dcr = cv2.norm(a[1], b[1], cv2.NORM_L1), cv2.norm(a[2], b[2], cv2.NORM_L1)
+        ub = self.sy * dy / self.n
         if a[1] is not None:
-            ub += self.sc * self.cover * (_KB * cv2.norm(a[1], b[1], cv2.NORM_L1)
-                                          + _KR * cv2.norm(a[2], b[2], cv2.NORM_L1)) / self.nc
+            ub += self.sc * self.cover * (_KB * dcb + _KR * dcr) / self.nc
         return ub * (1.0 + 1e-4) + 1e-3    # float slack: never below the exact value
 
     def small(self, frame: av.VideoFrame) -> _Small:
@@ -196,7 +246,7 @@ class _Scorer:
         """An upper bound of the score over the sampled rows at full width (exact for converted frames)."""
         if a.v is not None:
             return cv2.norm(a.v, b.v, cv2.NORM_L1) / a.v.size
-        return self._norms((a.y, a.cb, a.cr), (b.y, b.cb, b.cr))
+        return self._norms((a.y, a.cb, a.cr), (b.y, b.cb, b.cr), self.strides is not None)
 
     def tight(self, a: _Small, b: _Small) -> float:
         """The upper bound over the scaled pixels only (never above `bound`)."""
@@ -425,6 +475,63 @@ class _Capturer:
             self.mid_frame = None
 
 
+# ------------------------------------------------------------------------------------------------ decode
+
+# Up to this many pixels a frame, one decoder thread (frame threading costs ~30 % more CPU at 360p: its
+# per-frame context copies and hand-offs), decoding ahead of the scoring thread; above, FFmpeg's own choice.
+_ONE_THREAD_PIXELS = 1024 * 576
+# Decoded frames handed to the scoring thread at once, and batches waiting at most (bounds the frames held).
+_BATCH_BYTES = 4 << 20
+_QUEUED = 3
+
+
+def _frames_ahead(container, stream, batch: int) -> Iterator[av.VideoFrame]:
+    """The frames of `stream`, decoded in a second thread (the decoder runs without the GIL) `batch` at a
+    time, at most `_QUEUED` batches ahead of the caller. Decoder errors are raised here."""
+    q: queue.Queue = queue.Queue(maxsize=_QUEUED)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        frames = container.decode(stream)
+        try:
+            out = []
+            for frame in frames:
+                out.append(frame)
+                if len(out) >= batch:
+                    if not put(out):
+                        return
+                    out = []
+            if put(out):
+                put(None)
+        except BaseException as exc:   # noqa: BLE001 - handed to the caller, raised there
+            put(exc)
+        finally:
+            frames.close()
+
+    worker = threading.Thread(target=produce, name="cut-scan-decode", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield from item
+    finally:
+        stop.set()
+        worker.join()
+
+
 # ------------------------------------------------------------------------------------------------ detect
 
 def detect(info: VideoInfo, params: CutParams, capture: Capture | None = None,
@@ -448,26 +555,42 @@ def detect(info: VideoInfo, params: CutParams, capture: Capture | None = None,
     try:
         with av.open(info.path) as container:
             stream = container.streams[info.stream_index]
-            stream.thread_type = "AUTO"
+            threads = params.decode_threads
+            if threads <= 0:
+                threads = 1 if info.width * info.height <= _ONE_THREAD_PIXELS else 0
+            if threads == 1:
+                stream.codec_context.thread_count = 1
+            else:
+                stream.thread_type = "AUTO"
+                if threads > 1:
+                    stream.codec_context.thread_count = threads
             if params.skip_loop_filter:
                 stream.codec_context.options = {"skip_loop_filter": "all"}
-            for frame in container.decode(stream):
-                if frame.pts is None:
-                    continue
-                if scores is None:
-                    scores = _Scores(_Scorer(frame, params.detect_width), keep=max(2, rule.history))
-                # Snap onto the probe's PTS index: the same float for the same frame everywhere.
-                idx = min(max(bisect_right(pts_list, frame.pts * tb + 1e-6) - 1, 0), last)
-                t = pts_list[idx]
-                rec = scores.add(t, scores.scorer.small(frame))
-                if exact_scores:
-                    scores.exact(len(scores.recs) - 1)
-                times.append(t)
-                recs.append(rec)
-                decided = rule(scores)
-                if capturer is not None:
-                    capturer.frame(idx, frame, decided)
-                cuts += decided
+            if params.decode_ahead:
+                frame_bytes = max(1, info.width * info.height * 3 // 2)
+                decoded = _frames_ahead(container, stream, max(1, min(16, _BATCH_BYTES // frame_bytes)))
+            else:
+                decoded = container.decode(stream)
+            try:
+                for frame in decoded:
+                    if frame.pts is None:
+                        continue
+                    if scores is None:
+                        scores = _Scores(_Scorer(frame, params.detect_width), keep=max(2, rule.history))
+                    # Snap onto the probe's PTS index: the same float for the same frame everywhere.
+                    idx = min(max(bisect_right(pts_list, frame.pts * tb + 1e-6) - 1, 0), last)
+                    t = pts_list[idx]
+                    rec = scores.add(t, scores.scorer.small(frame))
+                    if exact_scores:
+                        scores.exact(len(scores.recs) - 1)
+                    times.append(t)
+                    recs.append(rec)
+                    decided = rule(scores)
+                    if capturer is not None:
+                        capturer.frame(idx, frame, decided)
+                    cuts += decided
+            finally:
+                decoded.close()     # stops the decoding thread before the container closes
             if capturer is not None:
                 capturer.finish()
     except av.error.FFmpegError as exc:

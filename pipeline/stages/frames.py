@@ -53,15 +53,18 @@ class FramesConfig(StageConfig):
     after_cut_offset: float = 0.5        # seconds after the shot start of the first frame of a shot
     min_cuts_per_minute: float = 1.0     # below: the video is low-cut
     drop_low_cut: bool = False           # low-cut: skip the video (true) or sample at fallback_fps (false)
-    fallback_fps: float = 1.0
-    max_frames_per_video: int = 256
+    fallback_fps: float = 1.0            # uniform sampling rate of low-cut videos
+    max_frames_per_video: int = 256      # cap; after-cut frames are kept before midpoints
     short_side: int = 336                # stored frames: min(H, W) (CLIP ViT-L/14-336 input size); 0 = native
     jpeg_quality: int = 90
     max_pixels: int = 3840 * 2160        # larger videos are refused (too_large)
-    decode_backend: str = "auto"         # auto (decord, PyAV fallback) | decord | pyav
+    decode_backend: str = "pyav"         # pyav | auto (decord, PyAV fallback) | decord
     # Videos at least this tall are scanned for cuts without the decoder's loop filter (cheaper; the after-cut
     # frames then come from the seeking decode instead of being captured during the scan). 0: always.
     detect_skip_loop_filter_min_height: int = 720
+    # Decoder threads of the cut scan (which decodes in a thread of its own while another scores): 0 = auto
+    # (1 up to 1024x576 pixels, FFmpeg's frame threading above; 1 costs the least CPU).
+    detect_decode_threads: int = 0
     workers: int = 1                     # videos processed at once by one task (a process pool when > 1)
 
 
@@ -103,7 +106,7 @@ def make_detector(cfg: FramesConfig):
 def cut_params(cfg: FramesConfig, info: VideoInfo) -> CutParams:
     return CutParams(detector=cfg.detector, threshold=cfg.threshold, min_shot_len=float(cfg.min_shot_len),
                      adaptive_threshold=cfg.adaptive_threshold, min_content_val=cfg.min_content_val,
-                     detect_width=cfg.detect_width,
+                     detect_width=cfg.detect_width, decode_threads=int(cfg.detect_decode_threads),
                      skip_loop_filter=info.height >= int(cfg.detect_skip_loop_filter_min_height))
 
 
