@@ -257,3 +257,71 @@ def test_both_scan_modes_of_the_stage_give_the_same_frames(clips):
     assert skipped.cuts == captured.cuts == pytest.approx([1.0, 2.0])
     assert [(f.pts, f.kind, f.shot) for f in skipped.frames] == [(f.pts, f.kind, f.shot) for f in captured.frames]
     assert all(np.array_equal(a.image, b.image) for a, b in zip(skipped.frames, captured.frames))
+
+
+@pytest.mark.parametrize("n,size", [(360, 144), (180, 72), (1080, 144), (540, 72), (480, 144), (240, 72),
+                                    (720, 144), (576, 144), (120, 120), (121, 60), (1000, 7), (2, 1)])
+def test_strided_row_views_are_exactly_the_rows_the_scaling_samples(n, size):
+    """The rows the bound reads in place are the rows OpenCV's nearest scaling picks: no more, no fewer, none
+    twice; the common video heights (360p to 1080p, luma and 4:2:0 chroma) get the in-place views."""
+    import cv2
+
+    from pipeline.cuts import _row_slices
+
+    src = np.arange(n, dtype=np.float32).reshape(n, 1)
+    picked = cv2.resize(src, (1, size), interpolation=cv2.INTER_NEAREST)[:, 0].astype(int)
+    slices = _row_slices(n, None if size == n else picked)
+    assert slices is not None and len(slices) <= 8
+    got = np.sort(np.concatenate([np.arange(n)[sl] for sl in slices]))
+    assert np.array_equal(got, picked)
+
+
+@pytest.mark.parametrize("name", ["speech_360p.mp4", "counter.mp4", "shots_10bit.mp4", "shots_444.mp4"])
+def test_scan_modes_give_the_same_scores_cuts_and_frames(clips, name, monkeypatch):
+    """Decoding ahead in a second thread with one decoder thread (the default up to 1024x576), FFmpeg's frame
+    threading decoded inline, and the bound over copied rows instead of in-place views: the same frames, bounds,
+    scores, cuts and captured pixels."""
+    import pipeline.cuts as cuts
+
+    info = probe(clips[name])
+
+    def run(**kw):
+        params = _params("content")
+        for k, v in kw.items():
+            setattr(params, k, v)
+        return detect(info, params, capture=Capture(offset=CFG.after_cut_offset, short_side=336),
+                      exact_scores=True)
+
+    runs = [run(decode_threads=1, decode_ahead=True), run(decode_threads=2, decode_ahead=False)]
+    monkeypatch.setattr(cuts, "_row_slices", lambda n, rows, most=8: None)    # the copying path
+    runs.append(run(decode_threads=0, decode_ahead=True))
+    first = runs[0]
+    assert len(first.pts) == info.n_frames and first.frames
+    for other in runs[1:]:
+        assert other.cuts == first.cuts
+        assert np.array_equal(other.pts, first.pts)
+        assert np.array_equal(other.bounds, first.bounds)
+        assert np.array_equal(other.scores, first.scores, equal_nan=True)
+        assert other.frames.keys() == first.frames.keys()
+        assert all(np.array_equal(other.frames[t], first.frames[t]) for t in first.frames)
+
+
+def test_a_failing_scan_stops_its_decoding_thread(clips, monkeypatch):
+    import threading
+
+    import pipeline.cuts as cuts
+
+    calls = {"n": 0}
+    step = cuts.ContentCuts.__call__
+
+    def failing(self, scores):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise RuntimeError("scoring failed")
+        return step(self, scores)
+
+    monkeypatch.setattr(cuts.ContentCuts, "__call__", failing)
+    info = probe(clips["speech_360p.mp4"])
+    with pytest.raises(RuntimeError, match="scoring failed"):
+        detect(info, _params("content"), capture=Capture())
+    assert not [t for t in threading.enumerate() if t.name == "cut-scan-decode"]
