@@ -151,7 +151,7 @@ class ShardStore:
         staging = self.dir / STAGING
         shutil.rmtree(staging, ignore_errors=True)  # a staging torn by a kill: never installed, the shard unchanged
         for name, table in tables.items():
-            write_parquet(staging / f"{name}.parquet", table, **PARQUET_OPTIONS)
+            write_parquet(staging / f"{name}.parquet", as_read_back(table), **PARQUET_OPTIONS)
         ledger_rows = sorted(ledger_rows, key=lambda r: r["video_id"])
         write_parquet(staging / f"{LEDGER}.parquet", pa.Table.from_pylist(ledger_rows, schema=LEDGER_SCHEMA))
         counts = Counter(r["status"] for r in ledger_rows)
@@ -554,6 +554,18 @@ def dedupe_sorted(table: pa.Table, keys: list[str]) -> pa.Table:
     rows = pc.take(last.column("__row_max"), keep)
     out = table.take(rows)
     return out.sort_by([(k, "ascending") for k in keys])
+
+
+def as_read_back(table: pa.Table) -> pa.Table:
+    """`table` with the schema a Parquet round trip gives it (nested list fields named `element`, not `item`):
+    rows that come from Arrow parts and rows read back from an earlier output are written with the same schema,
+    so the same rows give the same bytes (ingest compares the digest of a re-finalized shard's bytes)."""
+    import io
+
+    buf = io.BytesIO()
+    pq.write_table(table.schema.empty_table(), buf)
+    target = pq.read_schema(pa.BufferReader(buf.getvalue()))
+    return table if table.schema.equals(target, check_metadata=True) else table.cast(target)
 
 
 def _sorted_unique(table: pa.Table, keys: list[str]) -> bool:
