@@ -61,7 +61,7 @@ def preprocess_frames(item: WorkItem, model: str, pretrained: str, image_column:
 
 
 class ClipEmbedder:
-    """The model side (one per actor): frame tensors in, float16 embeddings out (`pipeline.models.clip.ImageEncoder`)."""
+    """The model side (one per actor): frame tensors in, float16 embeddings out (`models.clip.ImageEncoder`)."""
 
     def __init__(self, cfg: ClipConfig, model: str, pretrained: str, device: str):
         from ..models.clip import ImageEncoder
