@@ -130,6 +130,19 @@ def test_groups_written_by_concurrent_processes_read_as_one_dataset(run):
     assert (str(view["video_id"][len(want) - 1]), int(view["segment_idx"][-1])) == want[-1]
     again = write_dataset(cfg, **QUIET)
     assert again["commits"] == 0 and again["tag"] is None and again["rows"] == result["rows"]
+    # a checkpoint's dataset version (every group's) opens those versions again, after a group moved on
+    url = dataset_url(cfg.stage, run)
+    pinned = DeepLakeSource(url, LoaderConfig(split_fractions=(1.0, 0.0, 0.0)), "train")
+    import deeplake
+
+    from pipeline.schema import to_deeplake_columns
+
+    moved = deeplake.open(read_layout(url).group_url(0))
+    moved.append(to_deeplake_columns(tables[0].slice(0, 1)))     # a row the pinned versions do not have
+    moved.commit("a later row")
+    again = DeepLakeSource(url, LoaderConfig(split_fractions=(1.0, 0.0, 0.0)), "train", version=pinned.version)
+    assert again.version == pinned.version and len(again) == len(want)
+    assert len(DeepLakeSource(url, LoaderConfig(split_fractions=(1.0, 0.0, 0.0)), "train")) == len(want) + 1
 
 
 WRITER = textwrap.dedent("""
