@@ -104,7 +104,7 @@ def _group_kill_while_a_worker_starts(tmp_path, reaper: bool) -> dict:
             assert time.time() < deadline and proc.poll() is None, "the raylet started no worker"
             time.sleep(0.05)
         assert psutil.Process(starting[0]).ppid() != proc.pid and os.getpgid(starting[0]) != proc.pid
-        idle_now = [p.pid for p in _session(proc.pid) if p.cmdline()[:1] == ["ray::IDLE"]]
+        idle_now = [int(line.split()[0]) for line in _describe(_session(proc.pid)) if " ray::IDLE" in line]
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         killed_at = time.time()
