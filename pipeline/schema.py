@@ -1,5 +1,8 @@
 """The data schema, in one place: joined rows (Arrow/Parquet), their Deep Lake columns, and the batch contract.
 
+The columns and their Deep Lake mapping are generated from the modality list (`pipeline.modalities`): the
+built-in modalities give exactly the columns below, in this order; a registered expert adds its own after them.
+
 One row = one ASR segment (or, for a video without speech, one fixed window) of one video, keyed
 (video_id, segment_idx), with everything the model sees for that span:
 

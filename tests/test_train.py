@@ -97,7 +97,7 @@ def test_two_process_kill_and_resume_matches_the_uninterrupted_run(tmp_path, cac
 
     resumed = run_train(broken, cache_dir, args, nproc=2)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout and "at step 8" in resumed.stdout
+    assert "resumed from" in resumed.stderr and "at step 8" in resumed.stderr      # (logged)
     a, b = losses(whole), losses(broken)
     assert sorted(b) == list(range(1, 17))
     for step in range(9, 17):
@@ -161,7 +161,7 @@ def test_activation_checkpointing_and_the_mlp_projector_train_on_two_gloo_ranks(
 
     r = run_train(run, cache_dir, args + ["train.max_steps=34"], nproc=2)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "at step 32" in r.stdout and sorted(losses(run)) == list(range(1, 35))
+    assert "at step 32" in r.stderr and sorted(losses(run)) == list(range(1, 35))
     assert losses(run)[34] < 0.3 * first
 
 
@@ -240,7 +240,7 @@ def test_resume_from_an_earlier_checkpoint_with_a_lower_lr(tmp_path, cache_dir):
     first = losses(run, "lr")
     r = run_train(run, cache_dir, base + ["train.resume_from=4", "train.resume_lr=1e-5"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert f"resumed from {run / 'checkpoints' / 'step-00000004'} at step 4" in r.stdout
+    assert f"resumed from {run / 'checkpoints' / 'step-00000004'} at step 4" in r.stderr
     (aside,) = (run / "checkpoints" / "rolled_back").iterdir()
     assert sorted(d.name for d in aside.iterdir()) == ["step-00000006", "step-00000008"]
     assert [s for s, _, _ in complete_checkpoints(run / "checkpoints")] == [2, 4, 6, 8]   # saved anew

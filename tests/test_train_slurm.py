@@ -53,6 +53,6 @@ def test_two_node_training_requeues_and_resumes(tmp_path, slurm_cluster, cache_d
     nodelist = slurm_cluster.run("sacct", "-X", "-n", "-P", "-o", "NodeList", "-j", str(job.job_id)).stdout.split()
     hosts = slurm_cluster.run("scontrol", "show", "hostnames", nodelist[-1]).stdout.split()
     assert len(set(hosts)) == 2, nodelist  # the two ranks ran on two Slurm nodes
-    out = _logs(run, "*_0_log.out")
-    resumed = [ln for ln in out.splitlines() if ln.startswith("resumed from")]
+    out = _logs(run, "*_0_log.*")      # (the loop logs to stderr)
+    resumed = [ln for ln in out.splitlines() if "resumed from" in ln]
     assert resumed and not resumed[-1].endswith("at step 0"), out[-2000:]  # from a checkpoint, not scratch

@@ -7,6 +7,7 @@ never writes into the shard directory itself (media files it produces go under `
 """
 from __future__ import annotations
 
+import logging
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ class RunContext:
     models: str             # "real" or "tiny"
     cache_dir: Path
     device: str             # "cpu" or "cuda"
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = logging.getLogger("pipeline.stages").info   # the engine passes its task log
 
     @property
     def media_dir(self) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import json
+import logging
 import math
 import os
 import signal
@@ -32,6 +33,8 @@ from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.data import BatchSource, InputBuilder, Prefetcher, build_source, to_device
 from pipeline.train.metrics import (ActivationNorms, MetricsWriter, Throughput, count_params, flop_params,
                                     grad_norms, mfu, train_flops)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -298,7 +301,7 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
         if tcfg.get("resume_lr") is not None:
             set_base_lr(optimizer, scheduler, float(tcfg["resume_lr"]))
         if d.rank == 0:
-            print(f"resumed from {latest} at step {step}", flush=True)
+            log.info(f"resumed from {latest} at step {step}")
 
     prefetch = int(cfg["data"].get("prefetch", 0) or 0)
     stream = BatchStream(train_source, *position, prepare=builder, prefetch=prefetch,
@@ -347,8 +350,8 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
                         "mfu": mfu(flops_per_s, tcfg["peak_flops_per_device"], d.world_size)}
             scalars |= detail | act_norms.collect()
             if d.rank == 0:
-                print(f"step {step} loss {scalars['loss']:.4f} z {scalars['z_loss']:.2f} "
-                      f"gnorm {scalars['grad_norm']:.3f} lr {scalars['lr']:.2e} tok/s {tokens_per_s:.0f}", flush=True)
+                log.info(f"step {step} loss {scalars['loss']:.4f} z {scalars['z_loss']:.2f} "
+                         f"gnorm {scalars['grad_norm']:.3f} lr {scalars['lr']:.2e} tok/s {tokens_per_s:.0f}")
 
         eval_now = eval_source is not None and step % tcfg["eval_every"] == 0
         if eval_now:
@@ -357,11 +360,11 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
             if math.isnan(eval_loss):
                 eval_now, eval_loss = False, None
                 if d.rank == 0:
-                    print(f"step {step} eval skipped: the held-out split has no batches", flush=True)
+                    log.info(f"step {step} eval skipped: the held-out split has no batches")
             else:
                 scalars["eval_loss"] = eval_loss
                 if d.rank == 0:
-                    print(f"step {step} eval_loss {eval_loss:.4f}", flush=True)
+                    log.info(f"step {step} eval_loss {eval_loss:.4f}")
         writer.write(step, scalars)
 
         if ccfg["every"] and (step % ccfg["every"] == 0 or step == tcfg["max_steps"]):

@@ -4,6 +4,7 @@ installed)."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def count_params(model: nn.Module) -> int:
@@ -169,7 +172,7 @@ class MetricsWriter:
             try:
                 import wandb as wandb_lib
             except ImportError:
-                print("wandb is not installed; logging to TensorBoard only")
+                log.warning("wandb is not installed; logging to TensorBoard only")
             else:
                 self.wandb = wandb_lib.init(name=run_name or None, config=config or {}, dir=str(log_dir))
 
