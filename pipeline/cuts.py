@@ -15,8 +15,8 @@ stays close to that floor:
 - **Only where it can matter.** V is 1-Lipschitz in each of R, G, B and those are affine in Y, Cb, Cr, so
   `mean|dV| <= sY mean|dY| + sC (1.772 mean|dCb| + 1.402 mean|dCr|)`. Per frame the sums run over the rows
   the scaling samples at full width (a superset of the scaled pixels: still a bound; `cv2.norm` over strided
-  views of those rows, or over a copy of them for 10-bit and irregular row patterns; no per-pixel gather). A frame whose bound is below the threshold cannot be a
-  cut; for the others (a few per cent of frames) the columns are picked, the bound over the scaled pixels
+  views of those rows, or over a copy of them for 10-bit and irregular row patterns; no per-pixel gather).
+  A frame whose bound is below the threshold cannot be a cut; for the others (a few per cent of frames) the columns are picked, the bound over the scaled pixels
   checked, then the exact score computed. `exact_scores=True` computes it for every frame (tests, stats).
 - **Same decisions as PySceneDetect 0.7.** `ContentCuts` ports `ContentDetector` + its `FlashFilter` (MERGE
   mode, `min_scene_len` in seconds), `AdaptiveCuts` ports `AdaptiveDetector`. tests/test_cuts.py checks the
@@ -28,12 +28,14 @@ stays close to that floor:
   FFmpeg's frame threading costs ~30 % more CPU for the same frames, and the decoding thread and the scoring
   thread already keep two cores busy; larger frames use FFmpeg's frame threading (`decode_threads` overrides).
   Optionally `skip_loop_filter` (deblocking off) for a cheaper decode; the pixels are then not exact, so that
-  mode captures nothing.
-- **One pass.** With exact decoding, the after-cut frame of each shot (`offset` s after its first frame,
-  clamped to the shot's last frame: the sampling policy of pipeline/stages/frames.py) and the last shot's
-  midpoint are captured while detecting, converted exactly as `pipeline.video.decode_at` converts (PyAV
-  rgb24, then `resize_short_side`), so only the remaining frames (the other shot midpoints) need a second,
-  seeking decode.
+  mode keeps none of them (see below).
+- **One pass.** The sampled frames of the stage's policy (pipeline/stages/frames.py) are gathered during the
+  scan: with exact decoding, the after-cut frame of each shot (`offset` s after its first frame, clamped to the
+  shot's last frame) and the last shot's midpoint are kept as they are decoded, converted exactly as
+  `pipeline.video.decode_at` converts (PyAV rgb24, then `resize_short_side`); the other shots' midpoints,
+  known once the scan is past them (and, with `skip_loop_filter`, every sampled frame), are decoded by
+  seeking (`decode_at`) in a thread of their own while the scan goes on. Nothing is left for a second pass
+  but what a cap or a failure left out.
 
 Times are absolute stream PTS in seconds, snapped onto the probe's frame index (`VideoInfo.frame_pts`).
 """
@@ -51,7 +53,7 @@ import av
 import cv2
 import numpy as np
 
-from .video import PTS_EPS, VideoError, VideoInfo, resize_short_side
+from .video import PTS_EPS, VideoError, VideoInfo, decode_at, resize_short_side
 
 # Frames kept to look back at, so that a cut decided a few frames late (AdaptiveDetector's window, the flash
 # filter) still finds the frame just before it for the capture.
@@ -88,6 +90,8 @@ class Capture:
     short_side: int | None = None
     max_frames: int = 256
     midpoints: bool = True
+    seek: bool = True                # frames the scan cannot keep (the other shots' midpoints; every frame
+                                     # without exact decoding): decoded by seeking in a thread during the scan
 
 
 @dataclass
@@ -411,17 +415,59 @@ def make_rule(params: CutParams) -> ContentCuts | AdaptiveCuts:
 
 # ---------------------------------------------------------------------------------------------- capture
 
-class _Capturer:
-    """Keeps the after-cut frame of each shot as it is decoded: the frame `offset` s after the shot's first
-    frame or, for a shot that ends before that, its last frame (from a short look-back of recent frames); and
-    the last shot's midpoint: for the shot under way, the frame at the middle between its start and the
-    stream's end is held (one reference) and kept when the stream ends with no further cut. The midpoints of
-    the other shots are known only once they have been decoded past, and are decoded later: holding every
-    frame that could still be one costs the scan more (memory traffic) than their seeking decode.
-    Any frame kept is exact for its PTS; one it misses is simply decoded later."""
+class _SeekingDecoder:
+    """Decodes sampled frames the scan cannot keep (shot midpoints known only once the scan is past them; every
+    frame when the scan's decode is not exact) by seeking (`decode_at`, PyAV, one decoder thread), in a thread
+    of its own while the scan goes on, so that they cost the scan's critical path nothing. A frame it fails to
+    decode is simply left out (the stage decodes it later and reports any failure)."""
 
-    def __init__(self, info: VideoInfo, capture: Capture, lookback: int):
-        self.pts, self.cap = info.frame_pts, capture
+    def __init__(self, info: VideoInfo, short_side: int | None):
+        self.info, self.short_side = info, short_side
+        self.todo: queue.SimpleQueue = queue.SimpleQueue()
+        self.frames: dict[float, np.ndarray] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="cut-scan-seek", daemon=True)
+        self.thread.start()
+
+    def want(self, t: float) -> None:
+        self.todo.put(t)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            t = self.todo.get()
+            if t is None:
+                return
+            try:
+                (pts, image), = decode_at(self.info, [t], short_side=self.short_side, backend="pyav", threads=1)
+            except Exception:  # noqa: BLE001 - decoded again by the stage, which reports the failure
+                continue
+            if abs(pts - t) < PTS_EPS:
+                self.frames[t] = image
+
+    def close(self, cancel: bool = False) -> dict[float, np.ndarray]:
+        if cancel:
+            self.stop.set()
+        self.todo.put(None)
+        self.thread.join()
+        return self.frames
+
+
+class _Capturer:
+    """The sampled frames of the stage's policy, gathered during the scan.
+
+    With exact decoding (`exact`), frames are kept as they are decoded: the after-cut frame of each shot (the
+    frame `offset` s after the shot's first frame or, for a shot that ends before that, its last frame, from a
+    short look-back of recent frames) and the last shot's midpoint (for the shot under way, the frame at the
+    middle between its start and the stream's end is held, one reference, and kept when the stream ends with
+    no further cut). The other shots' midpoints are known only once the scan is past them: holding every frame
+    that could still be one costs the scan more (memory traffic) than a seeking decode, so with
+    `seek` each is decoded by seeking in a thread of its own as soon as its shot ends
+    (`_SeekingDecoder`). Without exact decoding (`skip_loop_filter`) nothing decoded by the scan is kept: every
+    one of those frames goes to the seeking thread instead, when the scan reaches it. Any frame kept is exact
+    for its PTS; one missed (look-back too short, cap reached) is simply decoded later by the stage."""
+
+    def __init__(self, info: VideoInfo, capture: Capture, lookback: int, exact: bool = True):
+        self.pts, self.cap, self.exact = info.frame_pts, capture, exact
         self.end = info.end_pts
         self.recent: deque[tuple[int, av.VideoFrame]] = deque(maxlen=lookback)
         self.frames: dict[float, np.ndarray] = {}
@@ -429,6 +475,8 @@ class _Capturer:
         self.shot_t = info.first_pts      # start of the shot under way
         self.mid = self._index_at((self.shot_t + self.end) / 2) if capture.midpoints else -1
         self.mid_frame: av.VideoFrame | None = None
+        self.seeker = _SeekingDecoder(info, capture.short_side) if capture.seek else None
+        self.sought: set[float] = set()
 
     def _index_at(self, t: float) -> int:
         """As VideoInfo.index_at: the frame shown at time t."""
@@ -440,18 +488,29 @@ class _Capturer:
         return max(start, int(np.searchsorted(self.pts, t + 1e-6, side="right")) - 1)
 
     def _keep(self, idx: int, frame: av.VideoFrame | None) -> None:
-        if frame is not None and len(self.frames) < self.cap.max_frames:
+        if len(self.frames) + len(self.sought) >= self.cap.max_frames:
+            return
+        t = float(self.pts[idx])
+        if frame is not None and self.exact:
             image = frame.to_ndarray(format="rgb24")     # exactly as pipeline.video.decode_at converts
-            self.frames[float(self.pts[idx])] = resize_short_side(image, self.cap.short_side)
+            self.frames[t] = resize_short_side(image, self.cap.short_side)
+        else:
+            self._seek(t)
+
+    def _seek(self, t: float) -> None:
+        if self.seeker is not None and t not in self.frames and t not in self.sought:
+            self.seeker.want(t)
+            self.sought.add(t)
 
     def _recent(self, idx: int) -> av.VideoFrame | None:
         return next((f for i, f in self.recent if i == idx), None)
 
     def frame(self, idx: int, frame: av.VideoFrame, cuts: list[float]) -> None:
         """Called for every decoded frame (its index in the PTS index) with the cuts decided at it."""
-        self.recent.append((idx, frame))
-        if idx == self.mid:
-            self.mid_frame = frame
+        if self.exact:
+            self.recent.append((idx, frame))
+            if idx == self.mid:
+                self.mid_frame = frame
         for c in cuts:
             start = int(np.searchsorted(self.pts, c - 1e-6))
             if self.want >= 0 and start > 0:      # the previous shot ended before its after-cut frame
@@ -461,6 +520,9 @@ class _Capturer:
                 self._keep(self.want, self._recent(self.want))
                 self.want = -1
             if self.cap.midpoints:                # a new shot under way: its midpoint should it be the last
+                if start > 0 and len(self.frames) + len(self.sought) < self.cap.max_frames:
+                    # the shot that ended: its midpoint, by seeking
+                    self._seek(float(self.pts[self._index_at((self.shot_t + float(self.pts[start])) / 2)]))
                 self.shot_t = float(self.pts[start])
                 self.mid = self._index_at((self.shot_t + self.end) / 2)
                 self.mid_frame = self._recent(self.mid)
@@ -469,10 +531,19 @@ class _Capturer:
             self.want = -1
 
     def finish(self) -> None:
-        """The stream ended: the last shot's midpoint."""
-        if self.mid_frame is not None:
+        """The stream ended: the last shot's midpoint, and the frames the seeking thread decodes."""
+        if self.cap.midpoints and self.mid >= 0:
             self._keep(self.mid, self.mid_frame)
             self.mid_frame = None
+        if self.seeker is not None:
+            for t, image in self.seeker.close().items():
+                self.frames.setdefault(t, image)
+            self.seeker = None
+
+    def cancel(self) -> None:
+        if self.seeker is not None:
+            self.seeker.close(cancel=True)
+            self.seeker = None
 
 
 # ------------------------------------------------------------------------------------------------ decode
@@ -536,9 +607,9 @@ def _frames_ahead(container, stream, batch: int) -> Iterator[av.VideoFrame]:
 
 def detect(info: VideoInfo, params: CutParams, capture: Capture | None = None,
            exact_scores: bool = False) -> Detection:
-    """Decode every frame of the video stream once, score it and decide cuts; with `capture`, keep the
-    after-cut frames and the last shot's midpoint on the way (not with `skip_loop_filter`: those pixels
-    are not exact).
+    """Decode every frame of the video stream once, score it and decide cuts; with `capture`, gather the
+    sampled frames on the way (`_Capturer`: kept from the scan's own exact decode, or decoded by seeking in a
+    thread of their own; with `skip_loop_filter` the scan's pixels are not exact and every one is sought).
     Raises VideoError('corrupt') when the stream stops decoding."""
     rule = make_rule(params)
     frame_pts = info.frame_pts
@@ -546,8 +617,9 @@ def detect(info: VideoInfo, params: CutParams, capture: Capture | None = None,
     last = len(frame_pts) - 1
     tb = float(info.time_base)
     capturer = None
-    if capture is not None and not params.skip_loop_filter:
-        capturer = _Capturer(info, capture, lookback=max(_LOOKBACK, params.window_width + 3))
+    if capture is not None and (capture.seek or not params.skip_loop_filter):
+        capturer = _Capturer(info, capture, lookback=max(_LOOKBACK, params.window_width + 3),
+                             exact=not params.skip_loop_filter)
     scores: _Scores | None = None
     times: list[float] = []
     recs: list[_Rec] = []
@@ -595,6 +667,9 @@ def detect(info: VideoInfo, params: CutParams, capture: Capture | None = None,
                 capturer.finish()
     except av.error.FFmpegError as exc:
         raise VideoError("corrupt", f"decode failed after {len(times)} frames: {exc}") from exc
+    finally:
+        if capturer is not None:
+            capturer.cancel()
     first = float(frame_pts[0]) if len(frame_pts) else 0.0
     return Detection(cuts=sorted({c for c in cuts if c > first + 1e-6}), pts=np.asarray(times),
                      scores=np.array([math.nan if r.score is None else r.score for r in recs]),

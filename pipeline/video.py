@@ -233,13 +233,14 @@ def decode_jpeg(data: bytes) -> np.ndarray:
 
 
 def decode_at(info: VideoInfo, times: Sequence[float], short_side: int | None = None,
-              backend: str = "auto") -> list[tuple[float, np.ndarray]]:
+              backend: str = "auto", threads: int = 0) -> list[tuple[float, np.ndarray]]:
     """Decode the frames shown at `times` (seconds, absolute PTS) as (frame_pts, HxWx3 uint8 RGB).
 
     Each time maps to the frame whose PTS is the last one <= t; duplicates are decoded once. Returned in PTS
     order, one entry per distinct frame, each with the PTS its decoder gave it. backend: auto (decord where it
     indexes the container like the probe, else or on any decord failure PyAV) | decord (raises where it cannot
-    be trusted) | pyav. A wanted frame that does not decode raises VideoError("corrupt", ...).
+    be trusted) | pyav. `threads`: PyAV's decoder threads (0: FFmpeg's frame threading, its own count; 1: one
+    thread, the least CPU). A wanted frame that does not decode raises VideoError("corrupt", ...).
     """
     indices = sorted({info.index_at(t) for t in times})
     if not indices:
@@ -253,7 +254,7 @@ def decode_at(info: VideoInfo, times: Sequence[float], short_side: int | None = 
                 raise
             log.info("decord failed on %s (%s); using PyAV", info.path, exc)
     if images is None:
-        images = _decode_pyav(info, indices, short_side)
+        images = _decode_pyav(info, indices, short_side, threads)
     if isinstance(images, dict):        # PyAV: keyed by the wanted PTS, with the PTS each frame decoded at
         return [images[k] for k in range(len(indices))]
     return [(float(info.frame_pts[i]), img) for i, img in zip(indices, images)]
@@ -320,7 +321,8 @@ def _seek_run(container, stream, info: VideoInfo, target: float) -> tuple[Any, I
     return run
 
 
-def _decode_pyav(info: VideoInfo, indices: list[int], short_side: int | None) -> dict[int, tuple[float, np.ndarray]]:
+def _decode_pyav(info: VideoInfo, indices: list[int], short_side: int | None,
+                 threads: int = 0) -> dict[int, tuple[float, np.ndarray]]:
     """Exact path: seek to the keyframe before each wanted frame (or decode forward when it is near) and decode
     until its PTS; each kept frame is resized at once, so one full-resolution RGB frame exists at a time.
     Returns {k: (pts the decoder gave the frame, image)}; a wanted frame the decoder does not output is a
@@ -331,7 +333,12 @@ def _decode_pyav(info: VideoInfo, indices: list[int], short_side: int | None) ->
     try:
         with av.open(info.path) as container:
             stream = container.streams[info.stream_index]
-            stream.thread_type = "AUTO"
+            if threads == 1:
+                stream.codec_context.thread_count = 1
+            else:
+                stream.thread_type = "AUTO"
+                if threads > 1:
+                    stream.codec_context.thread_count = threads
             k = 0
             rest: Iterator | None = None
             try:

@@ -192,21 +192,29 @@ def test_after_cut_frames_captured_during_detection_are_the_exact_frames(clips, 
     plan = plan_times(info, got.cuts, cfg, uniform=False)
     after = {t for t, kind, _ in plan if kind == "after_cut"}
     assert after and after <= set(got.frames)          # every after-cut frame came from the detection pass
-    last_mid = {t for t, kind, shot in plan if kind == "midpoint" and shot == len(got.cuts)}
-    assert last_mid <= set(got.frames)                 # and the last shot's midpoint
+    mids = {t for t, kind, shot in plan if kind == "midpoint"}
+    assert mids <= set(got.frames)                     # and the midpoints (the others by seeking, meanwhile)
+    assert set(got.frames) <= {t for t, _, _ in plan}  # and nothing else
     for backend in ("pyav", "auto"):
         for pts, image in decode_at(info, sorted(got.frames), short_side=short_side or None, backend=backend):
             assert pts in got.frames
             assert np.array_equal(got.frames[pts], image), (name, pts, backend)
 
 
-def test_skip_loop_filter_finds_the_same_cuts_and_captures_nothing(clips):
+def test_skip_loop_filter_finds_the_same_cuts_and_keeps_only_frames_decoded_exactly(clips):
+    """Without the loop filter the scan's pixels are not the frames: every sampled frame is decoded by seeking
+    instead, during the scan; the same frames, pixel for pixel, as the exact scan keeps."""
     info = probe(clips["speech_360p.mp4"])
-    exact = detect(info, _params("content"))
+    exact = detect(info, _params("content"), capture=Capture(short_side=336))
     params = _params("content")
     params.skip_loop_filter = True
-    fast = detect(info, params, capture=Capture())
-    assert fast.cuts == exact.cuts and len(exact.cuts) == 4 and fast.frames == {}
+    fast = detect(info, params, capture=Capture(short_side=336))
+    assert fast.cuts == exact.cuts and len(exact.cuts) == 4
+    plan = {t for t, _, _ in plan_times(info, exact.cuts, FramesConfig(), uniform=False)}
+    assert fast.frames.keys() == exact.frames.keys() == plan     # nothing left for a second pass
+    assert all(np.array_equal(fast.frames[t], exact.frames[t]) for t in plan)
+    without = detect(info, params, capture=Capture(short_side=336, seek=False))
+    assert without.cuts == exact.cuts and without.frames == {}    # the scan's own (inexact) pixels are never kept
 
 
 def _ctx(tmp_path: Path) -> RunContext:
@@ -324,4 +332,4 @@ def test_a_failing_scan_stops_its_decoding_thread(clips, monkeypatch):
     info = probe(clips["speech_360p.mp4"])
     with pytest.raises(RuntimeError, match="scoring failed"):
         detect(info, _params("content"), capture=Capture())
-    assert not [t for t in threading.enumerate() if t.name == "cut-scan-decode"]
+    assert not [t for t in threading.enumerate() if t.name.startswith("cut-scan")]
