@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -38,6 +39,7 @@ from typing import Any, Callable, Iterator
 from .atomic import fsync_tree
 from .errors import ConfigError
 
+_log = logging.getLogger(__name__)
 LOG_DIR = "_deeplake_log"
 GUARD_SUFFIX = ".lastgood"
 GOOD = "good"
@@ -351,7 +353,7 @@ def saved_state(path: Path) -> dict[str, Any] | None:
 _fsync_tree = fsync_tree
 
 
-def save_good(url: str, info: dict[str, Any], log: Callable[[str], None] = print) -> bool:
+def save_good(url: str, info: dict[str, Any], log: Callable[[str], None] = _log.warning) -> bool:
     """Save the (just probed) head's version log as the last good version. Only a dataset's writer may call it
     (a copy taken during someone else's commit could be torn). False when it could not be saved (no space):
     the previous saved version, older but intact, stays."""
@@ -389,7 +391,7 @@ def _describe(state: dict[str, Any]) -> str:
             + (f"tag {', '.join(sorted(tags))}" if tags else "untagged") + ")")
 
 
-def rollback(url: str, problem: str, log: Callable[[str], None] = print) -> dict[str, Any]:
+def rollback(url: str, problem: str, log: Callable[[str], None] = _log.warning) -> dict[str, Any]:
     """Put the last good version's log in place of an unreadable head's. Raises DatasetUnreadable when there is
     none (or it cannot be put in place). Returns the restored version's state."""
     path = local_dir(url)
@@ -441,7 +443,7 @@ def head_problem(url: str) -> tuple[str | None, dict[str, Any]]:
     return (None if result.ok else result.problem), result.info
 
 
-def ensure_readable(url: str, log: Callable[[str], None] = print, save: bool = False) -> dict[str, Any]:
+def ensure_readable(url: str, log: Callable[[str], None] = _log.warning, save: bool = False) -> dict[str, Any]:
     """The head's info, after rolling an unreadable head back to the last good version (DatasetUnreadable when
     it cannot be). {} when there is no dataset. `save` (the dataset's writer only): a readable head that is not
     the saved one is saved as the last good version."""
@@ -459,7 +461,7 @@ def ensure_readable(url: str, log: Callable[[str], None] = print, save: bool = F
     return again.info
 
 
-def write_checked(url: str, action: Callable[[], Any], what: str, log: Callable[[str], None] = print,
+def write_checked(url: str, action: Callable[[], Any], what: str, log: Callable[[str], None] = _log.warning,
                   from_row: int = 0) -> None:
     """Run a write that ends in a new version (`ds.commit`, `ds.tag`), then probe the new head in a child process:
     readable, it is saved as the last good version; unreadable, it is rolled back to the previous one and

@@ -11,6 +11,7 @@ the catalogue as one dataset (`pipeline.dataset.view`). Remote URLs (no local di
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ from typing import Any, Callable
 from ..atomic import read_json, write_json
 from ..dataset_health import LOG_DIR, local_dir
 from ..errors import ConfigError
+
+_log = logging.getLogger(__name__)
+_info = _log.info      # the default progress log (callers may pass their own)
 
 CATALOGUE = "catalogue.json"
 GROUP_PREFIX = "group-"
@@ -93,7 +97,7 @@ def read_layout(url: str) -> Layout | None:
 
 
 def writer_layout(url: str, num_shards: int, shards_per_group: int,
-                  log: Callable[[str], None] = print) -> Layout:
+                  log: Callable[[str], None] = _info) -> Layout:
     """The layout the writers of a run use, pinned on first use: what is on disk wins over the config."""
     path = local_dir(url)
     if path is None or _is_dataset(path):

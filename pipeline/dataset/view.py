@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -20,6 +21,8 @@ import numpy as np
 
 from .. import dataset_health as health
 from .layout import Layout, dataset_url, read_layout
+
+_log = logging.getLogger(__name__)
 
 VERSION_PREFIX = "groups:"
 
@@ -47,7 +50,7 @@ def layout_of(run_dir_or_url: str | Path) -> Layout | None:
 
 
 def repair(run_dir: str | Path, run_dir_or_url: str | Path | None = None,
-           log: Callable[[str], None] = print) -> None:
+           log: Callable[[str], None] = _log.warning) -> None:
     """Roll any group's unreadable head back to its last good version (under that group's writer lock)."""
     from .writer import writer_lock
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -35,11 +36,14 @@ from ..shards import MARKER, ShardStore
 from ..verify import Tolerances, verify_dataset, verify_shard
 from .layout import Layout, dataset_url, writer_layout
 
+_log = logging.getLogger(__name__)
+_info = _log.info      # the default progress log (callers may pass their own)
+
 FINGERPRINTS = "ingested_fingerprints"     # dataset metadata: per shard, what of it the dataset holds
 Hook = Callable[[int], None]
 
 
-def open_or_create(url: str, log: Callable[[str], None] = print):
+def open_or_create(url: str, log: Callable[[str], None] = _info):
     import deeplake
 
     if deeplake.exists(url):
@@ -205,7 +209,7 @@ def _keys(table: pa.Table | None) -> set[tuple[str, int]]:
     return set(zip(table.column("video_id").to_pylist(), table.column("segment_idx").to_pylist()))
 
 
-def run_layout(cfg: Any, log: Callable[[str], None] = print) -> Layout:
+def run_layout(cfg: Any, log: Callable[[str], None] = _info) -> Layout:
     """The run's layout, pinned (catalogue written) when it has several groups."""
     from ..atomic import read_json
 
@@ -215,7 +219,7 @@ def run_layout(cfg: Any, log: Callable[[str], None] = print) -> Layout:
                          int(cfg.stage.get("shards_per_group", 0) or 0), log)
 
 
-def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None] = print,
+def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None] = _info,
                 after_append: Hook | None = None, before_append: Hook | None = None,
                 after_commit: Callable[[list[int]], None] | None = None) -> dict[str, Any]:
     """Bring one dataset of the layout up to date with the complete ingest shards of its group."""
@@ -344,7 +348,7 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
             "seconds": seconds, "shards_refused": refused, "dataset_violations": problems, "verify_seconds": verify_s}
 
 
-def write_dataset(cfg: Any, log: Callable[[str], None] = print, after_append: Hook | None = None,
+def write_dataset(cfg: Any, log: Callable[[str], None] = _info, after_append: Hook | None = None,
                   group: int | None = None, before_append: Hook | None = None,
                   after_commit: Callable[[list[int]], None] | None = None,
                   writers: int | None = None) -> dict[str, Any]:
