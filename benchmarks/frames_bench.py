@@ -7,13 +7,14 @@ For each resolution (360p: tests/media/speech_cuts_1080p.mp4 transcoded here to 
 - `scenedetect.detect()` with the OpenCV backend and auto-downscale (what video2dataset's cut-detection
   subsampler runs), same threshold / minimum shot length / luma-only as the stage;
 - the stage's `sample_video` (probe + cut detection, then extraction of the sampled frames), default config,
-  and with the other cut-scan mode (`detect_skip_loop_filter_min_height`: by default the loop filter is
-  skipped from 720 lines up, and kept below, where the after-cut frames are captured during the scan).
+  with the other loop-filter mode of the scan (`detect_skip_loop_filter_min_height`: by default the loop filter
+  is skipped from 720 lines up, and kept below), and with the other decoder threading of the scan
+  (`detect_decode_threads`: by default one decoder thread up to 1024x576, FFmpeg's frame threading above).
 
 Then videos per second of one task with `workers` = 1 and 2 (4 copies of the 360p video through
 `FramesStage.process`, pool start-up included).
 
-    .venv/bin/python benchmarks/frames_bench.py [--reps 3] [--write]
+    .venv/bin/python benchmarks/frames_bench.py [--reps 3] [--reps-1080p N] [--write]
 
 --write replaces benchmarks/results/frames.md with the tables, the machine and the date.
 """
@@ -25,10 +26,12 @@ import os
 import resource
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+from pipeline.cuts import _ONE_THREAD_PIXELS as ONE_THREAD_PIXELS
 from pipeline.stages.base import RunContext, WorkItem
 from pipeline.stages.frames import STAGE, FramesConfig, sample_video
 from pipeline.video import probe
@@ -86,16 +89,24 @@ GOALS = {"360p": {"ffmpeg": 1.2, "pyscenedetect": 0.7}, "1080p": {"ffmpeg": 1.5}
 
 def bench_resolution(label: str, path: str, reps: int) -> tuple[list[str], dict]:
     cfg = FramesConfig()
-    skips = probe(path).height >= cfg.detect_skip_loop_filter_min_height
+    info = probe(path)
+    skips = info.height >= cfg.detect_skip_loop_filter_min_height
+    one = info.width * info.height <= ONE_THREAD_PIXELS
     other = FramesConfig(detect_skip_loop_filter_min_height=10**6 if skips else 0)
-    mode = ("loop filter skipped" if skips else "loop filter kept, after-cut frames captured during the scan")
-    other_mode = ("loop filter kept, after-cut frames captured during the scan" if skips else "loop filter skipped")
+    threading_other = FramesConfig(detect_decode_threads=-1 if one else 1)
+    scan = "one decoder thread" if one else "FFmpeg's frame threading"
+    mode = (f"{scan}, loop filter skipped" if skips else f"{scan}, loop filter kept")
+    other_mode = ("loop filter kept" if skips else "loop filter skipped")
+    other_threads = ("FFmpeg's frame threading (`detect_decode_threads: -1`)" if one
+                     else "one decoder thread (`detect_decode_threads: 1`)")
     rows = {
         "ffmpeg": ("`ffmpeg -i X -f null -` (full decode, video + audio: the floor)", lambda: run_ffmpeg(path)),
         "pyscenedetect": ("PySceneDetect `detect()`, OpenCV backend, auto-downscale (video2dataset's cut detection)",
                           lambda: run_pyscenedetect(path, cfg)),
         "stage": (f"**frames stage** `sample_video`, default config ({mode})", lambda: run_stage(path, cfg)),
-        "stage_other": (f"frames stage, other scan mode ({other_mode})", lambda: run_stage(path, other)),
+        "stage_other": (f"frames stage, other loop-filter mode ({other_mode})", lambda: run_stage(path, other)),
+        "stage_threads": (f"frames stage, other scan decoding ({other_threads})",
+                          lambda: run_stage(path, threading_other)),
     }
     times: dict[str, list[float]] = {k: [] for k in rows}
     cpu: dict[str, list[float]] = {k: [] for k in rows}
@@ -103,15 +114,14 @@ def bench_resolution(label: str, path: str, reps: int) -> tuple[list[str], dict]
     for rep in range(reps):              # round-robin: load changes hit every row alike
         for key, (_, fn) in rows.items():
             t0, c0 = time.perf_counter(), cpu_seconds()
-            info = fn()
+            result = fn()
             times[key].append(time.perf_counter() - t0)
             cpu[key].append(cpu_seconds() - c0)
-            for k, v in info.items():
+            for k, v in result.items():
                 out.setdefault(key, {}).setdefault(k, []).append(v)
             print(f"  {label} rep {rep + 1}/{reps} {key}: {times[key][-1]:.2f} s", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     mcpu = {k: statistics.median(v) for k, v in cpu.items()}
-    info = probe(path)
     lines = [f"### {label}: `{Path(path).name}`, {info.width}x{info.height} {info.codec}, {info.duration:.1f} s, "
              f"{info.n_frames} frames", "",
              "| what | median s | runs (s) | x ffmpeg | x PySceneDetect | CPU s | CPU x ffmpeg | output |",
@@ -163,19 +173,22 @@ def bench_pool(path: str, n_videos: int = 4) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps-1080p", type=int, default=None, help="runs of each 1080p row (default: --reps)")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--skip-1080p", action="store_true")
     args = ap.parse_args()
     host = machine()
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = " ".join([".venv/bin/python", "benchmarks/frames_bench.py", *sys.argv[1:]])
     with tempfile.TemporaryDirectory() as tmp:
         p360 = str(make_360p(Path(tmp) / "speech_cuts_360p.mp4"))
-        text = ["# frames benchmark", "", f"Date: {started}. Machine: {host}.", ""]
+        text = ["# frames benchmark", "", f"Date: {started}. Machine: {host}.", "", f"Command: `{command}`", ""]
         lines, _ = bench_resolution("360p", p360, args.reps)
         text += lines
         if not args.skip_1080p:
-            lines, _ = bench_resolution("1080p", str(SOURCE), args.reps)
+            lines, _ = bench_resolution("1080p", str(SOURCE), args.reps_1080p or args.reps)
             text += lines
+        text += [f"Load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}.", ""]
         text += bench_pool(p360)
     report = "\n".join(text)
     print(report)
@@ -187,39 +200,39 @@ def main() -> None:
 NOTES = """
 Notes:
 - Every row of a table ran in this one invocation, round-robin, on the same file; the table gives the median
-  of the runs and every run. The machine is shared with other jobs (see the load average): compare the rows
+  of the runs and every run. The machine is shared with other jobs (see the load averages): compare the rows
   of one table (the ratios), not runs made at different times. The goals are on wall time; the CPU columns
   (median CPU seconds of all the row's threads and child processes) vary less with the load.
-- The stage's detect time includes the probe (a demux of the whole stream and a decode of its first frame);
-  its extract time is the seeking decode of the frames not captured during detection (the shot midpoints;
-  after-cut frames are captured while detecting when the loop filter is kept) plus their resize.
-- Skipping the loop filter (deblocking) makes the scan's decode cheaper, but its pixels are not the exact
-  frames, so nothing is captured and the after-cut frames are decoded by seeking too. In the three runs made
-  when it was chosen, it paid at 1080p in two (median 21.5 vs 24.3 s, 15.5 vs 18.9 s) and tied in the third,
-  while at 360p the two modes were within the noise: hence `detect_skip_loop_filter_min_height: 720`. Cuts
-  were identical in every row of every run.
-- Other runs of this code the same night, to show the spread: 00:26 UTC (load ~9-13) 360p 1.34 x ffmpeg,
-  1080p 1.21 x; 00:32 UTC, 360p only (load ~21) 1.87 x (stage 1.34 vs ffmpeg 0.72 s). The CPU-time ratio at
-  360p stayed at ~1.4 (1.52 before the change below), so the 1.2 x goal at 360p is not met.
-- The run before the scan's bound went to the sampled rows (2026-12-04 23:53 UTC, same VM, load ~12): 360p
-  stage 1.59 x ffmpeg (1.40 vs 0.88 s), 1080p 1.35 x (22.1 vs 16.3 s). Every run differs by tens of per cent
-  with the load: see the table's runs, and the goal line of each table.
-- Before the one-decode scan (PySceneDetect's detector fed frames scaled to 256 px BGR by the decoder's converter,
-  every sampled frame decoded by seeking), measured side by side on the same VM: 360p stage 5.42 s vs ffmpeg
+- The stage's detect time is the probe (a demux of the whole stream and a decode of its first frame) and the
+  scan, including the seeking decode of the sampled frames the scan cannot keep (the shot midpoints it is
+  already past; every sampled frame when the loop filter is skipped), which runs in a thread beside the scan
+  (pipeline/cuts.py `_SeekingDecoder`); extract is what is left after it (nothing, unless a cap or a failure
+  left a frame out).
+- How the scan runs (pipeline/cuts.py): one thread decodes ahead (FFmpeg without the GIL) while the calling
+  thread scores; frames up to 1024x576 are decoded by one decoder thread, larger ones with FFmpeg's frame
+  threading; the scoring reads the decoder's 8-bit planes in place (the rows the 256-px scaling samples as
+  strided views: the same bounds, bit for bit, as the row copies it replaced); only the sampled frames are
+  converted to RGB.
+- What each change paid, 360p, CPU seconds (medians of 5-7 runs on this VM at load 8-17; wall time was too
+  noisy to split): PyAV decode alone, one decoder thread 0.42 vs FFmpeg's frame threading 0.55; the scan with
+  frame threading, inline (the previous code) 0.80-0.86 vs one decoder thread decoding ahead 0.61-0.64 (the
+  frame-threaded decode also costs the scoring thread cache misses on frames decoded on another core); shot
+  midpoints by seeking, decord 0.15-0.17 vs PyAV 0.08-0.09 (hence `decode_backend: pyav`; at 1 fps, 122
+  frames, decord 1.6-1.7 vs PyAV 1.0-1.2); scoring in place vs on row copies ~0.02-0.03 less in isolation,
+  within the noise in the full scan. Tried and dropped: a ring of preallocated row buffers (`take(out=)`:
+  slower), nearest-pixel `cv2.resize` of the planes before the norms (slower than the norms over the
+  sampled rows at full width).
+- 1080p: a single decoder thread cost less CPU than frame threading in one loaded run (0.96 vs 1.14 x ffmpeg
+  CPU), but on a machine with idle cores one thread would bound the scan to one core's decode speed, so
+  frame threading stays above 1024x576 (`detect_decode_threads` sets it).
+- Under load, wall time follows CPU time weighted by how many threads are runnable: ffmpeg runs 3 decoding
+  threads on this 2-CPU machine, the stage's scan 2 (decoding, scoring) plus the seeking thread. On an idle
+  machine (never seen on this VM tonight) the 360p scan's wall is bounded by its one-thread decode, about
+  0.45 s, while ffmpeg spreads its ~0.67 CPU s over both cores: there the ratio would be above the loaded
+  figure; `detect_decode_threads: -1` trades CPU for that wall.
+- Before this work (same VM, 2026-12-05 00:33 UTC, load ~16): 360p stage 1.38 x ffmpeg wall, 1.37 x CPU
+  (0.91 vs 0.66 s); 1080p 1.26 x wall, 1.19 x CPU. Before the one-decode scan: 360p stage 5.42 s vs ffmpeg
   0.69 s and PySceneDetect 1.30 s; 1080p stage 11.9 s vs ffmpeg 4.6 s.
-- Where the time goes (360p, CPU seconds of the process and its children, medians of 5 runs on the same VM:
-  less noisy than wall time under this load): ffmpeg ~0.69 (video ~0.62 + audio); PyAV's decode of the video
-  stream alone ~0.54; the stage ~0.95-1.0 (1.4 x ffmpeg) = probe ~0.03 + scan ~0.80 + seeking decode of the
-  shot midpoints ~0.15 (decord, `decode_backend: auto`; PyAV's path took ~0.11 for the same frames). What
-  keeps 360p above 1.2 x: the scan's work beyond the decode (~0.25 s) and the midpoints' second decode. The scan's
-  own work beyond the decode is now ~70 us a frame: a copy of the rows the 256-px scaling samples, three L1
-  norms over them, Python bookkeeping. It was ~100 us before: `cv2.resize` (nearest) of the three planes, a
-  per-pixel gather, took ~0.15-0.2 s of it (perf), now done only for the few frames whose bound over the
-  sampled rows reaches the threshold. Holding the frames of each shot to capture every midpoint during the
-  scan was tried: it saved ~0.1 s of seeking decode but cost the scan ~0.16 s (memory traffic of a large
-  frame pool), so only the last shot's midpoint (one frame held) is captured.
-- Cut detection decodes every frame once with frame threading and scores it on the decoder's own planes
-  scaled to 256 px wide (pipeline/cuts.py); nothing is converted to RGB except the sampled frames.
 """
 
 

@@ -76,7 +76,8 @@ class CutParams:
     window_width: int = 2              # adaptive: frames on each side of the scored frame
     detect_width: int = 256            # frames scaled to this width (never upscaled), as PySceneDetect does
     skip_loop_filter: bool = False     # cheaper, inexact decode (no capture then)
-    decode_threads: int = 0            # decoder threads: 0 = auto (1 up to _ONE_THREAD_PIXELS, else FFmpeg's)
+    decode_threads: int = 0            # 0 = auto (1 up to _ONE_THREAD_PIXELS, else as -1); 1 = one thread;
+                                       # N > 1: frame threading with N; -1: frame threading, FFmpeg's count
     decode_ahead: bool = True          # decode in a second thread while this one scores
 
 
@@ -628,8 +629,8 @@ def detect(info: VideoInfo, params: CutParams, capture: Capture | None = None,
         with av.open(info.path) as container:
             stream = container.streams[info.stream_index]
             threads = params.decode_threads
-            if threads <= 0:
-                threads = 1 if info.width * info.height <= _ONE_THREAD_PIXELS else 0
+            if threads == 0:
+                threads = 1 if info.width * info.height <= _ONE_THREAD_PIXELS else -1
             if threads == 1:
                 stream.codec_context.thread_count = 1
             else:

@@ -59,11 +59,12 @@ class FramesConfig(StageConfig):
     jpeg_quality: int = 90
     max_pixels: int = 3840 * 2160        # larger videos are refused (too_large)
     decode_backend: str = "pyav"         # pyav | auto (decord, PyAV fallback) | decord
-    # Videos at least this tall are scanned for cuts without the decoder's loop filter (cheaper; the after-cut
-    # frames then come from the seeking decode instead of being captured during the scan). 0: always.
+    # Videos at least this tall are scanned for cuts without the decoder's loop filter (cheaper; the sampled
+    # frames then all come from the seeking decode that runs beside the scan). 0: always.
     detect_skip_loop_filter_min_height: int = 720
     # Decoder threads of the cut scan (which decodes in a thread of its own while another scores): 0 = auto
-    # (1 up to 1024x576 pixels, FFmpeg's frame threading above; 1 costs the least CPU).
+    # (1 up to 1024x576 pixels, FFmpeg's frame threading above); 1 = one (the least CPU); N > 1 = frame
+    # threading with N; -1 = frame threading with FFmpeg's own thread count.
     detect_decode_threads: int = 0
     workers: int = 1                     # videos processed at once by one task (a process pool when > 1)
 
