@@ -4,9 +4,11 @@ Builds a small run from the vendored sample media (plus speech clips cut from `s
 so that asr and audio have work), runs every stage once uninterrupted (the reference), then for each stage under
 test, N times: copies the run as it was before that stage, launches the stage as a user would
 (`python -m pipeline stage=S ...`, local launcher, 2 shards, flush_every=1) in its own process group, SIGKILLs
-the whole group at a random moment within the reference run's duration, checks that no process of the group
-outlives the kill, re-runs the same command to completion and compares every output of the stage (packed tables,
-ledgers and, for ingest, the Deep Lake dataset) with the reference. Columns that hold timings are left out.
+the whole group at a moment drawn uniformly over an uninterrupted run of that stage timed just before on the same
+machine (with --during-work: from its first output file to its end; start-up is most of a Ray stage's time),
+checks that no process of the group outlives the kill (Ray processes: after the reaper's grace), re-runs the same
+command to completion and compares every output of the stage (packed tables, ledgers and, for ingest, the Deep Lake
+dataset) with the reference. Columns that hold timings are left out.
 
 Prints and (with --report) writes a table: per stage, kills that landed mid-run, identical/total, processes left
 behind. Exit code 1 if any re-run differs from the reference or leaves processes behind.
@@ -150,17 +152,22 @@ def is_ray_process(cmd: str) -> bool:
             or "/session_" in cmd)
 
 
+BOOKKEEPING = {"config.yaml", ".lease.lock", "lease.json", "inflight.json", "dataset.lock"}
+
+
 def _written(run: Path, stage: str) -> int:
-    """Files the stage has written so far (parts, ledgers, markers; not its logs or config)."""
+    """Output files the stage has written so far (parts, ledgers, tables, markers; not its logs, leases, in-flight
+    records or config): 0 while the task is still starting (imports, leases, Ray, model)."""
     root = run / stage
-    return sum(1 for p in root.rglob("*") if p.is_file() and "logs" not in p.parts and p.name != "config.yaml") \
+    return sum(1 for p in root.rglob("*") if p.is_file() and "logs" not in p.parts and p.name not in BOOKKEEPING) \
         if root.exists() else 0
 
 
-def kill_once(base: Path, stage: str, work: Path, env: dict, t_ref: float | None, rng: random.Random,
-              reference: dict[str, str]) -> dict:
-    """One run of `stage` on a copy of `base`, SIGKILLed as a whole at a moment drawn uniformly over `t_ref`
-    seconds (None: no kill, an uninterrupted timed run), then re-run to completion and compared with `reference`."""
+def kill_once(base: Path, stage: str, work: Path, env: dict, window: tuple[float, float] | None,
+              rng: random.Random, reference: dict[str, str]) -> dict:
+    """One run of `stage` on a copy of `base`, SIGKILLed as a whole at a moment drawn uniformly over `window`
+    (seconds from its start; None: no kill, an uninterrupted run, timed, with the moment its first output file
+    appeared), then re-run to completion and compared with `reference`."""
     run = work / "run"
     shutil.rmtree(run, ignore_errors=True)
     dropped = {s for s in ORDER if s not in NEEDS[stage]}
@@ -168,12 +175,17 @@ def kill_once(base: Path, stage: str, work: Path, env: dict, t_ref: float | None
                                                         (n in dropped or n.startswith((".ingest", "dataset")))])
     args = [f"stage={stage}", f"run_dir={run}", *STAGE_ARGS]
     # Uniform over the measured uninterrupted duration of the stage (start-up, work and finalize alike).
-    delay = None if t_ref is None else rng.uniform(0.02 * t_ref, 0.98 * t_ref)
+    delay = None if window is None else rng.uniform(*window)
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    written = 0
+    written, first_output_s = 0, None
     try:
+        if window is None:
+            while proc.poll() is None:
+                if first_output_s is None and _written(run, stage):
+                    first_output_s = time.time() - t0
+                time.sleep(0.1)
         proc.wait(timeout=delay)
         landed = False          # the run finished before the kill
         ran_s = time.time() - t0
@@ -200,7 +212,7 @@ def kill_once(base: Path, stage: str, work: Path, env: dict, t_ref: float | None
             os.kill(pid, signal.SIGKILL)
         except (OSError, ProcessLookupError):
             pass
-    if t_ref is None:
+    if window is None:
         rerun, reruns = subprocess.CompletedProcess(args, proc.returncode, "", ""), 0
     else:
         rerun, reruns = _cli(args, env), 1
@@ -216,6 +228,7 @@ def kill_once(base: Path, stage: str, work: Path, env: dict, t_ref: float | None
         shutil.copytree(run, kept, ignore=lambda d, names: [n for n in names if Path(d) == run and n != stage])
     return {"delay_s": delay and round(delay, 2), "landed": landed, "ran_s": None if ran_s is None else round(ran_s, 1),
             "run_rc": None if landed else proc.returncode, "files_at_kill": written,
+            "first_output_s": first_output_s and round(first_output_s, 1),
             "session_gone_after_s": gone_after,
             "left_behind": len(left), "left_ray": left_ray, "left_names": left_names, "reruns": reruns,
             "first_rerun_error": first_error if reruns == 2 else [], "rerun_rc": rerun.returncode,
@@ -227,8 +240,9 @@ def write_report(a, manifest: Path, durations: dict, results: dict[str, list[dic
     """Write the table (and raw JSON); True if any re-run differs or left processes behind."""
     lines = [f"kill -9 soak, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
              f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
-             f"{len(manifest.read_text().splitlines())} videos in 2 shards, seed {a.seed}", "",
-             "| stage | uninterrupted run (s) | runs | kills that landed mid-run | of them after the stage wrote "
+             f"{len(manifest.read_text().splitlines())} videos in 2 shards, seed {a.seed}, kills drawn over "
+             f"{'the work (first output to end)' if a.during_work else 'the whole run'}", "",
+             "| stage | uninterrupted run: total / first output (s) | runs | kills that landed mid-run | of them after the stage wrote "
              "output | identical / total | re-runs that needed a 2nd try | Ray processes left after the kill "
              f"(+{GRACE_S:.0f} s) | other processes left |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -239,7 +253,7 @@ def write_report(a, manifest: Path, durations: dict, results: dict[str, list[dic
         ray_left = sum(r["left_ray"] for r in rs)
         failed |= same != len(rs) or left > 0
         t = durations.get(f"{s}_uninterrupted", durations[s])
-        lines.append(f"| {s} | {t:.1f} | {len(rs)} | {sum(r['landed'] for r in rs)} | "
+        lines.append(f"| {s} | {t:.1f} / {durations.get(f'{s}_first_output', 0.0):.1f} | {len(rs)} | {sum(r['landed'] for r in rs)} | "
                      f"{sum(r['landed'] and r['files_at_kill'] > 0 for r in rs)} | "
                      f"{same} / {len(rs)} | {sum(r['reruns'] > 1 for r in rs)} | "
                      f"{ray_left} (in {sum(r['left_ray'] > 0 for r in rs)} kills) | {left - ray_left} |")
@@ -264,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reuse-reference", action="store_true",
                     help="keep the uninterrupted reference run already in --work (same stages and media)")
+    ap.add_argument("--during-work", action="store_true",
+                    help="kill only after the stage's first output file appeared in the uninterrupted run (not during "
+                         "start-up: imports, leases, Ray, model loading), up to its end; default: over the whole run")
     ap.add_argument("--report", default=None, help="write the results as markdown here")
     ap.add_argument("--json", default=None, help="write the raw results as JSON here")
     a = ap.parse_args(argv)
@@ -310,16 +327,19 @@ def main(argv: list[str] | None = None) -> int:
         # present load (a reference from earlier, or from a busier moment, aims kills past the end of the run).
         r = kill_once(base, s, work / "killed", env, None, rng, references[s])
         durations[f"{s}_uninterrupted"] = t_est = r["ran_s"]
-        print(f"{s} uninterrupted: {t_est:.1f}s, identical to the reference: {r['identical']}", flush=True)
+        durations[f"{s}_first_output"] = t_work = r["first_output_s"] or 0.0
+        print(f"{s} uninterrupted: {t_est:.1f}s, first output after {t_work:.1f}s, identical to the reference: "
+              f"{r['identical']}", flush=True)
         if not r["identical"] or r["run_rc"] != 0:
             print(f"error: an uninterrupted run of {s} differs from the reference: {r['differs']}", file=sys.stderr)
             return 1
         tries = 0
         while sum(r["landed"] for r in results[s]) < a.kills and tries < 3 * a.kills:  # N kills that landed
             tries += 1
-            r = kill_once(base, s, work / "killed", env, t_est, rng, references[s])
+            start = min(t_work, 0.9 * t_est) if a.during_work else 0.02 * t_est
+            r = kill_once(base, s, work / "killed", env, (start, 0.98 * t_est), rng, references[s])
             if not r["landed"] and r["run_rc"] == 0:  # the run took less than that: the latest measured duration
-                t_est = r["ran_s"]
+                t_work, t_est = t_work * r["ran_s"] / t_est, r["ran_s"]
             results[s].append(r)
             print(f"{s} try {tries}: {json.dumps(r)}", flush=True)
         failed = write_report(a, manifest, durations, results)  # after each stage: partial results survive
