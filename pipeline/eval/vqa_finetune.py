@@ -55,7 +55,7 @@ from pipeline.eval.vqa_source import VQASource, build_source  # noqa: F401
 from pipeline.models.vpt import CONFIG_FILE, load_exported
 from pipeline.train.checkpoint import META, complete_checkpoints
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pipeline.eval.vqa_finetune")     # by name: also when run as __main__
 
 
 def vqa_dir(cfg: dict[str, Any]) -> Path:
