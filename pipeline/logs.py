@@ -45,6 +45,9 @@ def configure(level: int | str | None = None, rank: int = 0) -> logging.Logger:
             level = logging.INFO
     root = logging.getLogger("pipeline")
     root.setLevel(level)
+    # not to the root logger too: a library's module-level `logging.info()` (open_clip's model loading) installs a
+    # root handler, and every line would then be written twice
+    root.propagate = False
     if not any(getattr(h, "name", None) == _HANDLER_NAME for h in root.handlers):
         handler = _StderrHandler()
         handler.name = _HANDLER_NAME
