@@ -99,6 +99,9 @@ def stage_digest(run_dir: Path, stage: str) -> dict[str, str]:
     return out
 
 
+_DEEPLAKE_HANDLES: list = []
+
+
 def dataset_digest(path: Path) -> str:
     import deeplake
     import numpy as np
@@ -106,6 +109,7 @@ def dataset_digest(path: Path) -> str:
     if not path.exists():
         return "missing"
     ds = deeplake.open_read_only(str(path))
+    _DEEPLAKE_HANDLES.append(ds)  # kept until the process ends: freeing handles now and then aborts in Deep Lake 4.7
     cols = sorted(c.name for c in ds.schema.columns)
     data = {c: ds[c][:] for c in cols}
     n = len(ds)
@@ -159,7 +163,8 @@ def _written(run: Path, stage: str) -> int:
     """Output files the stage has written so far (parts, ledgers, tables, markers; not its logs, leases, in-flight
     records or config): 0 while the task is still starting (imports, leases, Ray, model)."""
     root = run / stage
-    return sum(1 for p in root.rglob("*") if p.is_file() and "logs" not in p.parts and p.name not in BOOKKEEPING) \
+    return sum(1 for p in root.rglob("*") if p.is_file() and "logs" not in p.parts and p.name not in BOOKKEEPING
+               and not p.name.startswith(".")) \
         if root.exists() else 0
 
 
