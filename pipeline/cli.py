@@ -130,11 +130,11 @@ def launch_stage(overrides: list[str]):
             if after:
                 result.job_ids.append(launcher.submit_finish(cfg, after))
             elif all(ShardStore(run_dir, stage_cls.name, s).is_complete() for s in range(geo.num_shards)):
-                stage_cls.finish(cfg)  # nothing to wait for: finish here (cheap when already done)
+                result.job_ids += launcher.run_finish(cfg, stage_cls)  # nothing to wait for (cheap when done)
         return result
     write_summary(run_dir, stage_cls.name)
     if result.ok and all(ShardStore(run_dir, stage_cls.name, s).is_complete() for s in range(geo.num_shards)):
-        stage_cls.finish(cfg)
+        launcher.run_finish(cfg, stage_cls)
     print(format_status(run_dir, [stage_status(run_dir, stage_cls.name, geo.num_shards)]))
     for shard, owner in sorted(result.busy_shards.items()):
         log.warning("shard %s is being run by %s: left to it (on_leased_shard=skip)", shard, owner)

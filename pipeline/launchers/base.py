@@ -2,8 +2,8 @@
 
 A launcher module (`pipeline.launchers.local`, `pipeline.launchers.slurm`) defines `LAUNCHER`, an instance of a
 `Launcher` subclass; `pipeline.launchers.get_launcher(name)` finds it. The command line only talks to this
-interface: `preflight` before anything is written, `launch` for the shards, and `submit_finish` for a stage's
-once-per-run step when the launch did not wait for its shards.
+interface: `preflight` before anything is written, `launch` for the shards, `submit_finish` for a stage's
+once-per-run step when the launch did not wait for its shards, and `run_finish` for it once they are complete.
 """
 from __future__ import annotations
 
@@ -38,3 +38,10 @@ class Launcher(ABC):
         """Queue the stage's finish step after the given jobs; returns its job id. Only launchers that can return
         before their shards are done (`LaunchResult.waited` False) need it."""
         raise NotImplementedError(f"launcher {self.name!r} runs a stage's finish step itself")
+
+    def run_finish(self, cfg, stage_cls) -> list[str]:
+        """Run the stage's finish step now (its shards are complete); returns the ids of any jobs it submitted.
+        Here, in this process; the Slurm launcher runs a finish step of several units (ingest's shard groups) as
+        one array."""
+        stage_cls.finish(cfg)
+        return []

@@ -221,8 +221,8 @@ def launch(cfg, shards: list[int]) -> LaunchResult:
     return result
 
 
-def finish_stage(cfg_container: dict) -> None:
-    """Job body: the stage's once-per-run step (e.g. ingest's Deep Lake writer) after its array."""
+def _stage_of(cfg_container: dict):
+    """(config, stage class) of a job body, after checking every shard of the stage is complete."""
     from ..config import from_container
     from ..shards import ShardStore
     from ..stages import get_stage
@@ -234,17 +234,109 @@ def finish_stage(cfg_container: dict) -> None:
     incomplete = [s for s in range(n) if not ShardStore(cfg.run_dir, stage_cls.name, s).is_complete()]
     if incomplete:
         raise RuntimeError(f"{stage_cls.name}: shards {incomplete[:10]} incomplete; re-run the stage to finish")
+    return cfg, stage_cls
+
+
+def finish_stage(cfg_container: dict) -> None:
+    """Job body: the stage's once-per-run step (e.g. ingest's Deep Lake writer) after its array."""
+    cfg, stage_cls = _stage_of(cfg_container)
     stage_cls.finish(cfg)
 
 
+class FinishGroupTask(Requeueable):
+    """Array-task body: one independent unit of a stage's finish step (ingest: one shard group's dataset writer).
+    A requeued or re-run task redoes only what its unit's last commit did not hold."""
+
+    def __init__(self, cfg_container: dict):
+        self.cfg_container = cfg_container
+
+    def __call__(self, group: int):
+        cfg, stage_cls = _stage_of(self.cfg_container)
+        return stage_cls.finish_group(cfg, group)
+
+
+def finish_groups(cfg, stage_cls=None) -> list[int]:
+    """The units of the stage's finish step that run as one array (`Stage.finish_groups`, e.g. ingest's shard
+    groups); [] when the finish step is one job."""
+    if stage_cls is None:
+        from ..stages import get_stage
+
+        stage_cls = get_stage(cfg.stage.name)
+    units = getattr(stage_cls, "finish_groups", None)
+    return list(units(cfg)) if units is not None else []
+
+
+def group_parameters(cfg, after_job_ids: list[str]) -> dict:
+    """submitit parameters of the finish step's array: one node per task, `stage.writers` tasks at once, after
+    (`afterany`, like the single finish job: the gate is the markers) the given jobs."""
+    dependency = "afterany:" + ":".join(after_job_ids) if after_job_ids else None
+    return slurm_params({**stage_resources(cfg), "nodes": 1}, cfg.cluster, dependency,
+                        name=f"vpt-{cfg.stage.name}-writers",
+                        array_parallelism=max(1, int(cfg.stage.get("writers", 1) or 1)))
+
+
+def submit_groups(cfg, groups: list[int], after_job_ids: list[str]) -> list[tuple[int, submitit.Job]]:
+    """One array task per unit of the finish step (split past the cluster's MaxArraySize)."""
+    executor = make_executor(cfg, group_parameters(cfg, after_job_ids))
+    max_size = cfg.launcher.max_array_size or cluster_max_array_size()
+    payload, secrets = secretless(container(cfg))
+    task = FinishGroupTask(payload)
+    submitted: list[tuple[int, submitit.Job]] = []
+    with secrets_in_environ(secrets):
+        for start in range(0, len(groups), max_size):
+            chunk = groups[start:start + max_size]
+            submitted.extend(zip(chunk, executor.map_array(task, chunk)))
+    ids = sorted({job.job_id.split("_")[0] for _, job in submitted})
+    print(f"submitted {cfg.stage.name} finish step: {len(submitted)} group writer task(s), job(s) {', '.join(ids)}")
+    return submitted
+
+
+def wait_groups(cfg, submitted: list[tuple[int, submitit.Job]]) -> list[dict]:
+    """Wait for every task of the finish step's array; raises, naming each group that failed, once all ended."""
+    pending, results, failures = dict(submitted), [], []
+    while pending:
+        for group, job in list(pending.items()):
+            if not job.done():
+                continue
+            del pending[group]
+            try:
+                results.append(job.result())
+            except Exception as exc:  # noqa: BLE001 - FailedJobError, UncompletedJobError: reported per group
+                lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+                failures.append(f"group {group} (job {job.job_id}): {lines[-1].strip() if lines else type(exc).__name__}")
+        if pending:
+            time.sleep(cfg.launcher.poll_seconds)
+    if failures:
+        raise ConfigError(f"{cfg.stage.name} finish step: " + "; ".join(failures) + " (re-run to complete them)")
+    return results
+
+
 def submit_finish(cfg, after_job_ids: list[str]) -> str:
-    """Submit finish_stage as one job that waits for the stage's arrays (afterany: the gate is the markers)."""
+    """Submit the finish step after the stage's arrays (afterany: the gate is the markers): one array task per
+    unit when the stage has several (`finish_groups`), else finish_stage as one job."""
+    groups = finish_groups(cfg)
+    if groups:
+        submitted = submit_groups(cfg, groups, after_job_ids)
+        return ",".join(sorted({job.job_id.split("_")[0] for _, job in submitted}))
     executor = make_executor(cfg, finish_parameters(cfg, after_job_ids))
     payload, secrets = secretless(container(cfg))
     with secrets_in_environ(secrets):
         job = executor.submit(finish_stage, payload)
     print(f"submitted {cfg.stage.name} finish step: job {job.job_id}")
     return job.job_id
+
+
+def run_finish(cfg, stage_cls) -> list[str]:
+    """The stage's finish step once its shards are complete: several units (ingest's shard groups) as one array,
+    waited for when `launcher.wait`; else in this process. Returns the job ids submitted."""
+    groups = finish_groups(cfg, stage_cls)
+    if not groups:
+        stage_cls.finish(cfg)
+        return []
+    submitted = submit_groups(cfg, groups, [])
+    if cfg.launcher.wait:
+        wait_groups(cfg, submitted)
+    return sorted({job.job_id.split("_")[0] for _, job in submitted})
 
 
 class SlurmLauncher(Launcher):
@@ -259,6 +351,9 @@ class SlurmLauncher(Launcher):
 
     def submit_finish(self, cfg, after_job_ids: list[str]) -> str:
         return submit_finish(cfg, after_job_ids)
+
+    def run_finish(self, cfg, stage_cls) -> list[str]:
+        return run_finish(cfg, stage_cls)
 
 
 LAUNCHER = SlurmLauncher()

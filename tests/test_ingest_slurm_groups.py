@@ -1,0 +1,90 @@
+"""Ingest under launcher=slurm with a dataset of several shard groups: the group writers run as ONE Slurm array
+(one task per group, `stage.writers` at a time) after the stage's array, on a real local Slurm.
+
+Oracle: the ingest shards' own rows tables (what the join produced); Slurm accounting (sacct) for the jobs.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from benchmarks.ingest_bench import make_upstream
+from pipeline.dataset import open_read_only, read_layout
+from pipeline.schema import TABLE
+from pipeline.shards import ShardStore
+
+pytestmark = pytest.mark.slurm
+
+SHARDS, PER_GROUP, WRITERS = 4, 2, 2
+SMALL = ["stage.resources.cpus=1", "stage.resources.mem_gb=1", "stage.resources.timeout_min=10",
+         "cluster.partition=main", "launcher.poll_seconds=0.5"]
+INGEST = ["stage=ingest", "models=tiny", "launcher=slurm", f"stage.shards_per_group={PER_GROUP}",
+          f"stage.writers={WRITERS}", "stage.shards_per_commit=1", *SMALL]
+
+
+def oracle_keys(run: Path) -> list[tuple[str, int]]:
+    out = []
+    for s in range(SHARDS):
+        t = ShardStore(run, "ingest", s).read_table(TABLE)
+        if t is not None:
+            out.extend(zip(t.column("video_id").to_pylist(), t.column("segment_idx").to_pylist()))
+    return out
+
+
+def view_keys(run: Path) -> list[tuple[str, int]]:
+    ds = open_read_only(run)
+    n = len(ds)
+    return list(zip((str(v) for v in ds["video_id"][0:n]), (int(i) for i in ds["segment_idx"][0:n]))) if n else []
+
+
+def writer_job(stdout: str) -> str:
+    line = next(ln for ln in stdout.splitlines() if "group writer task(s)" in ln)
+    assert line.startswith(f"submitted ingest finish step: {SHARDS // PER_GROUP} group writer task(s), job(s) ")
+    [job] = line.split("job(s) ")[1].split(", ")
+    return job
+
+
+def array_tasks(slurm_cluster, job: str) -> dict[str, str]:
+    """sacct's view of an array job: task id -> state, once every task has ended."""
+    deadline = time.monotonic() + 180
+    while slurm_cluster.run("squeue", "-h", "-j", job, check=False).stdout.strip() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    slurm_cluster.final_state(job)
+    out = slurm_cluster.run("sacct", "-j", job, "-X", "-n", "-P", "-o", "JobID,State").stdout
+    return {ln.split("|")[0]: ln.split("|")[1].split()[0] for ln in out.splitlines() if ln.strip()}
+
+
+def test_group_writers_run_as_one_array_after_the_stage_array(tmp_path, slurm_cluster):
+    run = make_upstream(tmp_path / "run", n_videos=8, num_shards=SHARDS, seed=3, seconds=12.0)
+
+    # wait=false: the stage's array and the writers' array are queued; the writers' depend on the stage's.
+    out = run_cli(*INGEST, f"run_dir={run}", "launcher.wait=false", env=slurm_cluster.env).stdout
+    stage_job = next(ln for ln in out.splitlines() if ln.startswith("submitted 4 array task(s) of ingest"))
+    stage_job = stage_job.split("job(s) ")[1].strip()
+    job = writer_job(out)
+    script = (run / "ingest" / "logs" / "slurm" / f"{job}_submission.sh").read_text()
+    assert f"#SBATCH --array=0-{SHARDS // PER_GROUP - 1}%{WRITERS}" in script
+    assert f"#SBATCH --dependency=afterany:{stage_job}" in script
+    tasks = array_tasks(slurm_cluster, job)
+    assert tasks == {f"{job}_{g}": "COMPLETED" for g in range(SHARDS // PER_GROUP)}, tasks
+    assert array_tasks(slurm_cluster, stage_job) == {f"{stage_job}_{s}": "COMPLETED" for s in range(SHARDS)}
+
+    layout = read_layout(f"file://{run / 'dataset'}")
+    assert layout is not None and layout.num_groups == SHARDS // PER_GROUP
+    expected = oracle_keys(run)
+    assert len(expected) > SHARDS
+    keys = view_keys(run)
+    assert Counter(keys) == Counter(expected) and len(keys) == len(set(keys))
+
+    # wait=true with nothing left to join: the writers' array runs again (no dependency), adds nothing.
+    out = run_cli(*INGEST, f"run_dir={run}", env=slurm_cluster.env).stdout
+    assert "0 of 4 shard(s) to run" in out
+    again = writer_job(out)
+    assert "--dependency" not in (run / "ingest" / "logs" / "slurm" / f"{again}_submission.sh").read_text()
+    assert array_tasks(slurm_cluster, again) == {f"{again}_{g}": "COMPLETED" for g in range(SHARDS // PER_GROUP)}
+    keys = view_keys(run)
+    assert Counter(keys) == Counter(expected) and len(keys) == len(set(keys))
