@@ -93,9 +93,11 @@ def run_status(run_dir: str | Path) -> list[StageStatus]:
 
 def dataset_status(run_dir: Path, st: StageStatus) -> None:
     """The ingest dataset's head (local datasets): an unreadable one means ingest is not done, whatever its
-    shards say (`verify` or the next `stage=ingest` rolls it back to the last good version)."""
+    shards say (`verify` or the next `stage=ingest` rolls it back to the last good version). A dataset of several
+    shard groups (`pipeline.dataset.layout`): groups written of the catalogue's, their rows and shards summed; it
+    is done once every group is written, complete and tagged."""
     from .dataset_health import head_problem, local_dir
-    from .dataset.layout import dataset_url
+    from .dataset.layout import dataset_url, read_layout
     from .verify import ingest_settings
 
     from filelock import FileLock, Timeout
@@ -103,26 +105,49 @@ def dataset_status(run_dir: Path, st: StageStatus) -> None:
     url = dataset_url(ingest_settings(run_dir), run_dir)
     if local_dir(url) is None:
         return
-    lock = FileLock(str(run_dir / "ingest" / "dataset.lock"))
-    try:
-        lock.acquire(timeout=0)     # a head read mid-commit would look unreadable: not while a writer is at it
-    except Timeout:
-        st.extra["dataset"] = "being written (an ingest writer holds ingest/dataset.lock)"
-        return
-    try:
-        problem, info = head_problem(url)
-    finally:
-        lock.release()
-    if problem is not None:
+    layout = read_layout(url)
+    groups = layout.groups() if layout is not None and layout.grouped else [None]
+    heads = []
+    for g in groups:
+        lock_name = layout.lock_name(g) if g is not None else "dataset.lock"
+        lock = FileLock(str(run_dir / "ingest" / lock_name))
+        try:
+            lock.acquire(timeout=0)     # a head read mid-commit would look unreadable: not while a writer is at it
+        except Timeout:
+            st.extra["dataset"] = f"being written (an ingest writer holds ingest/{lock_name})"
+            return
+        try:
+            heads.append((g, *head_problem(layout.group_url(g) if g is not None else url)))
+        finally:
+            lock.release()
+    bad = [(g, problem) for g, problem, _ in heads if problem is not None]
+    if bad:
+        where = lambda g: "" if g is None else f" of group {g}"  # noqa: E731
+        problem = "; ".join(f"{p}{where(g)}" for g, p in bad)
         st.extra["dataset_unreadable"] = problem
-        st.extra["dataset"] = (f"NOT DONE: the dataset's head is unreadable ({problem}); `python -m pipeline "
-                               f"verify` or stage=ingest rolls it back to the last good version")
-    elif info:
+        st.extra["dataset"] = (f"NOT DONE: the dataset's head{'s' if len(bad) > 1 else ''} unreadable ({problem}); "
+                               f"`python -m pipeline verify` or stage=ingest rolls it back to the last good version")
+        return
+    infos = [(g, info) for g, _, info in heads if info]
+    if not infos:
+        return
+    if groups == [None]:
+        info = infos[0][1]
         shards = info.get("ingested_shards")
         tags = [t for t, v in (info.get("tags") or {}).items() if v == info.get("version")]
         st.extra["dataset"] = (f"{info.get('rows')} rows"
                                + (f", {len(shards)} of {st.shards_total} shards" if shards is not None else "")
                                + (f", tagged {', '.join(sorted(tags))}" if tags else ", untagged"))
+        return
+    rows = sum(int(info.get("rows") or 0) for _, info in infos)
+    shards = sum(len(info.get("ingested_shards") or []) for _, info in infos)
+    tagged = sum(1 for _, info in infos
+                 if any(v == info.get("version") for v in (info.get("tags") or {}).values()))
+    written = len(infos)
+    done = written == len(groups) and tagged == written
+    st.extra["dataset"] = (f"{rows} rows in {written} of {len(groups)} groups, {shards} of {st.shards_total} shards, "
+                           f"{tagged} of {len(groups)} groups tagged" + ("" if done else " (NOT DONE: groups left to "
+                                                                         "write; re-run stage=ingest)"))
 
 
 def write_summary(run_dir: str | Path, stage: str) -> dict:

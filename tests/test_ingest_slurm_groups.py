@@ -79,6 +79,10 @@ def test_group_writers_run_as_one_array_after_the_stage_array(tmp_path, slurm_cl
     assert len(expected) > SHARDS
     keys = view_keys(run)
     assert Counter(keys) == Counter(expected) and len(keys) == len(set(keys))
+    status = run_cli("status", f"run_dir={run}").stdout
+    line = next(ln for ln in status.splitlines() if ln.startswith("ingest dataset:"))
+    assert f"{len(expected)} rows" in line and f"{SHARDS // PER_GROUP} of {SHARDS // PER_GROUP} groups" in line
+    assert f"{SHARDS} of {SHARDS} shards" in line
 
     # wait=true with nothing left to join: the writers' array runs again (no dependency), adds nothing.
     out = run_cli(*INGEST, f"run_dir={run}", env=slurm_cluster.env).stdout
@@ -88,3 +92,32 @@ def test_group_writers_run_as_one_array_after_the_stage_array(tmp_path, slurm_cl
     assert array_tasks(slurm_cluster, again) == {f"{again}_{g}": "COMPLETED" for g in range(SHARDS // PER_GROUP)}
     keys = view_keys(run)
     assert Counter(keys) == Counter(expected) and len(keys) == len(set(keys))
+
+
+def test_status_reports_the_groups_written(tmp_path):
+    """`python -m pipeline status` on a grouped dataset: groups written of the catalogue's, rows and shards summed
+    over the groups, NOT DONE until every group is written and tagged (no Slurm: the writers run here)."""
+    from benchmarks.ingest_bench import ingest_config
+    from pipeline.engine import run_shard
+    from pipeline.stages.ingest import write_dataset
+
+    run = make_upstream(tmp_path / "run", n_videos=8, num_shards=SHARDS, seed=3, seconds=12.0)
+    cfg = ingest_config(run, f"stage.shards_per_group={PER_GROUP}")
+    for shard in range(SHARDS):
+        run_shard(cfg, shard)
+    quiet = {"log": lambda s: None}
+    write_dataset(cfg, group=0, **quiet)
+    first = sum(ShardStore(run, "ingest", s).read_table(TABLE).num_rows for s in range(PER_GROUP))
+
+    def dataset_line() -> str:
+        out = run_cli("status", f"run_dir={run}").stdout
+        return next(ln for ln in out.splitlines() if ln.startswith("ingest dataset:"))
+
+    line = dataset_line()
+    assert line.startswith(f"ingest dataset: {first} rows in 1 of 2 groups, {PER_GROUP} of {SHARDS} shards, "
+                           "1 of 2 groups tagged"), line
+    assert "NOT DONE" in line
+    write_dataset(cfg, group=1, **quiet)
+    line = dataset_line()
+    assert line == (f"ingest dataset: {len(oracle_keys(run))} rows in 2 of 2 groups, {SHARDS} of {SHARDS} shards, "
+                    "2 of 2 groups tagged"), line
