@@ -121,3 +121,30 @@ def test_status_reports_the_groups_written(tmp_path):
     line = dataset_line()
     assert line == (f"ingest dataset: {len(oracle_keys(run))} rows in 2 of 2 groups, {SHARDS} of {SHARDS} shards, "
                     "2 of 2 groups tagged"), line
+
+
+def test_verify_accepts_shards_without_videos(tmp_path):
+    """A shard the manifest gave no video (3 videos hashed into 4 shards) is complete with no rows and listed in
+    its group's dataset: `verify_run` checks it like any shard and finds nothing wrong, and still finds it when
+    its ingest shard is not complete."""
+    from benchmarks.ingest_bench import ingest_config
+    from pipeline.engine import run_shard
+    from pipeline.manifest import load_items
+    from pipeline.stages.ingest import write_dataset
+    from pipeline.verify import verify_run
+
+    run = make_upstream(tmp_path / "run", n_videos=3, num_shards=SHARDS, seed=3, seconds=12.0)
+    empty = sorted(set(range(SHARDS)) - {i.shard for i in load_items(run)})
+    assert empty, "the hash put a video in every shard: no empty shard to check"
+    cfg = ingest_config(run, f"stage.shards_per_group={PER_GROUP}")
+    for shard in range(SHARDS):
+        run_shard(cfg, shard)
+    result = write_dataset(cfg, log=lambda s: None, writers=1)
+    assert result["dataset_violations"] == [] and len(result["tag"]) == SHARDS // PER_GROUP
+    ds = open_read_only(run)
+    assert sorted(int(s) for s in ds.metadata["ingested_shards"]) == list(range(SHARDS))
+    assert Counter(view_keys(run)) == Counter(oracle_keys(run))
+    assert [str(v) for v in verify_run(run)] == []
+    (ShardStore(run, "ingest", empty[0]).dir / "_SUCCESS").unlink()
+    assert [str(v) for v in verify_run(run, check_dataset=False)] == [
+        f"shard-{empty[0]:05d}: ingest shard not complete"]

@@ -141,6 +141,7 @@ def verify_shard(run_dir: Path, shard: int, videos: Iterable[str], tol: Toleranc
 
 
 def verify_run(run_dir: str | Path, check_dataset: bool = True) -> list[Violation]:
+    from ..atomic import read_json
     from ..manifest import load_items
 
     run_dir = Path(run_dir)
@@ -151,7 +152,9 @@ def verify_run(run_dir: str | Path, check_dataset: bool = True) -> list[Violatio
     for item in load_items(run_dir):
         videos[item.shard].append(item.video_id)
     all_keys: dict[int, set[tuple[str, int]]] = {}
-    for shard in sorted(videos):
+    # every shard of the run: one the manifest gave no video is complete with no rows, and listed in the dataset
+    geometry = read_json(run_dir / "geometry.json") or {}
+    for shard in sorted(set(range(int(geometry.get("num_shards", 0)))) | set(videos)):
         report = verify_shard(run_dir, shard, videos[shard], tol, params)
         out.extend(report.violations)
         if report.keys is not None:
