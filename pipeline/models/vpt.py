@@ -210,7 +210,10 @@ def build_vpt(cfg: VPTConfig, cache_dir: Path | None = None, texts=()) -> tuple[
     """(VPT, tokenizer) with the backbone loaded by name (see `pipeline.models.t5.load_t5`)."""
     from pipeline.models.t5 import load_t5
 
-    backbone, tokenizer = load_t5(cfg.backbone, cache_dir, texts)
+    # building a tiny backbone the first time draws random weights, loading it from the cache draws none: the global
+    # RNG is left as it was either way, so the heads (and everything seeded after) do not depend on the cache
+    with torch.random.fork_rng(devices=[]):
+        backbone, tokenizer = load_t5(cfg.backbone, cache_dir, texts)
     return VPT(cfg, backbone), tokenizer
 
 
