@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .verify import Violation
+from .verify.checks import Violation
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def _tables(run_dir: Path, stage: str, table: str, columns: list[str] | None = N
 def _open_dataset(run_dir: Path):
     from .dataset import exists, open_read_only, repair
     from .dataset.layout import dataset_url
-    from .verify import ingest_settings
+    from .stages.ingest_config import ingest_settings
 
     url = dataset_url(ingest_settings(run_dir), run_dir)
     if not exists(url):
@@ -273,7 +273,7 @@ def verify_content(run_dir: str | Path, sample: int = 32, seed: int = 0, frames_
                    audio: bool = True, log: Callable[[str], None] | None = None,
                    stats: dict | None = None) -> list[Violation]:
     """Every content check over the run's dataset; `sample` rows (0: all) get the re-decode checks."""
-    from .verify import ingest_settings
+    from .stages.ingest_config import ingest_settings
 
     log = log or logger.info
     run_dir = Path(run_dir)

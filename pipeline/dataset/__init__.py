@@ -5,10 +5,23 @@
 - `view`: `open_read_only(run_dir_or_url)`, every group as one read-only dataset, each row once.
 """
 from .layout import CATALOGUE, GROUP_PREFIX, Layout, dataset_url, read_layout, writer_layout
+from .lock import writer_lock
 from .view import GroupedView, exists, layout_of, open_read_only, repair
-from .writer import (FINGERPRINTS, ShardRows, current_version_tagged, delete_shard_rows, ingested_fingerprints,
-                     ingested_shards, marker_digest, open_or_create, read_rows, rows_bytes, run_layout, write_dataset,
-                     write_group, writer_lock)
+
+# The writer's names load the writer on first use: it imports the verifier, which reads through `view` (and
+# importing `pipeline.dataset.view` must not import the verifier back).
+_WRITER = ("FINGERPRINTS", "ShardRows", "current_version_tagged", "delete_shard_rows", "ingested_fingerprints",
+           "ingested_shards", "marker_digest", "open_or_create", "read_rows", "rows_bytes", "run_layout",
+           "write_dataset", "write_group")
+
+
+def __getattr__(name: str):
+    if name in _WRITER:
+        from . import writer
+
+        return getattr(writer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["CATALOGUE", "FINGERPRINTS", "GROUP_PREFIX", "GroupedView", "Layout", "ShardRows", "current_version_tagged",
            "dataset_url", "delete_shard_rows", "exists", "ingested_fingerprints", "ingested_shards", "layout_of",

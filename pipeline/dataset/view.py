@@ -31,7 +31,7 @@ def _url_of(run_dir_or_url: str | Path) -> tuple[str, Path | None]:
     """(dataset URL, run_dir or None): a run directory (it has geometry.json) resolves through its ingest config."""
     text = str(run_dir_or_url)
     if "://" not in text and (Path(text) / "geometry.json").exists():
-        from ..verify import ingest_settings
+        from ..stages.ingest_config import ingest_settings
 
         return dataset_url(ingest_settings(Path(text)), text), Path(text)
     return (text if "://" in text else f"file://{Path(text).resolve()}"), None
@@ -52,7 +52,7 @@ def layout_of(run_dir_or_url: str | Path) -> Layout | None:
 def repair(run_dir: str | Path, run_dir_or_url: str | Path | None = None,
            log: Callable[[str], None] = _log.warning) -> None:
     """Roll any group's unreadable head back to its last good version (under that group's writer lock)."""
-    from .writer import writer_lock
+    from .lock import writer_lock
 
     url = _url_of(run_dir_or_url if run_dir_or_url is not None else run_dir)[0]
     layout = read_layout(url)

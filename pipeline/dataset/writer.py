@@ -21,7 +21,7 @@ import logging
 import subprocess
 import sys
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -33,8 +33,11 @@ from .. import dataset_health as health
 from ..join import JoinParams
 from ..schema import TABLE, deeplake_columns, row_schema, to_deeplake_columns
 from ..shards import MARKER, ShardStore
-from ..verify import Tolerances, verify_dataset, verify_shard
+from ..verify.checks import Tolerances
+from ..verify.dataset import verify_dataset
+from ..verify.shard import row_bulk, verify_shard
 from .layout import Layout, dataset_url, writer_layout
+from .lock import writer_lock  # noqa: F401  (importable from here)
 
 _log = logging.getLogger(__name__)
 _info = _log.info      # the default progress log (callers may pass their own)
@@ -146,9 +149,7 @@ class ShardRows:
         """Every row without its bulky columns (JPEGs and embeddings counted, as the run-level check wants)."""
         if self.pf is None:
             return None
-        from .. import verify
-
-        bulk = verify.row_bulk() if hasattr(verify, "row_bulk") else verify.ROW_BULK
+        bulk = row_bulk()
         names = self.pf.schema_arrow.names
         parts = []
         for t in self._tables([c for c in names if c not in bulk or bulk[c]]):
@@ -176,26 +177,6 @@ def delete_shard_rows(ds, shard: int) -> int:
     for i in reversed(doomed):          # from the end: earlier offsets stay valid
         ds.delete(i)
     return len(doomed)
-
-
-@contextmanager
-def writer_lock(run_dir: Path, log: Callable[[str], None], name: str = "dataset.lock") -> Iterator[None]:
-    """One writer per dataset at a time (two would both append the shards neither had committed yet). `name`:
-    the lock of one group (`Layout.lock_name`); the default is the run's single dataset."""
-    from filelock import FileLock, Timeout
-
-    path = Path(run_dir) / "ingest" / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log(f"ingest: another dataset writer holds {path}; waiting for it")
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def current_version_tagged(ds) -> bool:

@@ -85,8 +85,7 @@ def verify_dataset(run_dir: Path, cfg: Any, shard_keys: dict[int, set[tuple[str,
     (None: every row), which is what ingest passes after committing them. `ds`: an open handle with nothing
     uncommitted (ingest's writer: a second handle on the dataset in the writing process is avoided).
     """
-    from ..dataset import exists, open_read_only, repair
-    from ..dataset.view import group_violations
+    from ..dataset.view import exists, group_violations, open_read_only, repair
     from ..dataset.layout import dataset_url
 
     if ds is None:

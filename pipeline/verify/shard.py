@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from .. import modalities
 from ..join import JoinParams, join_video, plan_segments
 from ..schema import TABLE
+from ..stages.ingest_config import ingest_settings  # noqa: F401  (importable from here)
 from .checks import (Tolerances, Violation, check_counts, check_frames, check_keys, check_video, check_windows,
                      dropped_of)
 
@@ -22,20 +23,6 @@ HEAVY_COLUMNS = frozenset({"jpeg", "embedding"})
 
 def heavy_columns() -> frozenset[str]:
     return modalities.heavy_upstream_columns()
-
-
-def ingest_settings(run_dir: Path) -> Any:
-    """The ingest config a run used (`<run_dir>/ingest/config.yaml`), else the defaults."""
-    from omegaconf import OmegaConf
-
-    from ..stages.ingest import IngestConfig
-
-    base = OmegaConf.structured(IngestConfig)
-    path = run_dir / "ingest" / "config.yaml"
-    if path.exists():
-        stage = OmegaConf.load(path).get("stage") or {}
-        base = OmegaConf.merge(base, {k: v for k, v in stage.items() if k in base})
-    return base
 
 
 # bulky row columns -> only their lengths (None: dropped), from the modalities (`Modality.bulky`); ROW_BULK:
@@ -86,16 +73,15 @@ def verify_shard(run_dir: Path, shard: int, videos: Iterable[str], tol: Toleranc
                  table: pa.Table | None = None) -> ShardReport:
     """The run-level checks of one ingest shard (`videos`: the manifest's videos of the shard). `table`: its
     rows table as already read (ingest verifies the very rows it then appends), else read from the shard."""
-    from ..engine import UpstreamIncomplete, UpstreamRows
     from ..shards import LEDGER, OK, ShardStore
-    from ..stages.ingest import IngestStage
+    from ..upstream import UpstreamIncomplete, UpstreamRows
 
     where = f"shard-{shard:05d}"
     store = ShardStore(run_dir, "ingest", shard)
     if not store.is_complete():
         return ShardReport([Violation(where, None, "ingest shard not complete")], None, set())
     try:
-        up = UpstreamRows(run_dir, shard, IngestStage.upstream, skip_columns=heavy_columns())
+        up = UpstreamRows(run_dir, shard, modalities.upstream(), skip_columns=heavy_columns())  # ingest's upstream
     except UpstreamIncomplete as exc:
         return ShardReport([Violation(where, None, str(exc))], None, set())
     out: list[Violation] = []
