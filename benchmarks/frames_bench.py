@@ -153,20 +153,23 @@ def bench_pool(path: str, n_videos: int = 4) -> list[str]:
                       inputs={"download": {"videos": [{"video_id": f"v{i}", "path": path}]}}) for i in range(n_videos)]
     lines = ["### One task, several videos at once (`stage.workers`)", "",
              f"{n_videos} copies of the 360p video through `FramesStage.process` (JPEG encoding included; "
-             "a pool's start-up included).", "", "| workers | seconds | videos / s | speed-up |", "|---:|---:|---:|---:|"]
+             "a pool's start-up included; CPU s: this process and its pool's workers).", "",
+             "| workers | scan decoding | seconds | videos / s | speed-up | CPU s |", "|---:|---|---:|---:|---:|---:|"]
     base = None
+    runs = [(1, 0, "default (one decoder thread)"), (2, 0, "default (one decoder thread)"),
+            (2, -1, "FFmpeg's frame threading (`detect_decode_threads: -1`)")]
     with tempfile.TemporaryDirectory() as tmp:
-        for workers in (1, 2):
+        for workers, threads, what in runs:
             ctx = RunContext(run_dir=Path(tmp), shard=0, models="tiny", cache_dir=Path(tmp), device="cpu",
                              log=lambda msg: None)
-            stage = STAGE(FramesConfig(workers=workers), ctx)
-            t0 = time.perf_counter()
+            stage = STAGE(FramesConfig(workers=workers, detect_decode_threads=threads), ctx)
+            t0, c0 = time.perf_counter(), cpu_seconds()
             results = list(stage.process(iter(items)))
-            took = time.perf_counter() - t0
+            took, used = time.perf_counter() - t0, cpu_seconds() - c0
             assert all(r.status == "ok" for r in results), [r.reason for r in results]
             base = base or took
-            lines.append(f"| {workers} | {took:.2f} | {n_videos / took:.2f} | {base / took:.2f} |")
-            print(f"  pool workers={workers}: {took:.2f} s", flush=True)
+            lines.append(f"| {workers} | {what} | {took:.2f} | {n_videos / took:.2f} | {base / took:.2f} | {used:.2f} |")
+            print(f"  pool workers={workers} threads={threads}: {took:.2f} s", flush=True)
     return lines + [""]
 
 
@@ -227,9 +230,18 @@ Notes:
   frame threading stays above 1024x576 (`detect_decode_threads` sets it).
 - Under load, wall time follows CPU time weighted by how many threads are runnable: ffmpeg runs 3 decoding
   threads on this 2-CPU machine, the stage's scan 2 (decoding, scoring) plus the seeking thread. On an idle
-  machine (never seen on this VM tonight) the 360p scan's wall is bounded by its one-thread decode, about
-  0.45 s, while ffmpeg spreads its ~0.67 CPU s over both cores: there the ratio would be above the loaded
-  figure; `detect_decode_threads: -1` trades CPU for that wall.
+  machine (not measured: this VM was never idle tonight) the 360p scan's wall is bounded by its one-thread
+  decode, about 0.45 s, while ffmpeg spreads its ~0.67 CPU s over both cores, so the ratio may be higher
+  there than in these loaded runs; `detect_decode_threads: -1` trades CPU for that wall.
+- `stage.workers`: the pool's CPU column is what to read on this VM: with load ~17-20 (02:50-03:00 UTC) two
+  workers took longer than one in wall time (4 videos: 13.5-17.8 s vs 9.3-15.3 s) while the frame-threaded
+  pool took 6.8-10 s, but CPU seconds were 3.3 (one worker), 4.0-4.3 (two: their interpreters' start-up
+  included) and 4.4-5.0 (two, frame threading): under that load the wall time follows how many threads a
+  job has runnable, not the work it does. The table above ran as the load fell (~7).
+- Other runs of this code, to show the spread: 02:40 UTC (load 13-17) 360p 0.82 x ffmpeg wall, 0.94 x CPU;
+  1080p 1.14 x wall, 1.18 x CPU. 03:08 UTC, 360p only, 7 runs a row (load 6-7, the lowest of the night):
+  stage 1.01 s vs ffmpeg 1.08 s, 0.93 x wall, 0.85 x CPU (0.71 vs 0.83 CPU s); frame threading 1.04 x wall,
+  1.04 x CPU; PySceneDetect 3.33 x wall.
 - Before this work (same VM, 2026-12-05 00:33 UTC, load ~16): 360p stage 1.38 x ffmpeg wall, 1.37 x CPU
   (0.91 vs 0.66 s); 1080p 1.26 x wall, 1.19 x CPU. Before the one-decode scan: 360p stage 5.42 s vs ffmpeg
   0.69 s and PySceneDetect 1.30 s; 1080p stage 11.9 s vs ffmpeg 4.6 s.
