@@ -99,17 +99,26 @@ def stage_digest(run_dir: Path, stage: str) -> dict[str, str]:
     return out
 
 
-_DEEPLAKE_HANDLES: list = []
-
-
 def dataset_digest(path: Path) -> str:
+    """The dataset's digest, read in a process of its own: Deep Lake 4.7 now and then aborts a process that opened
+    (and freed) handles to datasets deleted and re-created at the same path, as each round here does."""
+    code = ("import os, sys; from pathlib import Path; from benchmarks.kill_soak import _dataset_digest_here; "
+            "print(_dataset_digest_here(Path(sys.argv[1])), flush=True); os._exit(0)")
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, capture_output=True, text=True,
+                              timeout=600)
+        if proc.returncode == 0 and proc.stdout.strip():
+            return proc.stdout.strip().splitlines()[-1]
+    return f"unreadable (exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]})"
+
+
+def _dataset_digest_here(path: Path) -> str:
     import deeplake
     import numpy as np
 
     if not path.exists():
         return "missing"
     ds = deeplake.open_read_only(str(path))
-    _DEEPLAKE_HANDLES.append(ds)  # kept until the process ends: freeing handles now and then aborts in Deep Lake 4.7
     cols = sorted(c.name for c in ds.schema.columns)
     data = {c: ds[c][:] for c in cols}
     n = len(ds)
