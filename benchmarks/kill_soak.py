@@ -239,14 +239,16 @@ def kill_once(base: Path, stage: str, work: Path, env: dict, window: tuple[float
     kept = None
     if diff or rerun.returncode != 0:  # kept for a look: what differs, and the logs of the killed run and re-run
         kept = work.parent / f"differs-{stage}-{int(time.time())}"
-        shutil.copytree(run, kept, ignore=lambda d, names: [n for n in names if Path(d) == run and n != stage])
+        shutil.copytree(run, kept, ignore=lambda d, names: [n for n in names if Path(d) == run and
+                                                             n not in (stage, "dataset")])
     return {"delay_s": delay and round(delay, 2), "landed": landed, "ran_s": None if ran_s is None else round(ran_s, 1),
             "run_rc": None if landed else proc.returncode, "files_at_kill": written,
             "first_output_s": first_output_s and round(first_output_s, 1),
             "session_gone_after_s": gone_after,
             "left_behind": len(left), "left_ray": left_ray, "left_names": left_names, "reruns": reruns,
             "first_rerun_error": first_error if reruns == 2 else [], "rerun_rc": rerun.returncode,
-            "identical": rerun.returncode == 0 and not diff, "differs": diff[:5], "kept": kept and str(kept),
+            "identical": rerun.returncode == 0 and not diff, "differs": diff[:5],
+            "got": {k: got.get(k) for k in diff[:5]}, "kept": kept and str(kept),
             "rerun_tail": rerun.stderr.strip().splitlines()[-1:] if rerun.returncode else []}
 
 
