@@ -53,7 +53,7 @@ import av
 import cv2
 import numpy as np
 
-from .video import PTS_EPS, VideoError, VideoInfo, decode_at, resize_short_side
+from .video import PTS_EPS, VideoError, VideoInfo, decode_at, resize_short_side, set_decode_threads
 
 # Frames kept to look back at, so that a cut decided a few frames late (AdaptiveDetector's window, the flash
 # filter) still finds the frame just before it for the capture.
@@ -631,12 +631,7 @@ def detect(info: VideoInfo, params: CutParams, capture: Capture | None = None,
             threads = params.decode_threads
             if threads == 0:
                 threads = 1 if info.width * info.height <= _ONE_THREAD_PIXELS else -1
-            if threads == 1:
-                stream.codec_context.thread_count = 1
-            else:
-                stream.thread_type = "AUTO"
-                if threads > 1:
-                    stream.codec_context.thread_count = threads
+            set_decode_threads(stream, threads)
             if params.skip_loop_filter:
                 stream.codec_context.options = {"skip_loop_filter": "all"}
             if params.decode_ahead:

@@ -321,6 +321,16 @@ def _seek_run(container, stream, info: VideoInfo, target: float) -> tuple[Any, I
     return run
 
 
+def set_decode_threads(stream, threads: int) -> None:
+    """1: one decoder thread; 0 or -1: FFmpeg's frame threading with its own thread count; N > 1: N threads."""
+    if threads == 1:
+        stream.codec_context.thread_count = 1
+    else:
+        stream.thread_type = "AUTO"
+        if threads > 1:
+            stream.codec_context.thread_count = threads
+
+
 def _decode_pyav(info: VideoInfo, indices: list[int], short_side: int | None,
                  threads: int = 0) -> dict[int, tuple[float, np.ndarray]]:
     """Exact path: seek to the keyframe before each wanted frame (or decode forward when it is near) and decode
@@ -333,12 +343,7 @@ def _decode_pyav(info: VideoInfo, indices: list[int], short_side: int | None,
     try:
         with av.open(info.path) as container:
             stream = container.streams[info.stream_index]
-            if threads == 1:
-                stream.codec_context.thread_count = 1
-            else:
-                stream.thread_type = "AUTO"
-                if threads > 1:
-                    stream.codec_context.thread_count = threads
+            set_decode_threads(stream, threads)
             k = 0
             rest: Iterator | None = None
             try:

@@ -48,14 +48,20 @@ def writer_job(stdout: str) -> str:
     return job
 
 
-def array_tasks(slurm_cluster, job: str) -> dict[str, str]:
-    """sacct's view of an array job: task id -> state, once every task has ended."""
+def array_tasks(slurm_cluster, job: str, n_tasks: int) -> dict[str, str]:
+    """sacct's view of an array job: task id -> state, once every task has ended and accounting has caught up
+    (slurmdbd lags: for a moment an array may show as one record, or only some of its tasks)."""
     deadline = time.monotonic() + 180
     while slurm_cluster.run("squeue", "-h", "-j", job, check=False).stdout.strip() and time.monotonic() < deadline:
         time.sleep(0.5)
     slurm_cluster.final_state(job)
-    out = slurm_cluster.run("sacct", "-j", job, "-X", "-n", "-P", "-o", "JobID,State").stdout
-    return {ln.split("|")[0]: ln.split("|")[1].split()[0] for ln in out.splitlines() if ln.strip()}
+    while True:
+        out = slurm_cluster.run("sacct", "-j", job, "-X", "-n", "-P", "-o", "JobID,State").stdout
+        tasks = {ln.split("|")[0]: ln.split("|")[1].split()[0] for ln in out.splitlines() if ln.strip()}
+        settled = len(tasks) >= n_tasks and all("_" in t and "[" not in t for t in tasks)
+        if settled or time.monotonic() > deadline:
+            return tasks
+        time.sleep(0.5)
 
 
 def test_group_writers_run_as_one_array_after_the_stage_array(tmp_path, slurm_cluster):
@@ -69,9 +75,9 @@ def test_group_writers_run_as_one_array_after_the_stage_array(tmp_path, slurm_cl
     script = (run / "ingest" / "logs" / "slurm" / f"{job}_submission.sh").read_text()
     assert f"#SBATCH --array=0-{SHARDS // PER_GROUP - 1}%{WRITERS}" in script
     assert f"#SBATCH --dependency=afterany:{stage_job}" in script
-    tasks = array_tasks(slurm_cluster, job)
+    tasks = array_tasks(slurm_cluster, job, SHARDS // PER_GROUP)
     assert tasks == {f"{job}_{g}": "COMPLETED" for g in range(SHARDS // PER_GROUP)}, tasks
-    assert array_tasks(slurm_cluster, stage_job) == {f"{stage_job}_{s}": "COMPLETED" for s in range(SHARDS)}
+    assert array_tasks(slurm_cluster, stage_job, SHARDS) == {f"{stage_job}_{s}": "COMPLETED" for s in range(SHARDS)}
 
     layout = read_layout(f"file://{run / 'dataset'}")
     assert layout is not None and layout.num_groups == SHARDS // PER_GROUP
@@ -89,7 +95,8 @@ def test_group_writers_run_as_one_array_after_the_stage_array(tmp_path, slurm_cl
     assert "0 of 4 shard(s) to run" in out
     again = writer_job(out)
     assert "--dependency" not in (run / "ingest" / "logs" / "slurm" / f"{again}_submission.sh").read_text()
-    assert array_tasks(slurm_cluster, again) == {f"{again}_{g}": "COMPLETED" for g in range(SHARDS // PER_GROUP)}
+    groups = SHARDS // PER_GROUP
+    assert array_tasks(slurm_cluster, again, groups) == {f"{again}_{g}": "COMPLETED" for g in range(groups)}
     keys = view_keys(run)
     assert Counter(keys) == Counter(expected) and len(keys) == len(set(keys))
 

@@ -176,18 +176,22 @@ def make_executor(cfg, params: dict | None = None) -> submitit.AutoExecutor:
     return executor
 
 
-def submit(cfg, shards: list[int]) -> list[tuple[int, submitit.Job]]:
-    executor = make_executor(cfg)
+def _submit_array(cfg, executor: submitit.AutoExecutor, task_cls, items: list[int]) -> list[tuple[int, submitit.Job]]:
+    """One array task per item, split into arrays of at most the cluster's MaxArraySize; secrets travel in the
+    environment, never in the pickled config."""
     max_size = cfg.launcher.max_array_size or cluster_max_array_size()
     payload, secrets = secretless(container(cfg))
-    task = ShardTask(payload)
+    task = task_cls(payload)
     submitted: list[tuple[int, submitit.Job]] = []
     with secrets_in_environ(secrets):
-        for start in range(0, len(shards), max_size):
-            chunk = shards[start:start + max_size]
-            jobs = executor.map_array(task, chunk)
-            submitted.extend(zip(chunk, jobs))
+        for start in range(0, len(items), max_size):
+            chunk = items[start:start + max_size]
+            submitted.extend(zip(chunk, executor.map_array(task, chunk)))
     return submitted
+
+
+def submit(cfg, shards: list[int]) -> list[tuple[int, submitit.Job]]:
+    return _submit_array(cfg, make_executor(cfg), ShardTask, shards)
 
 
 def launch(cfg, shards: list[int]) -> LaunchResult:
@@ -277,15 +281,7 @@ def group_parameters(cfg, after_job_ids: list[str]) -> dict:
 
 def submit_groups(cfg, groups: list[int], after_job_ids: list[str]) -> list[tuple[int, submitit.Job]]:
     """One array task per unit of the finish step (split past the cluster's MaxArraySize)."""
-    executor = make_executor(cfg, group_parameters(cfg, after_job_ids))
-    max_size = cfg.launcher.max_array_size or cluster_max_array_size()
-    payload, secrets = secretless(container(cfg))
-    task = FinishGroupTask(payload)
-    submitted: list[tuple[int, submitit.Job]] = []
-    with secrets_in_environ(secrets):
-        for start in range(0, len(groups), max_size):
-            chunk = groups[start:start + max_size]
-            submitted.extend(zip(chunk, executor.map_array(task, chunk)))
+    submitted = _submit_array(cfg, make_executor(cfg, group_parameters(cfg, after_job_ids)), FinishGroupTask, groups)
     ids = sorted({job.job_id.split("_")[0] for _, job in submitted})
     print(f"submitted {cfg.stage.name} finish step: {len(submitted)} group writer task(s), job(s) {', '.join(ids)}")
     return submitted
