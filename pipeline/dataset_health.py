@@ -10,8 +10,10 @@ So, for a dataset on a local filesystem:
 - `check_free_space(url, need_bytes, what)`: a write that would not fit is refused before anything is written
   (`DatasetSpaceError`, one line).
 - `probe(url)`: opens the dataset read-only in a child process (a native crash kills the child, not the caller)
-  and reads it: every row of the columns of scalars, text and small arrays from `from_row` on, and of the
-  bulky columns (images, embeddings, any Sequence) the first and last 64 rows plus every (n/64)-th row.
+  and reads it: every column of every row from `from_row` on (the rows the commit added; bulky columns by row
+  lists, as a slice of a Sequence(Image) column crashes Deep Lake 4.7.4 now and then whatever the data), and of
+  the rows before, the scalar columns whole and the bulky ones (images, embeddings, any Sequence) in samples (the
+  first and last 64 rows plus every (n/64)-th row).
 - The last good version: after a probe passes, the writer saves a copy of the version log in
   `<dataset>.lastgood/good/` (with `state.json`: version, rows, tags, a digest of the log). `ensure_readable`
   (called where ingest, verify and status open the dataset) finds the head as saved (digest equal: no probe) or
@@ -124,6 +126,13 @@ def check_free_space(url: str, need_bytes: int, what: str) -> int:
 # ------------------------------------------------------------------------------------------------ the probe
 
 
+def sequence_or_image(dtype: Any) -> bool:
+    """A column type read by row lists, never by slices (images, embeddings, videos, any Sequence): Deep Lake 4.7.4
+    segfaults, now and then, slicing a Sequence(Image) column (`ds["frames"][a:b]`) whose every row reads fine."""
+    kind = str(dtype).lower()       # e.g. "sequence[kind=image, dtype=array(...)]"
+    return any(k in kind for k in ("image", "sequence", "embedding", "video"))
+
+
 def _probe_read(url: str, from_row: int, emit: Callable[[str], None]) -> None:
     """Open the head read-only, emit its info as one JSON line, read it, emit "ok"."""
     import deeplake
@@ -139,14 +148,22 @@ def _probe_read(url: str, from_row: int, emit: Callable[[str], None]) -> None:
     step = max(1, n // SAMPLE_ROWS)
     sample = sorted({*range(0, min(n, SAMPLE_ROWS)), *range(max(0, n - SAMPLE_ROWS), n), *range(0, n, step)})
     block = 65536
+    first_new = max(0, min(from_row, n))
     for col in ds.schema.columns:
-        kind = str(col.dtype)
-        if col.name in BULKY_COLUMNS or any(k in kind for k in ("Image", "Sequence", "Embedding", "Video")):
+        bulky = col.name in BULKY_COLUMNS or sequence_or_image(col.dtype)
+        if bulky:       # the rows before the commit: sampled
             for i in sample:
-                ds[col.name][i]
-        else:
-            for a in range(max(0, min(from_row, n)), n, block):
-                ds[col.name][a:min(n, a + block)]
+                if i < first_new:
+                    ds[col.name][i]
+        # Every column of the rows the commit added is read whole (one read per block), decoded as a reader will.
+        # Bulky columns by a list of rows: Deep Lake 4.7.4 segfaults, now and then, slicing a Sequence(Image)
+        # column (`ds["frames"][a:b]`) of a dataset every row of which reads fine, so a slice would fail good heads.
+        step_rows = 256 if bulky else block      # bounded memory: a block of JPEG sequences or embeddings
+        for a in range(first_new, n, step_rows):
+            b = min(n, a + step_rows)
+            values = ds[col.name][list(range(a, b))] if bulky else ds[col.name][a:b]
+            if len(values) != b - a:
+                raise RuntimeError(f"column {col.name}: rows {a}..{b - 1} read {len(values)} values")
     emit("ok")
 
 

@@ -156,7 +156,8 @@ def test_unreadable_head_found_on_open_is_rolled_back(run, small_fs):
     filler.unlink()
     assert health.head_problem(url)[0], "freeing space does not repair the head"
     status = run_cli("status", f"run_dir={run}").stdout
-    assert "DATASET UNREADABLE" in status and "NOT DONE: the dataset's head is unreadable" in status, status
+    assert "DATASET UNREADABLE" in status and "NOT DONE: the dataset's head" in status \
+        and "unreadable (reading it" in status, status
     proc = run_cli(f"run_dir={run}", module="pipeline.verify", check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "rolled back to the last good version" in proc.stderr and first["tag"] in proc.stderr, proc.stderr

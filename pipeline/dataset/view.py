@@ -131,6 +131,14 @@ class _History:
         return _Entry()
 
 
+def _slice(ds: Any, name: str, a: int, b: int) -> Any:
+    """Rows [a, b) of a column: a slice, or for a Sequence/Image column a list of rows (slicing one segfaults
+    Deep Lake 4.7.4 now and then, see `dataset_health.sequence_or_image`)."""
+    if b > a and health.sequence_or_image(ds.schema[name].dtype):
+        return ds[name][list(range(a, b))]
+    return ds[name][a:b]
+
+
 def _concat(parts: list[Any]) -> Any:
     if len(parts) == 1:
         return parts[0]
@@ -159,7 +167,7 @@ class _Column:
             a, b, step = index.indices(len(v))
             if step != 1:
                 return self[list(range(a, b, step))]
-            parts = [v.groups[g][self.name][lo:hi] for g, lo, hi in v.spans(a, b)]
+            parts = [_slice(v.groups[g], self.name, lo, hi) for g, lo, hi in v.spans(a, b)]
             if not parts:
                 return v.groups[0][self.name][0:0] if v.groups else []
             return _concat(parts)
