@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import from_container
+from .logs import configure
 from .shards import shard_name
 
 
@@ -36,6 +37,7 @@ def task_logger(run_dir: str, stage: str, shard: int) -> logging.Logger:
 def run_task(cfg_container: dict[str, Any], shard: int) -> dict[str, Any]:
     from .engine import run_shard
 
+    configure()         # module loggers to stderr (Slurm's per-task output) also when run as a job body
     cfg = from_container(cfg_container)
     logger = task_logger(cfg.run_dir, cfg.stage.name, shard)
     logger.info(f"task start: stage={cfg.stage.name} shard={shard} pid={os.getpid()} host={os.uname().nodename} "

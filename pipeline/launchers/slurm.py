@@ -231,7 +231,9 @@ def _stage_of(cfg_container: dict):
     from ..shards import ShardStore
     from ..stages import get_stage
     from ..atomic import read_json
+    from ..logs import configure
 
+    configure()         # a job body does not pass through an entry point's main
     cfg = from_container(cfg_container)
     stage_cls = get_stage(cfg.stage.name)
     n = int(read_json(Path(cfg.run_dir) / "geometry.json")["num_shards"])

@@ -39,8 +39,10 @@ class TrainTask(Requeueable):
             "LOCAL_WORLD_SIZE": str(env.num_tasks // max(1, env.num_nodes)),
             "MASTER_ADDR": _node_address(env.hostnames[0]), "MASTER_PORT": str(master_port(env.job_id)),
         })
+        from ..logs import configure
         from .loop import train
 
+        configure(rank=env.global_rank)     # a Slurm task does not pass through `python -m pipeline.train`
         return train(self.cfg)
 
 
