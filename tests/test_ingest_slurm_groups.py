@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
+from test_ingest_writers import shard_keys, view_keys
 
 from benchmarks.ingest_bench import make_upstream
 from pipeline.dataset import open_read_only, read_layout
@@ -27,18 +28,7 @@ INGEST = ["stage=ingest", "models=tiny", "launcher=slurm", f"stage.shards_per_gr
 
 
 def oracle_keys(run: Path) -> list[tuple[str, int]]:
-    out = []
-    for s in range(SHARDS):
-        t = ShardStore(run, "ingest", s).read_table(TABLE)
-        if t is not None:
-            out.extend(zip(t.column("video_id").to_pylist(), t.column("segment_idx").to_pylist()))
-    return out
-
-
-def view_keys(run: Path) -> list[tuple[str, int]]:
-    ds = open_read_only(run)
-    n = len(ds)
-    return list(zip((str(v) for v in ds["video_id"][0:n]), (int(i) for i in ds["segment_idx"][0:n]))) if n else []
+    return shard_keys(run, range(SHARDS))
 
 
 def writer_job(stdout: str) -> str:
