@@ -230,16 +230,17 @@ Notes:
   frame threading stays above 1024x576 (`detect_decode_threads` sets it).
 - Under load, wall time follows CPU time weighted by how many threads are runnable: ffmpeg runs 3 decoding
   threads on this 2-CPU machine, the stage's scan 2 (decoding, scoring) plus the seeking thread. On an idle
-  machine (not measured: this VM was never idle tonight) the 360p scan's wall is bounded by its one-thread
-  decode, about 0.45 s, while ffmpeg spreads its ~0.67 CPU s over both cores, so the ratio may be higher
-  there than in these loaded runs; `detect_decode_threads: -1` trades CPU for that wall.
+  machine the 360p scan's wall is bounded by its one-thread decode while ffmpeg spreads its decode over both
+  cores; measured idle (04:00 UTC, load 0.2-1.9) the stage still matched ffmpeg (0.97-0.99 x wall), and
+  `detect_decode_threads: -1` was slower there (1.10 x wall, 1.18 x CPU).
 - `stage.workers`: the pool's CPU column is what to read on this VM: with load ~17-20 (02:50-03:00 UTC) two
   workers took longer than one in wall time (4 videos: 13.5-17.8 s vs 9.3-15.3 s) while the frame-threaded
   pool took 6.8-10 s, but CPU seconds were 3.3 (one worker), 4.0-4.3 (two: their interpreters' start-up
   included) and 4.4-5.0 (two, frame threading): under that load the wall time follows how many threads a
-  job has runnable, not the work it does. The table above ran as the load fell (~7).
-- Other runs of this code, to show the spread: 02:40 UTC (load 13-17) 360p 0.82 x ffmpeg wall, 0.94 x CPU;
-  1080p 1.14 x wall, 1.18 x CPU. 03:08 UTC, 360p only, 7 runs a row (load 6-7, the lowest of the night):
+  job has runnable, not the work it does.
+- Other runs of this code, to show the spread: 03:00 UTC (load 16-19) 360p 1.16 x ffmpeg wall, 0.91 x CPU,
+  0.58 x PySceneDetect; 1080p 0.93 x wall, 1.13 x CPU. 02:40 UTC (load 13-17) 360p 0.82 x ffmpeg wall, 0.94 x CPU;
+  1080p 1.14 x wall, 1.18 x CPU. 03:08 UTC, 360p only, 7 runs a row (load 6-7):
   stage 1.01 s vs ffmpeg 1.08 s, 0.93 x wall, 0.85 x CPU (0.71 vs 0.83 CPU s); frame threading 1.04 x wall,
   1.04 x CPU; PySceneDetect 3.33 x wall.
 - Before this work (same VM, 2026-12-05 00:33 UTC, load ~16): 360p stage 1.38 x ffmpeg wall, 1.37 x CPU
