@@ -214,7 +214,7 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
     max_rows = max(1, int(stage.get("max_rows_in_memory", 0) or 1 << 62))
     batch = max(1, min(int(stage.append_batch_rows), max_rows))
     tol, params = Tolerances.from_config(stage), JoinParams.from_config(stage)
-    t0, rows_written, rows_deleted, commits, verify_s = time.perf_counter(), 0, 0, 0, 0.0
+    t0, started_at, rows_written, rows_deleted, commits, verify_s = time.perf_counter(), time.time(), 0, 0, 0, 0.0
     written: list[int] = []
     replaced: list[int] = []
     refused: dict[int, list[str]] = {}
@@ -326,7 +326,8 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
     seconds = time.perf_counter() - t0
     return {"dataset": url, "group": group, "shards_written": written, "shards_replaced": replaced,
             "rows_written": rows_written, "rows_deleted": rows_deleted, "commits": commits, "tag": tag, "rows": rows,
-            "seconds": seconds, "shards_refused": refused, "dataset_violations": problems, "verify_seconds": verify_s}
+            "seconds": seconds, "shards_refused": refused, "dataset_violations": problems, "verify_seconds": verify_s,
+            "started_at": started_at, "ended_at": time.time()}    # epoch seconds: concurrent writers' overall span
 
 
 def write_dataset(cfg: Any, log: Callable[[str], None] = _info, after_append: Hook | None = None,
