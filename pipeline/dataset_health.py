@@ -49,6 +49,7 @@ STATE = "state.json"
 PROBE_TIMEOUT_S = 1800
 SAMPLE_ROWS = 64
 BULKY_COLUMNS = frozenset({"frames", "clip", "audio"})
+DECODE_ROWS = 16        # image rows a probe decodes among a commit's new rows (all of them are read as bytes)
 
 
 class DatasetSpaceError(ConfigError):
@@ -133,6 +134,16 @@ def sequence_or_image(dtype: Any) -> bool:
     return any(k in kind for k in ("image", "sequence", "embedding", "video"))
 
 
+def _rows(column: Any, rows: list[int], as_bytes: bool) -> list:
+    """Values of `rows` (a list: never a slice, see below); `as_bytes`: an image column's stored bytes."""
+    if as_bytes:
+        try:
+            return column.get_bytes(rows)
+        except RuntimeError:    # Deep Lake 4.7's get_bytes refuses a block that holds an empty sequence
+            pass
+    return column[rows]
+
+
 def _probe_read(url: str, from_row: int, emit: Callable[[str], None]) -> None:
     """Open the head read-only, emit its info as one JSON line, read it, emit "ok"."""
     import deeplake
@@ -149,21 +160,28 @@ def _probe_read(url: str, from_row: int, emit: Callable[[str], None]) -> None:
     sample = sorted({*range(0, min(n, SAMPLE_ROWS)), *range(max(0, n - SAMPLE_ROWS), n), *range(0, n, step)})
     block = 65536
     first_new = max(0, min(from_row, n))
+    old = [i for i in sample if i < first_new]
+    new = n - first_new
+    decoded = sorted({first_new + k * new // DECODE_ROWS for k in range(DECODE_ROWS)} | {n - 1}) if new else []
     for col in ds.schema.columns:
+        column = ds[col.name]
         bulky = col.name in BULKY_COLUMNS or sequence_or_image(col.dtype)
-        if bulky:       # the rows before the commit: sampled
-            for i in sample:
-                if i < first_new:
-                    ds[col.name][i]
-        # Every column of the rows the commit added is read whole (one read per block), decoded as a reader will.
-        # Bulky columns by a list of rows: Deep Lake 4.7.4 segfaults, now and then, slicing a Sequence(Image)
-        # column (`ds["frames"][a:b]`) of a dataset every row of which reads fine, so a slice would fail good heads.
+        images = "image" in str(col.dtype).lower()
+        if bulky and old:       # the rows before the commit: sampled
+            _rows(column, old, images)
+        # Every column of the rows the commit added is read whole (one read per block); images as their stored
+        # bytes (every chunk read, no JPEG decoded: decoding was most of a probe's time), and a spread of
+        # DECODE_ROWS of them decoded as a reader will. Bulky columns by a list of rows: Deep Lake 4.7.4 segfaults,
+        # now and then, slicing a Sequence(Image) column (`ds["frames"][a:b]`) of a dataset every row of which
+        # reads fine, so a slice would fail good heads.
         step_rows = 256 if bulky else block      # bounded memory: a block of JPEG sequences or embeddings
         for a in range(first_new, n, step_rows):
             b = min(n, a + step_rows)
-            values = ds[col.name][list(range(a, b))] if bulky else ds[col.name][a:b]
+            values = _rows(column, list(range(a, b)), images) if bulky else column[a:b]
             if len(values) != b - a:
                 raise RuntimeError(f"column {col.name}: rows {a}..{b - 1} read {len(values)} values")
+        if images and (decoded or old):
+            column[decoded + old[:DECODE_ROWS]]
     emit("ok")
 
 
@@ -266,16 +284,24 @@ class WarmProber:
             return _signal_problem(code)
         return f"reading it fails: {tail or f'exit code {code}'}"
 
-    def probe(self, url: str, from_row: int = 0, timeout_s: float = PROBE_TIMEOUT_S) -> Probe:
+    def submit(self, url: str, from_row: int = 0, timeout_s: float = PROBE_TIMEOUT_S) -> Callable[[], Probe]:
+        """Send a probe request; the returned function waits for its verdict (one request in flight at a time)."""
         if self.proc is None or self.proc.poll() is not None:
             self.close()
             self._start()
         assert self.proc is not None and self.proc.stdin is not None
         deadline = time.monotonic() + timeout_s
-        info: dict[str, Any] = {}
         try:
             self.proc.stdin.write((json.dumps([str(url), int(from_row)]) + "\n").encode())
             self.proc.stdin.flush()
+        except BrokenPipeError:
+            died = Probe(False, self._died(), {})
+            return lambda: died
+        return lambda: self._verdict(deadline, timeout_s)
+
+    def _verdict(self, deadline: float, timeout_s: float) -> Probe:
+        info: dict[str, Any] = {}
+        try:
             while True:
                 line = self._line(deadline)
                 if line is None:
@@ -291,11 +317,12 @@ class WarmProber:
                         info = json.loads(line)
                     except json.JSONDecodeError:
                         pass
-        except BrokenPipeError:
-            return Probe(False, self._died(), info)
         except TimeoutError:
             self.close()
             return Probe(False, f"reading it took over {timeout_s:.0f} s", info)
+
+    def probe(self, url: str, from_row: int = 0, timeout_s: float = PROBE_TIMEOUT_S) -> Probe:
+        return self.submit(url, from_row, timeout_s)()
 
     def close(self) -> None:
         proc, self.proc = self.proc, None
@@ -329,6 +356,15 @@ def warm_probes() -> Iterator[None]:
     finally:
         prober, _warm = _warm, None
         prober.close()
+
+
+def probe_later(url: str, from_row: int = 0, timeout_s: float = PROBE_TIMEOUT_S) -> Callable[[], Probe]:
+    """`probe`, started now (in the warm child, when there is one: see `warm_probes`); call the result for the
+    verdict. Without a warm child the probe runs here and now."""
+    if _warm is not None:
+        return _warm.submit(url, from_row, timeout_s)
+    result = probe(url, from_row, timeout_s)
+    return lambda: result
 
 
 def probe(url: str, from_row: int = 0, timeout_s: float = PROBE_TIMEOUT_S) -> Probe:
@@ -479,20 +515,37 @@ def ensure_readable(url: str, log: Callable[[str], None] = _log.warning, save: b
 
 
 def write_checked(url: str, action: Callable[[], Any], what: str, log: Callable[[str], None] = _log.warning,
-                  from_row: int = 0) -> None:
+                  from_row: int = 0, wait: bool = True) -> Callable[[], None] | None:
     """Run a write that ends in a new version (`ds.commit`, `ds.tag`), then probe the new head in a child process:
     readable, it is saved as the last good version; unreadable, it is rolled back to the previous one and
-    DatasetWriteError says so. Remote datasets are written unchecked."""
+    DatasetWriteError says so. Remote datasets are written unchecked.
+
+    `wait=False` (a write that went through): the probe runs in the warm child while the caller goes on, and the
+    returned function completes the check (the save, or the rollback and its error). The caller must call it
+    before its next write (a commit on top of an unprobed head), and may only do uncommitted work meanwhile,
+    which a failed check discards (the process stops with the error)."""
     path = local_dir(url)
     if path is None:
         action()
-        return
+        return None
     try:
         action()
         failure = None
     except Exception as exc:  # noqa: BLE001 - reported with the state it left
         failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
-    result = probe(url, from_row)
+    verdict = probe_later(url, from_row)
+
+    def settle() -> None:
+        _settle(url, path, what, failure, verdict(), log)
+
+    if wait or failure is not None:
+        settle()
+        return None
+    return settle
+
+
+def _settle(url: str, path: Path, what: str, failure: str | None, result: Probe,
+            log: Callable[[str], None]) -> None:
     if failure is None and result.ok:
         save_good(url, result.info, log)
         return

@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 from omegaconf import DictConfig, OmegaConf
 
+from . import arrow_memory
 from .config import stage_config_hash
 from .manifest import Item, load_items
 from .shards import (FAILED, FAILED_MARKER, OK, SKIPPED, LeaseLost, ShardLease, ShardStore, Witness,
@@ -106,6 +107,7 @@ def run_shard(cfg: DictConfig, shard: int, logger: logging.Logger | None = None)
     owner holds the shard and `on_leased_shard=skip`); raises if the shard could not complete, after recording
     why in its `_FAILED`."""
     lg = logger or log
+    arrow_memory.configure()        # the shard's reads and writes of fresh memory: see pipeline.arrow_memory
     stage_cls = get_stage(cfg.stage.name)
     store = ShardStore(Path(cfg.run_dir), stage_cls.name, shard)
     lease = ShardLease(store.dir, ttl_s=float(cfg.get("lease_ttl_s", 120.0)))

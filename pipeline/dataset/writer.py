@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .. import arrow_memory
 from .. import dataset_health as health
 from ..join import JoinParams
 from ..schema import TABLE, deeplake_columns, row_schema, to_deeplake_columns
@@ -47,26 +48,35 @@ Hook = Callable[[int], None]
 
 
 def open_or_create(url: str, log: Callable[[str], None] = _info):
+    ds, check = _open_or_create(url, log)
+    if check is not None:
+        check()
+    return ds
+
+
+def _open_or_create(url: str, log: Callable[[str], None] = _info) -> tuple[Any, Callable[[], None] | None]:
+    """The dataset, and the check of the version it committed (creating it, or adding columns) still in flight
+    (`dataset_health.write_checked(wait=False)`; None: nothing committed)."""
     import deeplake
 
     if deeplake.exists(url):
         ds = health.held(deeplake.open(url))
         have = {c.name for c in ds.schema.columns}
         missing = {k: v for k, v in deeplake_columns().items() if k not in have}
-        if missing:     # a dataset made before these columns: its old rows read them as None
-            for name, dtype in missing.items():
-                ds.add_column(name, dtype)
-            health.write_checked(url, lambda: ds.commit(f"schema: add columns {sorted(missing)}"),
-                                 "the schema migration", log)
-        return ds
+        if not missing:
+            return ds, None
+        # a dataset made before these columns: its old rows read them as None
+        for name, dtype in missing.items():
+            ds.add_column(name, dtype)
+        return ds, health.write_checked(url, lambda: ds.commit(f"schema: add columns {sorted(missing)}"),
+                                        "the schema migration", log, wait=False)
     ds = health.held(deeplake.create(url))
     for name, dtype in deeplake_columns().items():
         ds.add_column(name, dtype)
     ds.metadata["ingested_shards"] = []
     ds.metadata[FINGERPRINTS] = {}
-    health.write_checked(url, lambda: ds.commit("create: empty dataset with the row schema"), "creating the dataset",
-                         log)
-    return ds
+    return ds, health.write_checked(url, lambda: ds.commit("create: empty dataset with the row schema"),
+                                    "creating the dataset", log, wait=False)
 
 
 def ingested_shards(ds) -> list[int]:
@@ -206,6 +216,7 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
     """Bring one dataset of the layout up to date with the complete ingest shards of its group."""
     from ..manifest import load_items
 
+    arrow_memory.configure()
     run_dir = Path(cfg.run_dir)
     stage = cfg.stage
     url = layout.group_url(group)
@@ -225,7 +236,11 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
         health.ensure_readable(url, log, save=True)
         if not health.exists(health.local_dir(url)):        # creating it commits (and probes) at once
             probes.enter_context(health.warm_probes())
-        ds = open_or_create(url, log)   # (re)read under the lock: another writer may have just committed
+        # (re)read under the lock: another writer may have just committed. `inflight`: the last commit's probe,
+        # running while the next shard's rows are read and checked, settled before anything more is written.
+        ds, check = _open_or_create(url, log)
+        inflight = [check] if check is not None else []
+        probes.callback(_settle, inflight)      # also when the write stops early: an unreadable head is news
         done = set(ingested_shards(ds))
         prints = ingested_fingerprints(ds)
         complete = [s for s in mine if ShardStore(run_dir, "ingest", s).is_complete()]
@@ -263,6 +278,9 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
                             log(f"ingest: shard {shard} NOT committed, {len(bad)} violation(s) of the run-level "
                                 "check: " + "; ".join(refused[shard][:3]))
                             continue
+                        # the last commit saved as the last good version before anything more is written (a
+                        # disk filling now must not leave only an older version to roll back to)
+                        _settle(inflight)
                         if shard in done:
                             rows_deleted += delete_shard_rows(ds, shard)
                             replaced.append(shard)
@@ -284,6 +302,7 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
                     after_append(shard)
             if not accepted:
                 continue
+            _settle(inflight)
             done |= set(accepted)
             # Deletes, appends and metadata land in one commit: a crash leaves the old rows or the new, not both.
             ds.metadata["ingested_shards"] = sorted(done)
@@ -295,7 +314,8 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
                 if after_commit is not None:
                     after_commit(accepted)
 
-            health.write_checked(url, commit, f"ingest: the commit of shards {accepted}", log, from_row=from_row)
+            inflight.append(health.write_checked(url, commit, f"ingest: the commit of shards {accepted}", log,
+                                                 from_row=from_row, wait=False))
             commits += 1
             log(f"ingest: committed shards {accepted} to {url}")
         tag = None
@@ -313,6 +333,7 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
             if problems:
                 log(f"ingest: dataset check after the commit: {len(problems)} violation(s), not tagged: "
                     + "; ".join(problems[:3]))
+        _settle(inflight)
         # Tagged whenever complete, verified and untagged, so a crash between the last commit and the tag is repaired.
         if ready and not problems:
             base = tag = f"{stage.tag_prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{len(ds)}rows"
@@ -328,6 +349,14 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
             "rows_written": rows_written, "rows_deleted": rows_deleted, "commits": commits, "tag": tag, "rows": rows,
             "seconds": seconds, "shards_refused": refused, "dataset_violations": problems, "verify_seconds": verify_s,
             "started_at": started_at, "ended_at": time.time()}    # epoch seconds: concurrent writers' overall span
+
+
+def _settle(inflight: list[Callable[[], None] | None]) -> None:
+    """Complete the checks in flight (a commit's save as the last good version, or its rollback and error)."""
+    while inflight:
+        check = inflight.pop(0)
+        if check is not None:
+            check()
 
 
 def write_dataset(cfg: Any, log: Callable[[str], None] = _info, after_append: Hook | None = None,
