@@ -269,6 +269,7 @@ def _run_leased(cfg: DictConfig, stage_cls: type[Stage], store: ShardStore, leas
     lease.check()
     store.finalize(ledger, tables, stats, {"stage": stage_cls.name, "shard": shard,
                                            "config_hash": stage_config_hash(cfg)})
+    stage_cls.after_finalize(cfg.stage, store, [i.video_id for i in items])
     lg.info(f"{stage_cls.name} shard {shard}: complete in {seconds:.1f}s")
     return store.stats()
 

@@ -36,7 +36,7 @@ from ..schema import TABLE, deeplake_columns, row_schema, to_deeplake_columns
 from ..shards import MARKER, ShardStore
 from ..verify.checks import Tolerances
 from ..verify.dataset import verify_dataset
-from ..verify.shard import row_bulk, verify_shard
+from ..verify.shard import row_bulk, trusted_verdict, verify_shard
 from .layout import Layout, dataset_url, writer_layout
 from .lock import writer_lock  # noqa: F401  (importable from here)
 
@@ -173,6 +173,14 @@ class ShardRows:
             return self.pf.schema_arrow.empty_table().drop_columns([c for c in bulk if c in names])
         return pa.concat_tables(parts)
 
+    def key_columns(self) -> pa.Table | None:
+        """video_id and segment_idx of every row (from the rows already decoded, when they were)."""
+        if self.pf is None:
+            return None
+        if self.whole is not None:
+            return self.whole.select(["video_id", "segment_idx"])
+        return self.pf.read(columns=["video_id", "segment_idx"])
+
     def close(self) -> None:
         self.whole = None
         if self.file is not None:
@@ -226,16 +234,17 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
     batch = max(1, min(int(stage.append_batch_rows), max_rows))
     tol, params = Tolerances.from_config(stage), JoinParams.from_config(stage)
     t0, started_at, rows_written, rows_deleted, commits, verify_s = time.perf_counter(), time.time(), 0, 0, 0, 0.0
+    verdicts_used = 0
     written: list[int] = []
     replaced: list[int] = []
     refused: dict[int, list[str]] = {}
     shard_keys: dict[int, set[tuple[str, int]]] = {}
     problems: list[str] = []
     with writer_lock(run_dir, log, layout.lock_name(group)), ExitStack() as probes:
+        # Every new head is probed in one warm child, started first: its start-up overlaps the reads below.
+        probes.enter_context(health.warm_probes())
         # a head left unreadable (the disk filled during a commit) goes back to the last good version first
         health.ensure_readable(url, log, save=True)
-        if not health.exists(health.local_dir(url)):        # creating it commits (and probes) at once
-            probes.enter_context(health.warm_probes())
         # (re)read under the lock: another writer may have just committed. `inflight`: the last commit's probe,
         # running while the next shard's rows are read and checked, settled before anything more is written.
         ds, check = _open_or_create(url, log)
@@ -248,8 +257,6 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
         # only makes the next run re-check the rows, never a fresh marker digest recorded over stale rows.
         markers = {s: marker_digest(ShardStore(run_dir, "ingest", s)) for s in complete}
         todo = [s for s in complete if s not in done or prints.get(str(s), {}).get("marker") != markers[s]]
-        if todo:    # every commit is probed: one warm child, started now, its start-up overlapping the reads below
-            probes.enter_context(health.warm_probes())
         videos: dict[int, list[str]] = {}
         if todo:
             for item in load_items(run_dir):
@@ -269,9 +276,14 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
                     slim = None
                     # Re-finalized with identical rows (e.g. a retry that failed again): only the marker is new.
                     if shard not in done or prints.get(str(shard), {}).get("rows") != rows.digest:
-                        slim = rows.slim()
                         t1 = time.perf_counter()
-                        bad = verify_shard(run_dir, shard, videos.get(shard, []), tol, params, slim).blocking()
+                        # the check's verdict kept at the shard's finalize, when it judged these very bytes
+                        bad = trusted_verdict(run_dir, shard, videos.get(shard, []), tol, params, rows.digest)
+                        if bad is None:
+                            slim = rows.slim()
+                            bad = verify_shard(run_dir, shard, videos.get(shard, []), tol, params, slim).blocking()
+                        else:
+                            verdicts_used += 1
                         verify_s += time.perf_counter() - t1
                         if bad:
                             refused[shard] = [str(v) for v in bad[:5]]
@@ -292,8 +304,7 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
                                 ds.append(to_deeplake_columns(table.slice(start, batch)))
                         rows_written += rows.num_rows
                         written.append(shard)
-                    shard_keys[shard] = _keys(slim) if slim is not None else _keys(
-                        pq.read_table(rows.file, columns=["video_id", "segment_idx"]) if not rows.absent else None)
+                    shard_keys[shard] = _keys(slim if slim is not None else rows.key_columns())
                     prints[str(shard)] = {"marker": markers[shard], "rows": rows.digest, "num_rows": rows.num_rows}
                 finally:
                     rows.close()
@@ -348,7 +359,7 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
     return {"dataset": url, "group": group, "shards_written": written, "shards_replaced": replaced,
             "rows_written": rows_written, "rows_deleted": rows_deleted, "commits": commits, "tag": tag, "rows": rows,
             "seconds": seconds, "shards_refused": refused, "dataset_violations": problems, "verify_seconds": verify_s,
-            "started_at": started_at, "ended_at": time.time()}    # epoch seconds: concurrent writers' overall span
+            "verdicts_used": verdicts_used, "started_at": started_at, "ended_at": time.time()}    # epoch seconds: concurrent writers' overall span
 
 
 def _settle(inflight: list[Callable[[], None] | None]) -> None:
@@ -396,7 +407,7 @@ def _combined(layout: Layout, results: list[dict[str, Any]], seconds: float) -> 
     out: dict[str, Any] = {"dataset": layout.url, "groups": results, "seconds": seconds}
     for key in ("shards_written", "shards_replaced"):
         out[key] = sorted(s for r in results for s in r[key])
-    for key in ("rows_written", "rows_deleted", "commits", "rows", "verify_seconds"):
+    for key in ("rows_written", "rows_deleted", "commits", "rows", "verify_seconds", "verdicts_used"):
         out[key] = sum(r[key] for r in results)
     out["shards_refused"] = {int(s): v for r in results for s, v in r["shards_refused"].items()}
     out["dataset_violations"] = [v for r in results for v in r["dataset_violations"]]

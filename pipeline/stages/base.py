@@ -117,5 +117,10 @@ class Stage:
         pass
 
     @classmethod
+    def after_finalize(cls, cfg: Any, store: Any, video_ids: list[str]) -> None:
+        """Runs once a shard's outputs are installed (its marker written), still under its lease: `cfg` the stage
+        config, `store` the shard's ShardStore, `video_ids` the manifest's items of the shard."""
+
+    @classmethod
     def finish(cls, cfg: Any) -> None:
         """Runs once after every shard of the stage is complete (e.g. ingest's single Deep Lake writer)."""

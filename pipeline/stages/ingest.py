@@ -121,6 +121,26 @@ class IngestStage(Stage):
         return {"rows": self.rows_out, "refused_videos": self.refused}
 
     @classmethod
+    def after_finalize(cls, cfg: Any, store: ShardStore, video_ids: list[str]) -> None:
+        """The run-level check of the shard's rows as installed, once: its verdict, bound to those bytes, spares
+        the Deep Lake writer the same check (`pipeline.verify.shard.record_verdict`)."""
+        import logging
+
+        from ..verify.shard import record_verdict
+
+        try:
+            verdict = record_verdict(store.run_dir, store.shard, video_ids, Tolerances.from_config(cfg),
+                                     JoinParams.from_config(cfg))
+        except Exception as exc:  # noqa: BLE001 - without a verdict the writer checks the shard itself
+            logging.getLogger(__name__).warning(f"ingest shard {store.shard}: no verdict kept ({exc}); the "
+                                                "dataset writer will check the shard itself")
+            return
+        if verdict["blocking"]:
+            logging.getLogger(__name__).warning(
+                f"ingest shard {store.shard}: {len(verdict['blocking'])} violation(s) of the run-level check; the "
+                f"dataset writer will not commit it: " + "; ".join(verdict["blocking"][:3]))
+
+    @classmethod
     def finish(cls, cfg: Any) -> None:
         write_dataset(cfg)
 

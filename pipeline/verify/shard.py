@@ -151,3 +151,80 @@ def verify_run(run_dir: str | Path, check_dataset: bool = True) -> list[Violatio
         out.extend(verify_dataset(run_dir, cfg, all_keys, tol))
     return out
 
+
+
+# ------------------------------------------------------------------------------------ the verdict of a shard
+# The run-level check of an ingest shard runs once, right after the shard's outputs are installed (the ingest
+# stage's `after_finalize`), and its verdict is kept beside them, bound to what it checked: the sha256 of the
+# rows table's bytes, the shard's marker (every finalize rewrites it, so a new ledger is never judged by an old
+# verdict), the upstream shards' markers, the manifest's videos of the shard, the modalities and the check
+# settings. The Deep Lake writer digests the rows it is about to append and uses the verdict only when all of
+# these match; otherwise it runs the check itself. `python -m pipeline.verify` always re-checks from scratch.
+VERDICT = "verified.json"
+VERDICT_FORMAT = 1
+
+
+def _binding(run_dir: Path, shard: int, videos: Iterable[str], tol: Tolerances, params: JoinParams,
+             rows_digest: str) -> dict[str, Any]:
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from ..shards import MARKER, ShardStore
+
+    def marker(stage: str) -> str:
+        path = ShardStore(run_dir, stage, shard).dir / MARKER
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""
+
+    return {"format": VERDICT_FORMAT, "rows": rows_digest, "marker": marker("ingest"),
+            "upstream": {stage: marker(stage) for stage in sorted(modalities.upstream())},
+            "videos": hashlib.sha256("\n".join(sorted(set(videos))).encode()).hexdigest(),
+            "modalities": [m.name for m in modalities.all_modalities()],
+            "settings": json.dumps({"tol": asdict(tol), "params": asdict(params)}, sort_keys=True)}
+
+
+def rows_digest(path: Path) -> str:
+    """sha256 of a rows table's bytes ("absent" when there is none), as the writer digests what it appends."""
+    import hashlib
+
+    if not path.exists():
+        return "absent"
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def record_verdict(run_dir: Path, shard: int, videos: Iterable[str], tol: Tolerances,
+                   params: JoinParams) -> dict[str, Any]:
+    """Check a just-finalized ingest shard (`verify_shard`) and keep the verdict beside it; returns it."""
+    from ..atomic import write_json
+    from ..shards import ShardStore
+
+    store = ShardStore(run_dir, "ingest", shard)
+    videos = list(videos)
+    digest = rows_digest(store.table_path(TABLE))       # before the check: a verdict never outlives its bytes
+    binding = _binding(run_dir, shard, videos, tol, params, digest)
+    report = verify_shard(run_dir, shard, videos, tol, params)
+    verdict = {**binding, "blocking": [str(v) for v in report.blocking()],
+               "violations": len(report.violations)}
+    # a cache of a deterministic check: lost in a crash, the writer simply checks again (no fsync needed)
+    write_json(store.dir / VERDICT, verdict, durable=False)
+    return verdict
+
+
+def trusted_verdict(run_dir: Path, shard: int, videos: Iterable[str], tol: Tolerances, params: JoinParams,
+                    rows_digest: str) -> list[str] | None:
+    """The blocking violations of the shard's kept verdict when it judged exactly these rows (`rows_digest`)
+    under the current marker, upstream, videos, modalities and settings; None when there is no such verdict."""
+    from ..atomic import read_json
+    from ..shards import ShardStore
+
+    try:
+        verdict = read_json(ShardStore(run_dir, "ingest", shard).dir / VERDICT)
+    except ValueError:
+        return None
+    if not isinstance(verdict, dict) or verdict.get("rows") != rows_digest:
+        return None
+    binding = _binding(run_dir, shard, videos, tol, params, rows_digest)
+    if any(verdict.get(k) != v for k, v in binding.items()):
+        return None
+    return [str(v) for v in verdict.get("blocking", [])]
