@@ -244,7 +244,31 @@ elif step == "deeplake":
     from pipeline.stages.ingest import write_dataset
     t0, c0 = time.perf_counter(), cpu()
     res = write_dataset(cfg, log=lambda s: None)
-    out = {{k: res[k] for k in ("rows", "commits", "verify_seconds", "rows_written")}}
+    out = {{k: res[k] for k in ("rows", "commits", "verify_seconds", "rows_written", "verdicts_used")}}
+elif step == "deeplake-bare":     # the format alone: the same rows appended and committed, no check, no probe
+    import deeplake
+    import pyarrow.dataset  # noqa: F401
+    from pipeline import arrow_memory
+    from pipeline.dataset.writer import ShardRows
+    from pipeline.manifest import load_items
+    from pipeline.schema import deeplake_columns, to_deeplake_columns
+    from pipeline.shards import ShardStore
+    arrow_memory.configure()
+    t0, c0 = time.perf_counter(), cpu()
+    ds = deeplake.create("file://" + str(Path({run!r}) / "dataset-bare"))
+    for name, dtype in deeplake_columns().items():
+        ds.add_column(name, dtype)
+    ds.commit("create")
+    shards, n = sorted({{i.shard for i in load_items(Path({run!r}))}}), 0
+    for k, s in enumerate(shards):
+        rows = ShardRows(ShardStore(Path({run!r}), "ingest", s), 1 << 62)
+        for table in rows.batches():
+            ds.append(to_deeplake_columns(table))
+            n += table.num_rows
+        rows.close()
+        if k % int(cfg.stage.shards_per_commit) == int(cfg.stage.shards_per_commit) - 1 or k == len(shards) - 1:
+            ds.commit(f"shards up to {{s}}")
+    out = {{"rows": n}}
 elif step == "writers":     # shard groups, one writer process per group, stage.writers of them at once
     from pipeline.dataset.writer import _combined, _write_in_children, run_layout
     t0, c0 = time.perf_counter(), cpu()
@@ -252,7 +276,11 @@ elif step == "writers":     # shard groups, one writer process per group, stage.
     res = _combined(layout, _write_in_children(cfg, layout, int(cfg.stage.writers), lambda s: None), 0.0)
     out = {{k: res[k] for k in ("rows", "commits", "rows_written")}}
     out["groups"] = len(res["groups"])
-elif step == "parquet":
+elif step in ("parquet", "parquet-pipeline-pool"):
+    if step == "parquet-pipeline-pool":     # Arrow's pool as the pipeline's data processes set it
+        from pipeline import arrow_memory
+        arrow_memory.configure()
+    import pyarrow as pa
     import pyarrow.parquet as pq
     from pipeline.schema import TABLE
     from pipeline.shards import ShardStore, concat_tables
@@ -261,7 +289,7 @@ elif step == "parquet":
     table = concat_tables(ShardStore(Path({run!r}), "ingest", s).read_table(TABLE) for s in shards)
     t0, c0 = time.perf_counter(), cpu()          # the same rows, already in memory: the write alone
     pq.write_table(table, Path({run!r}) / "same_rows.parquet", compression="zstd")
-    out = {{"rows": table.num_rows, "mib": table.nbytes / 2**20}}
+    out = {{"rows": table.num_rows, "mib": table.nbytes / 2**20, "pool": pa.default_memory_pool().backend_name}}
 out["seconds"], out["cpu_seconds"] = time.perf_counter() - t0, cpu() - c0
 out["children_maxrss_kib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 print(json.dumps(out), flush=True)
@@ -326,6 +354,18 @@ def limit_notes(rate: float, cpu_rate: float, row_kib: float, rss_mib: float, op
     ]
 
 
+def _slurm_lines(res: dict, args) -> list[str]:
+    from benchmarks.ingest_slurm_writers import table
+
+    return ["## Many writers as a Slurm array (local cluster)", "",
+            "The same rows as shard groups, written by the ingest finish step's Slurm array (`submit_groups`: one"
+            " task per group, the array's `%` throttle = `stage.writers`); every group's rows counted back against"
+            " its shards' rows tables. Wall: submission to the last task's result (Slurm scheduling, interpreter"
+            " start-up and imports included); span: the writers' own `write_group` time, first start to last"
+            f" end. {res['slurm']}; the local cluster's nodes all run on this machine; each task 1 CPU / 2 GiB; median"
+            f" of {res['repeat']} runs by wall time, cases interleaved.", "", *table(res, args)[2:], ""]
+
+
 def run_step(step: str, run_dir: Path, *overrides: str, children: bool = False) -> tuple[dict, float]:
     """One step in a child process: its own timing (JSON on stdout) and its peak RSS in MiB (wait4). `children`:
     the peak RSS of the largest process it started and waited for instead (getrusage of its children)."""
@@ -359,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-rows", type=int, default=4096, help="max_rows_in_memory of the writers")
     ap.add_argument("--small-max-rows", type=int, default=128, help="... of the bounded-memory row")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each writers case (the median is reported)")
+    ap.add_argument("--slurm", action=argparse.BooleanOptionalAction, default=True,
+                    help="also write the groups as a Slurm array on the local cluster (started if none is up)")
     ap.add_argument("--out", default="/tmp/ingest-bench")
     ap.add_argument("--report", default=str(REPO / "benchmarks" / "results" / "ingest.md"))
     args = ap.parse_args(argv)
@@ -369,10 +411,21 @@ def main(argv: list[str] | None = None) -> int:
                   args.image_size, no_speech_every=5)
     build_s = time.perf_counter() - t0
     overrides = ("stage.shards_per_commit=2",)
-    # each step in its own process, one after the other on the same rows; peak RSS is that process's
-    join, join_rss = run_step("join", out, *overrides)
-    parquet, parquet_rss = run_step("parquet", out, *overrides)
-    res, write_rss = run_step("deeplake", out, *overrides)
+    # each step in its own process, one after the other on the same rows; peak RSS is that process's. The
+    # sequence runs `repeat` times from scratch (the join's outputs and the dataset removed) and each step's
+    # median run by wall time is reported: this VM's idle runs vary up to 2x.
+    steps: dict[str, list[tuple[dict, float]]] = {}
+    for k in range(args.repeat):
+        for path in (out / "ingest", out / "dataset", out / "dataset.lastgood"):
+            shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(out / "dataset-bare", ignore_errors=True)
+        for step in ("join", "parquet", "parquet-pipeline-pool", "deeplake", "deeplake-bare"):
+            steps.setdefault(step, []).append(run_step(step, out, *overrides))
+    shutil.rmtree(out / "dataset-bare", ignore_errors=True)
+    (join, join_rss), (parquet, parquet_rss), (parquet_pool, parquet_pool_rss), (res, write_rss), \
+        (bare, bare_rss) = (sorted(steps[step], key=lambda r: r[0]["seconds"])[len(steps[step]) // 2]
+                            for step in ("join", "parquet", "parquet-pipeline-pool", "deeplake", "deeplake-bare"))
+    spread = {step: [r["seconds"] for r, _ in got] for step, got in steps.items()}
     # the same rows as two shard groups (two datasets), written by one process, then by two at once
     per_group = str(max(1, -(-args.shards // 2)))
     cases = ((1, args.max_rows), (2, args.max_rows), (2, args.small_max_rows))
@@ -387,6 +440,11 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 grouped = path          # kept: the readers' open cost is measured on it
+    slurm = None
+    if args.slurm:      # the same groups as the finish step's Slurm array: 1 task at once, then 2
+        from benchmarks.ingest_slurm_writers import measure_slurm_writers
+
+        slurm = measure_slurm_writers(out, overrides, shards_per_group=int(per_group), repeat=args.repeat)
     from pipeline.dataset import open_read_only
 
     open_read_only(f"file://{grouped}")       # imports and first touch of the files: not the per-group cost
@@ -399,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         writers.append((n, max_rows, w, max(rss for _, rss in got)))
     rows, mb = parquet["rows"], parquet["mib"]
     join_s, parquet_s, write_s = join["seconds"], parquet["seconds"], res["seconds"]
+    pool_s = parquet_pool["seconds"]
     from pipeline.stages.ingest import dataset_url
 
     url = dataset_url(ingest_config(out).stage, out)
@@ -418,17 +477,26 @@ def main(argv: list[str] | None = None) -> int:
         f"CLIP {args.d_clip}-d fp16, audio {args.d_audio}-d fp16 -> {rows} rows, {mb:.1f} MiB in Arrow "
         f"(upstream built in {build_s:.1f} s).", "",
         "## Ingest", "",
-        "Each step runs in its own process, one after the other on the same rows (same run, side by side).", "",
+        "Each step runs in its own process, one after the other on the same rows (same run, side by side); the"
+        f" sequence ran {args.repeat} times from scratch and each step shows its median run (all runs below).", "",
         "| step | seconds | rows/s | MiB/s | CPU seconds | rows per CPU second | peak RSS MiB |",
         "|---|---|---|---|---|---|---|",
-        f"| join + verify (engine, all shards) | {join_s:.2f} | {rows / join_s:.0f} | {mb / join_s:.1f} | "
+        f"| join + verify (engine, all shards; the run-level check of each finalized shard included) | {join_s:.2f}"
+        f" | {rows / join_s:.0f} | {mb / join_s:.1f} | "
         f"{join['cpu_seconds']:.2f} | {rows / join['cpu_seconds']:.0f} | {join_rss:.0f} |",
-        f"| Deep Lake write ({res['commits']} commits, batched appends; run-level verify {res['verify_seconds']:.2f} s"
-        f" of it, and a probe of each new head) | {write_s:.2f} | {rows / write_s:.0f} | {mb / write_s:.1f} | "
+        f"| Deep Lake write ({res['commits']} commits, batched appends; kept verdicts used for "
+        f"{res.get('verdicts_used', 0)} of {args.shards} shards, dataset check {res['verify_seconds']:.2f} s of it,"
+        f" a probe of each new head) | {write_s:.2f} | {rows / write_s:.0f} | {mb / write_s:.1f} | "
         f"{res['cpu_seconds']:.2f} | {rows / res['cpu_seconds']:.0f} | {write_rss:.0f} |",
-        f"| same rows -> one Parquet file (pyarrow, zstd; rows already in memory) | {parquet_s:.2f} | "
-        f"{rows / parquet_s:.0f} | {mb / parquet_s:.1f} | {parquet['cpu_seconds']:.2f} | "
-        f"{rows / parquet['cpu_seconds']:.0f} | {parquet_rss:.0f} |",
+        f"| the Deep Lake format alone: the same rows read from the shards, appended and committed ({res['commits']}"
+        f" commits), no check, no probe, no last-good save | {bare['seconds']:.2f} | {rows / bare['seconds']:.0f} | "
+        f"{mb / bare['seconds']:.1f} | {bare['cpu_seconds']:.2f} | {rows / bare['cpu_seconds']:.0f} | {bare_rss:.0f} |",
+        f"| same rows -> one Parquet file (pyarrow defaults: {parquet.get('pool', 'default')} pool; zstd; rows"
+        f" already in memory) | {parquet_s:.2f} | {rows / parquet_s:.0f} | {mb / parquet_s:.1f} | "
+        f"{parquet['cpu_seconds']:.2f} | {rows / parquet['cpu_seconds']:.0f} | {parquet_rss:.0f} |",
+        f"| same rows -> one Parquet file ({parquet_pool.get('pool', '?')} pool, as the pipeline's data processes"
+        f" use; zstd; rows already in memory) | {pool_s:.2f} | {rows / pool_s:.0f} | {mb / pool_s:.1f} | "
+        f"{parquet_pool['cpu_seconds']:.2f} | {rows / parquet_pool['cpu_seconds']:.0f} | {parquet_pool_rss:.0f} |",
     ] + [
         f"| Deep Lake write as {w['groups']} shard groups, {n} writer{'s' if n > 1 else ''} at once"
         f" (max_rows_in_memory {m}; aggregate) | {w['seconds']:.2f} | {rows / w['seconds']:.0f} | "
@@ -436,18 +504,22 @@ def main(argv: list[str] | None = None) -> int:
         for n, m, w, rss in writers
     ] + [
         "",
-        "Writers: local processes, as the ingest finish step runs them (one `python -m pipeline.dataset"
-        " <group>` per group, `stage.writers` at a time; this benchmark does not start a Slurm cluster), so each"
+        "Writers: local processes, as the ingest finish step runs them without Slurm (one `python -m"
+        " pipeline.dataset <group>` per group, `stage.writers` at a time; the Slurm array is measured below), so each"
         " time includes the writers' start-up (Python + Deep Lake import, a few seconds on a loaded VM). Peak RSS"
         " per writer: the largest process the step waited for (a writer or its probe child). CPU seconds include"
         f" every child. Each writers row: the median of {args.repeat} runs (the cases interleaved). Aggregate"
         " speed-up,"
         f" 2 writers vs 1: {writers[0][2]['seconds'] / writers[1][2]['seconds']:.2f}x wall"
         f" (this VM has {os.cpu_count()} cores, shared).", "",
-        f"Deep Lake write / Parquet write, rows/s: {parquet_s / write_s:.2f} wall, "
-        f"{parquet['cpu_seconds'] / res['cpu_seconds']:.2f} CPU (goal >= 0.5). "
-        f"Join + verify: {rows / join_s:.0f} rows/s wall, {rows / join['cpu_seconds']:.0f} rows per CPU second "
-        "(goal >= 1,000).", "",
+        f"Deep Lake write / Parquet write, rows/s (goal >= 0.5): {parquet_s / write_s:.2f} wall and "
+        f"{parquet['cpu_seconds'] / res['cpu_seconds']:.2f} CPU against pyarrow's defaults; {pool_s / write_s:.2f} "
+        f"wall and {parquet_pool['cpu_seconds'] / res['cpu_seconds']:.2f} CPU against Parquet with the pipeline's "
+        f"pool. The Deep Lake format alone: {pool_s / bare['seconds']:.2f} wall against the same. Join + verify: {rows / join_s:.0f} rows/s wall, {rows / join['cpu_seconds']:.0f} rows per CPU "
+        "second (goal >= 1,000).", "",
+        "All runs, seconds: " + "; ".join(f"{step} " + ", ".join(f"{x:.2f}" for x in xs)
+                                          for step, xs in spread.items()) + ".", "",
+    ] + (_slurm_lines(slurm, args) if slurm else []) + [
         "## Loader (one epoch of the train split, batch 32)", "",
         "File opens per sample come from `strace -f -c` (openat of the whole process, minus the opens of a process"
         " that only imports and opens the dataset).", "",

@@ -290,10 +290,11 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
                             log(f"ingest: shard {shard} NOT committed, {len(bad)} violation(s) of the run-level "
                                 "check: " + "; ".join(refused[shard][:3]))
                             continue
-                        # the last commit saved as the last good version before anything more is written (a
-                        # disk filling now must not leave only an older version to roll back to)
-                        _settle(inflight)
+                        # The last commit is saved as the last good version before anything more is written (a
+                        # disk filling now must not leave only an older version to roll back to); reading and
+                        # converting the rows before that overlaps its probe.
                         if shard in done:
+                            _settle(inflight)
                             rows_deleted += delete_shard_rows(ds, shard)
                             replaced.append(shard)
                             from_row = 0
@@ -301,7 +302,9 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
                             before_append(shard)
                         for table in rows.batches():
                             for start in range(0, table.num_rows, batch):
-                                ds.append(to_deeplake_columns(table.slice(start, batch)))
+                                columns = to_deeplake_columns(table.slice(start, batch))
+                                _settle(inflight)
+                                ds.append(columns)
                         rows_written += rows.num_rows
                         written.append(shard)
                     shard_keys[shard] = _keys(slim if slim is not None else rows.key_columns())
