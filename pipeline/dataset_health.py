@@ -144,18 +144,22 @@ def _rows(column: Any, rows: list[int], as_bytes: bool) -> list:
     return column[rows]
 
 
+def head_info(ds: Any) -> dict[str, Any]:
+    """What a probe reports of a head, and what a saved good version records: version, rows, tags, shards."""
+    meta = ds.metadata
+    return {"version": ds.version, "rows": len(ds),
+            "tags": {name: ds.tags[name].version for name in ds.tags.names()},
+            "ingested_shards": (sorted(int(s) for s in meta["ingested_shards"])
+                                if "ingested_shards" in meta.keys() else None)}
+
+
 def _probe_read(url: str, from_row: int, emit: Callable[[str], None]) -> None:
     """Open the head read-only, emit its info as one JSON line, read it, emit "ok"."""
     import deeplake
 
     ds = deeplake.open_read_only(url)
     n = len(ds)
-    meta = ds.metadata
-    info = {"version": ds.version, "rows": n,
-            "tags": {name: ds.tags[name].version for name in ds.tags.names()},
-            "ingested_shards": (sorted(int(s) for s in meta["ingested_shards"])
-                                if "ingested_shards" in meta.keys() else None)}
-    emit(json.dumps(info))
+    emit(json.dumps(head_info(ds)))
     step = max(1, n // SAMPLE_ROWS)
     sample = sorted({*range(0, min(n, SAMPLE_ROWS)), *range(max(0, n - SAMPLE_ROWS), n), *range(0, n, step)})
     block = 65536
@@ -406,25 +410,63 @@ def saved_state(path: Path) -> dict[str, Any] | None:
 _fsync_tree = fsync_tree
 
 
-def save_good(url: str, info: dict[str, Any], log: Callable[[str], None] = _log.warning) -> bool:
-    """Save the (just probed) head's version log as the last good version. Only a dataset's writer may call it
-    (a copy taken during someone else's commit could be torn). False when it could not be saved (no space):
-    the previous saved version, older but intact, stays."""
+def _staged_dir(path: Path) -> Path:
+    return guard_dir(path) / f".{GOOD}.tmp-{os.getpid()}"
+
+
+def stage_good(url: str, info: dict[str, Any], log: Callable[[str], None] = _log.warning) -> Path | None:
+    """Copy the head's version log aside, durably, with `info` (the writer's view: `head_info`) as its state:
+    the next last good version once a probe has read the head (`save_good(..., staged=)` then only renames).
+    Taken right after a commit, before the writer writes anything more, so that a disk filling meanwhile cannot
+    keep the commit from becoming the version to roll back to. None when it could not be copied (no space)."""
     path = local_dir(url)
     if not exists(path):
-        return False
-    guard = guard_dir(path)
-    tmp = guard / f".{GOOD}.tmp-{os.getpid()}"
-    old = guard / f".{GOOD}.old-{os.getpid()}"
+        return None
+    tmp = _staged_dir(path)
     try:
-        guard.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        guard_dir(path).mkdir(parents=True, exist_ok=True)
+        for stale in guard_dir(path).glob(f".{GOOD}.tmp-*"):    # ours, or a killed writer's (one writer at a time)
+            shutil.rmtree(stale, ignore_errors=True)
         digest = log_digest(path)
         shutil.copytree(path / LOG_DIR, tmp / LOG_DIR)
         if log_digest(tmp) != digest:
             raise OSError("the version log changed while it was copied")
         (tmp / STATE).write_text(json.dumps({**info, "digest": digest, "saved": time.time()}, sort_keys=True))
         _fsync_tree(tmp)
+        return tmp
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        log(f"dataset {path}: could not copy the new version log aside ({exc}); it is saved once probed, if "
+            "space allows")
+        return None
+
+
+def save_good(url: str, info: dict[str, Any], log: Callable[[str], None] = _log.warning,
+              staged: Path | None = None) -> bool:
+    """Save the (just probed) head's version log as the last good version. Only a dataset's writer may call it
+    (a copy taken during someone else's commit could be torn). `staged`: the head's copy `stage_good` took,
+    put in place by renames when it is still the head's and the probe read the version it describes. False
+    when it could not be saved (no space): the previous saved version, older but intact, stays."""
+    path = local_dir(url)
+    if not exists(path):
+        return False
+    guard = guard_dir(path)
+    tmp = _staged_dir(path)
+    old = guard / f".{GOOD}.old-{os.getpid()}"
+    try:
+        guard.mkdir(parents=True, exist_ok=True)
+        digest = log_digest(path)
+        try:
+            state = json.loads((staged / STATE).read_text()) if staged is not None else {}
+        except (OSError, ValueError):
+            state = {}
+        if not (state.get("digest") == digest and state.get("version") == info.get("version")):
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(path / LOG_DIR, tmp / LOG_DIR)
+            if log_digest(tmp) != digest:
+                raise OSError("the version log changed while it was copied")
+            (tmp / STATE).write_text(json.dumps({**info, "digest": digest, "saved": time.time()}, sort_keys=True))
+            _fsync_tree(tmp)
         if (guard / GOOD).exists():
             os.rename(guard / GOOD, old)
         os.rename(tmp, guard / GOOD)
@@ -515,15 +557,16 @@ def ensure_readable(url: str, log: Callable[[str], None] = _log.warning, save: b
 
 
 def write_checked(url: str, action: Callable[[], Any], what: str, log: Callable[[str], None] = _log.warning,
-                  from_row: int = 0, wait: bool = True) -> Callable[[], None] | None:
+                  from_row: int = 0, wait: bool = True, ds: Any = None) -> Callable[[], None] | None:
     """Run a write that ends in a new version (`ds.commit`, `ds.tag`), then probe the new head in a child process:
     readable, it is saved as the last good version; unreadable, it is rolled back to the previous one and
     DatasetWriteError says so. Remote datasets are written unchecked.
 
     `wait=False` (a write that went through): the probe runs in the warm child while the caller goes on, and the
     returned function completes the check (the save, or the rollback and its error). The caller must call it
-    before its next write (a commit on top of an unprobed head), and may only do uncommitted work meanwhile,
-    which a failed check discards (the process stops with the error)."""
+    before its next commit (never one on top of an unprobed head), and may only do uncommitted work meanwhile,
+    which a failed check discards (the process stops with the error). `ds`, the writer's handle: the new version
+    log is copied aside at once (`stage_good`), so the save only renames, whatever the caller wrote since."""
     path = local_dir(url)
     if path is None:
         action()
@@ -534,9 +577,10 @@ def write_checked(url: str, action: Callable[[], Any], what: str, log: Callable[
     except Exception as exc:  # noqa: BLE001 - reported with the state it left
         failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
     verdict = probe_later(url, from_row)
+    staged = stage_good(url, head_info(ds), log) if ds is not None and not wait and failure is None else None
 
     def settle() -> None:
-        _settle(url, path, what, failure, verdict(), log)
+        _settle(url, path, what, failure, verdict(), log, staged)
 
     if wait or failure is not None:
         settle()
@@ -545,10 +589,12 @@ def write_checked(url: str, action: Callable[[], Any], what: str, log: Callable[
 
 
 def _settle(url: str, path: Path, what: str, failure: str | None, result: Probe,
-            log: Callable[[str], None]) -> None:
+            log: Callable[[str], None], staged: Path | None = None) -> None:
     if failure is None and result.ok:
-        save_good(url, result.info, log)
+        save_good(url, result.info, log, staged=staged)
         return
+    if staged is not None:
+        shutil.rmtree(staged, ignore_errors=True)
     free = _mib(free_bytes(path))
     if result.ok:
         raise DatasetWriteError(f"{what} failed ({failure}; {free} free); the dataset reads fine at version "

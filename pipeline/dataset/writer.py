@@ -69,14 +69,14 @@ def _open_or_create(url: str, log: Callable[[str], None] = _info) -> tuple[Any, 
         for name, dtype in missing.items():
             ds.add_column(name, dtype)
         return ds, health.write_checked(url, lambda: ds.commit(f"schema: add columns {sorted(missing)}"),
-                                        "the schema migration", log, wait=False)
+                                        "the schema migration", log, wait=False, ds=ds)
     ds = health.held(deeplake.create(url))
     for name, dtype in deeplake_columns().items():
         ds.add_column(name, dtype)
     ds.metadata["ingested_shards"] = []
     ds.metadata[FINGERPRINTS] = {}
     return ds, health.write_checked(url, lambda: ds.commit("create: empty dataset with the row schema"),
-                                    "creating the dataset", log, wait=False)
+                                    "creating the dataset", log, wait=False, ds=ds)
 
 
 def ingested_shards(ds) -> list[int]:
@@ -246,7 +246,8 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
         # a head left unreadable (the disk filled during a commit) goes back to the last good version first
         health.ensure_readable(url, log, save=True)
         # (re)read under the lock: another writer may have just committed. `inflight`: the last commit's probe,
-        # running while the next shard's rows are read and checked, settled before anything more is written.
+        # running while the next shards are read, checked and appended (its version log already copied aside:
+        # `dataset_health.stage_good`), settled before the next commit lands on it.
         ds, check = _open_or_create(url, log)
         inflight = [check] if check is not None else []
         probes.callback(_settle, inflight)      # also when the write stops early: an unreadable head is news
@@ -290,11 +291,7 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
                             log(f"ingest: shard {shard} NOT committed, {len(bad)} violation(s) of the run-level "
                                 "check: " + "; ".join(refused[shard][:3]))
                             continue
-                        # The last commit is saved as the last good version before anything more is written (a
-                        # disk filling now must not leave only an older version to roll back to); reading and
-                        # converting the rows before that overlaps its probe.
                         if shard in done:
-                            _settle(inflight)
                             rows_deleted += delete_shard_rows(ds, shard)
                             replaced.append(shard)
                             from_row = 0
@@ -302,9 +299,7 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
                             before_append(shard)
                         for table in rows.batches():
                             for start in range(0, table.num_rows, batch):
-                                columns = to_deeplake_columns(table.slice(start, batch))
-                                _settle(inflight)
-                                ds.append(columns)
+                                ds.append(to_deeplake_columns(table.slice(start, batch)))
                         rows_written += rows.num_rows
                         written.append(shard)
                     shard_keys[shard] = _keys(slim if slim is not None else rows.key_columns())
@@ -329,7 +324,7 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
                     after_commit(accepted)
 
             inflight.append(health.write_checked(url, commit, f"ingest: the commit of shards {accepted}", log,
-                                                 from_row=from_row, wait=False))
+                                                 from_row=from_row, wait=False, ds=ds))
             commits += 1
             log(f"ingest: committed shards {accepted} to {url}")
         tag = None
