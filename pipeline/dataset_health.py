@@ -153,8 +153,8 @@ def head_info(ds: Any) -> dict[str, Any]:
                                 if "ingested_shards" in meta.keys() else None)}
 
 
-def _probe_read(url: str, from_row: int, emit: Callable[[str], None]) -> None:
-    """Open the head read-only, emit its info as one JSON line, read it, emit "ok"."""
+def _probe_read(url: str, from_row: int, emit: Callable[[str], None]) -> Any:
+    """Open the head read-only, emit its info as one JSON line, read it, emit "ok"; returns the open head."""
     import deeplake
 
     ds = deeplake.open_read_only(url)
@@ -187,6 +187,7 @@ def _probe_read(url: str, from_row: int, emit: Callable[[str], None]) -> None:
         if images and (decoded or old):
             column[decoded + old[:DECODE_ROWS]]
     emit("ok")
+    return ds
 
 
 def _probe_main(url: str, from_row: int) -> None:
@@ -199,7 +200,9 @@ REPLY = "@@probe "      # prefix of the serving child's replies (anything else o
 
 
 def _serve_main() -> None:
-    """Child side of the warm prober: one request per stdin line (JSON [url, from_row]), replies on stdout."""
+    """Child side of the warm prober: one request per stdin line (JSON [url, from_row] or [url, from_row, tol]),
+    replies on stdout. With `tol` (the verifier's Tolerances as a dict), the rows from `from_row` on are then
+    checked as stored (`pipeline.verify.dataset.check_rows`), after "ok": "checked [violations]"."""
     import gc
 
     import deeplake  # noqa: F401  - imported once, before the first request
@@ -208,13 +211,33 @@ def _serve_main() -> None:
     emit = lambda line: (out.write(REPLY + line + "\n"), out.flush())  # noqa: E731
     emit("ready")
     for line in sys.stdin:
-        url, from_row = json.loads(line)
+        request = json.loads(line)
+        url, from_row, tol = request[0], int(request[1]), (request[2] if len(request) > 2 else None)
         try:
-            _probe_read(url, int(from_row), emit)
+            ds = _probe_read(url, from_row, emit)
         except Exception as exc:  # noqa: BLE001 - reported to the writer, the child serves on
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            emit("error " + f"{type(exc).__name__}: {first}"[:300])
+            emit("error " + _first_line(exc))
+            if tol is not None:
+                emit("checked-error the head did not read")
+            gc.collect()
+            continue
+        if tol is not None:
+            try:
+                from .verify.checks import Tolerances
+                from .verify.dataset import check_rows
+
+                n = len(ds)
+                found = check_rows(ds, list(range(max(0, min(from_row, n)), n)), Tolerances(**tol))
+                emit("checked " + json.dumps([str(v) for v in found]))
+            except Exception as exc:  # noqa: BLE001 - the writer then checks the rows itself
+                emit("checked-error " + _first_line(exc))
+        del ds
         gc.collect()
+
+
+def _first_line(exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}"[:300]
 
 
 def _signal_problem(returncode: int) -> str:
@@ -242,6 +265,9 @@ class WarmProber:
         self.proc: subprocess.Popen | None = None
         self.err = None
         self.buf = b""
+        self.checks_wanted = 0                      # row checks requested of this prober (see `row_checks`)
+        self.checks: list[list[str] | None] = []    # their results as they arrive (None: failed)
+        self.checks_lost = False                    # a child died with checks owed
         self._start()
 
     def _start(self) -> None:
@@ -277,6 +303,8 @@ class WarmProber:
 
     def _died(self) -> str:
         assert self.proc is not None
+        if len(self.checks) < self.checks_wanted:
+            self.checks_lost = True
         code = self.proc.wait()
         tail = ""
         if self.err is not None:
@@ -288,16 +316,20 @@ class WarmProber:
             return _signal_problem(code)
         return f"reading it fails: {tail or f'exit code {code}'}"
 
-    def submit(self, url: str, from_row: int = 0, timeout_s: float = PROBE_TIMEOUT_S) -> Callable[[], Probe]:
-        """Send a probe request; the returned function waits for its verdict (one request in flight at a time)."""
+    def submit(self, url: str, from_row: int = 0, timeout_s: float = PROBE_TIMEOUT_S,
+               check: dict[str, Any] | None = None) -> Callable[[], Probe]:
+        """Send a probe request; the returned function waits for its verdict (one request in flight at a time).
+        `check`: the verifier's tolerances; the child then checks the rows from `from_row` on (`row_checks`)."""
         if self.proc is None or self.proc.poll() is not None:
             self.close()
             self._start()
         assert self.proc is not None and self.proc.stdin is not None
         deadline = time.monotonic() + timeout_s
+        request = [str(url), int(from_row)] + ([check] if check is not None else [])
         try:
-            self.proc.stdin.write((json.dumps([str(url), int(from_row)]) + "\n").encode())
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
             self.proc.stdin.flush()
+            self.checks_wanted += check is not None
         except BrokenPipeError:
             died = Probe(False, self._died(), {})
             return lambda: died
@@ -310,7 +342,7 @@ class WarmProber:
                 line = self._line(deadline)
                 if line is None:
                     return Probe(False, self._died(), info)
-                if line == "ready":
+                if line == "ready" or self._check_reply(line):
                     continue
                 if line == "ok":
                     return Probe(True, "", info)
@@ -328,8 +360,42 @@ class WarmProber:
     def probe(self, url: str, from_row: int = 0, timeout_s: float = PROBE_TIMEOUT_S) -> Probe:
         return self.submit(url, from_row, timeout_s)()
 
+    def _check_reply(self, line: str) -> bool:
+        if line.startswith("checked "):
+            try:
+                self.checks.append([str(v) for v in json.loads(line[len("checked "):])])
+            except (json.JSONDecodeError, TypeError):
+                self.checks.append(None)
+            return True
+        if line.startswith("checked-error"):
+            self.checks.append(None)
+            return True
+        return False
+
+    def row_checks(self, timeout_s: float = PROBE_TIMEOUT_S) -> list[str] | None:
+        """The violations every row check requested so far found (after their probes' verdicts were taken),
+        then forgotten; None when any of them is missing or failed (the caller checks the rows itself)."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not self.checks_lost and len(self.checks) < self.checks_wanted and self.proc is not None:
+                line = self._line(deadline)
+                if line is None:
+                    self._died()
+                    self.checks_lost = True
+                elif not self._check_reply(line):
+                    continue
+        except TimeoutError:
+            self.close()
+        results, complete = self.checks, not self.checks_lost and len(self.checks) == self.checks_wanted
+        self.checks, self.checks_wanted, self.checks_lost = [], 0, False
+        if not complete or any(r is None for r in results):
+            return None
+        return [v for r in results for v in r]
+
     def close(self) -> None:
         proc, self.proc = self.proc, None
+        if len(self.checks) < self.checks_wanted:
+            self.checks_lost = True
         if proc is not None:    # a reader between requests: nothing of it to keep
             proc.kill()
             proc.wait()
@@ -362,13 +428,21 @@ def warm_probes() -> Iterator[None]:
         prober.close()
 
 
-def probe_later(url: str, from_row: int = 0, timeout_s: float = PROBE_TIMEOUT_S) -> Callable[[], Probe]:
+def probe_later(url: str, from_row: int = 0, timeout_s: float = PROBE_TIMEOUT_S,
+                check: dict[str, Any] | None = None) -> Callable[[], Probe]:
     """`probe`, started now (in the warm child, when there is one: see `warm_probes`); call the result for the
-    verdict. Without a warm child the probe runs here and now."""
+    verdict. Without a warm child the probe runs here and now. `check`: see `WarmProber.submit` and
+    `row_checks` (ignored without a warm child: `row_checks` then says None)."""
     if _warm is not None:
-        return _warm.submit(url, from_row, timeout_s)
+        return _warm.submit(url, from_row, timeout_s, check)
     result = probe(url, from_row, timeout_s)
     return lambda: result
+
+
+def row_checks(timeout_s: float = PROBE_TIMEOUT_S) -> list[str] | None:
+    """The violations found by every row check the warm child was asked for in this `warm_probes` block (then
+    forgotten); None without a warm child, or when any check is missing (a child died) or failed."""
+    return _warm.row_checks(timeout_s) if _warm is not None else None
 
 
 def probe(url: str, from_row: int = 0, timeout_s: float = PROBE_TIMEOUT_S) -> Probe:
@@ -557,7 +631,8 @@ def ensure_readable(url: str, log: Callable[[str], None] = _log.warning, save: b
 
 
 def write_checked(url: str, action: Callable[[], Any], what: str, log: Callable[[str], None] = _log.warning,
-                  from_row: int = 0, wait: bool = True, ds: Any = None) -> Callable[[], None] | None:
+                  from_row: int = 0, wait: bool = True, ds: Any = None,
+                  check: dict[str, Any] | None = None) -> Callable[[], None] | None:
     """Run a write that ends in a new version (`ds.commit`, `ds.tag`), then probe the new head in a child process:
     readable, it is saved as the last good version; unreadable, it is rolled back to the previous one and
     DatasetWriteError says so. Remote datasets are written unchecked.
@@ -566,7 +641,9 @@ def write_checked(url: str, action: Callable[[], Any], what: str, log: Callable[
     returned function completes the check (the save, or the rollback and its error). The caller must call it
     before its next commit (never one on top of an unprobed head), and may only do uncommitted work meanwhile,
     which a failed check discards (the process stops with the error). `ds`, the writer's handle: the new version
-    log is copied aside at once (`stage_good`), so the save only renames, whatever the caller wrote since."""
+    log is copied aside at once (`stage_good`), so the save only renames, whatever the caller wrote since.
+    `check` (the verifier's tolerances as a dict): the probe child also checks the rows from `from_row` on as
+    stored; `row_checks()` collects what it found."""
     path = local_dir(url)
     if path is None:
         action()
@@ -576,7 +653,7 @@ def write_checked(url: str, action: Callable[[], Any], what: str, log: Callable[
         failure = None
     except Exception as exc:  # noqa: BLE001 - reported with the state it left
         failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
-    verdict = probe_later(url, from_row)
+    verdict = probe_later(url, from_row, check=check)
     staged = stage_good(url, head_info(ds), log) if ds is not None and not wait and failure is None else None
 
     def settle() -> None:

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -324,7 +325,7 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
                     after_commit(accepted)
 
             inflight.append(health.write_checked(url, commit, f"ingest: the commit of shards {accepted}", log,
-                                                 from_row=from_row, wait=False, ds=ds))
+                                                 from_row=from_row, wait=False, ds=ds, check=asdict(tol)))
             commits += 1
             log(f"ingest: committed shards {accepted} to {url}")
         tag = None
@@ -335,7 +336,15 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
                 path = ShardStore(run_dir, "ingest", shard).table_path(TABLE)
                 shard_keys[shard] = _keys(pq.read_table(path, columns=["video_id", "segment_idx"])
                                           if path.exists() else None)
-            problems = [str(v) for v in verify_dataset(run_dir, stage, shard_keys, tol, shards=written, ds=ds)]
+            # Keys and shard lists here, over the whole dataset; the rows each commit added were checked as
+            # stored by its probe child (`check_rows`), while this process went on; checked here when they were not.
+            problems = [str(v) for v in verify_dataset(run_dir, stage, shard_keys, tol, shards=[], ds=ds)]
+            _settle(inflight)
+            found = health.row_checks()
+            if found is None:
+                problems = [str(v) for v in verify_dataset(run_dir, stage, shard_keys, tol, shards=written, ds=ds)]
+            else:
+                problems += found
             problems += [f"dataset: shard {s} listed in group {group}, which holds shards {mine.start}.."
                          f"{mine.stop - 1}" for s in sorted(done) if s not in mine]
             verify_s += time.perf_counter() - t1

@@ -77,6 +77,37 @@ def _image_counts(ds, rows: list[int], frame_counts: list[int]) -> list[int]:
     return out
 
 
+def check_rows(ds: Any, index: list[int], tol: Tolerances) -> list[Violation]:
+    """The row checks of the dataset's rows `index` (sorted) as stored: each modality rebuilds its part of the
+    row from its own columns (`Modality.from_dataset`), the JPEGs counted in the images column. Ingest's probe
+    child runs them on the rows each commit added (`pipeline.dataset_health`), `verify_dataset` on its rows."""
+    if not index:
+        return []
+    n = len(ds)
+    have = _column_names(ds)
+    row_keys = [(str(v), int(i)) for v, i in zip(_read(ds, "video_id", index, n), _read(ds, "segment_idx", index, n))]
+    clip_keys = _read(ds, "clip_frame_idx", index, n) if "clip_frame_idx" in have else [None] * len(index)
+    extra_cols = [c for m in modalities.all_modalities() for c in m.dataset_columns if c in have]
+    builders = [modalities.resolve(m.from_dataset) for m in modalities.all_modalities()
+                if m.from_dataset is not None and all(c in have for c in m.dataset_columns)]
+    cols = {c: _read(ds, c, index, n) for c in dict.fromkeys(("start", "end", "frame_idx", "frame_pts", "flags",
+                                                              "is_speech", *extra_cols))}
+    n_jpeg = _image_counts(ds, index, [len(p) for p in cols["frame_pts"]])
+    out: list[Violation] = []
+    for k, key in enumerate(row_keys):
+        fpts = [float(x) for x in cols["frame_pts"][k]]
+        row = {"start": float(cols["start"][k]), "end": float(cols["end"][k]),
+               "frame_idx": [int(x) for x in cols["frame_idx"][k]], "frame_pts": fpts, "n_jpeg": n_jpeg[k],
+               "flags": str(cols["flags"][k] or ""), "is_speech": bool(cols["is_speech"][k]),
+               "clip_frame_idx_stored": clip_keys[k]}
+        values = {c: cols[c][k] for c in extra_cols}
+        for build in builders:
+            row.update(build(values, row))
+        for what in check_row(row, tol):
+            out.append(Violation(key[0], key[1], f"dataset: {what}"))
+    return out
+
+
 def verify_dataset(run_dir: Path, cfg: Any, shard_keys: dict[int, set[tuple[str, int]]],
                    tol: Tolerances, shards: Iterable[int] | None = None, ds: Any = None) -> list[Violation]:
     """The committed dataset holds exactly the rows of the shards it lists, once each, and they are aligned.
@@ -108,30 +139,11 @@ def verify_dataset(run_dir: Path, cfg: Any, shard_keys: dict[int, set[tuple[str,
         keys[key] += 1
         by_shard[int(s)].add(key)
     wanted = None if shards is None else set(shards)
-    rows = None if wanted is None else [i for i in range(n) if int(row_shard[i]) in wanted]
+    rows = list(range(n)) if wanted is None else [i for i in range(n) if int(row_shard[i]) in wanted]
     # over every row (small int lists): rows ingested before the column existed did not keep their CLIP keys
     clip_keys = _read(ds, "clip_frame_idx", None, n) if "clip_frame_idx" in _column_names(ds) else [None] * n
     without_clip_keys = sum(k is None for k in clip_keys)
-    have = _column_names(ds)
-    extra_cols = [c for m in modalities.all_modalities() for c in m.dataset_columns if c in have]
-    builders = [modalities.resolve(m.from_dataset) for m in modalities.all_modalities()
-                if m.from_dataset is not None and all(c in have for c in m.dataset_columns)]
-    cols = {c: _read(ds, c, rows, n) for c in dict.fromkeys(("start", "end", "frame_idx", "frame_pts", "flags",
-                                                             "is_speech", *extra_cols))}
-    index = list(range(n)) if rows is None else rows
-    n_jpeg = _image_counts(ds, index, [len(p) for p in cols["frame_pts"]])
-    for k, i in enumerate(index):
-        key = row_keys[i]
-        fpts = [float(x) for x in cols["frame_pts"][k]]
-        row = {"start": float(cols["start"][k]), "end": float(cols["end"][k]),
-               "frame_idx": [int(x) for x in cols["frame_idx"][k]], "frame_pts": fpts, "n_jpeg": n_jpeg[k],
-               "flags": str(cols["flags"][k] or ""), "is_speech": bool(cols["is_speech"][k]),
-               "clip_frame_idx_stored": clip_keys[i]}
-        values = {c: cols[c][k] for c in extra_cols}
-        for build in builders:
-            row.update(build(values, row))
-        for what in check_row(row, tol):
-            out.append(Violation(key[0], key[1], f"dataset: {what}"))
+    out.extend(check_rows(ds, rows, tol))
     if without_clip_keys:
         out.append(Violation("dataset", None, f"{without_clip_keys} rows have no clip_frame_idx (ingested before "
                                               f"the column existed): re-ingest to check their CLIP keys"))

@@ -1,0 +1,82 @@
+"""The dataset-level row checks of the rows a commit added run in the probe child (`dataset_health`), while the
+writer goes on; the writer checks the rows itself when the child's results are missing.
+
+Oracles: one row corrupted here in the committed dataset (the child must name exactly it), and a child stopped
+here before it could answer (the writer must then not take an empty answer for a clean one).
+"""
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import asdict
+
+import deeplake
+from test_ingest import run, upstream_template  # noqa: F401  (fixtures)
+from test_verify import _reverse_clip_keys
+
+from benchmarks.ingest_bench import ingest_config, run_ingest_shards
+from pipeline import dataset_health as health
+from pipeline.dataset import writer
+from pipeline.stages.ingest import write_dataset
+from pipeline.verify.checks import Tolerances
+
+QUIET = {"log": lambda s: None}
+
+
+def test_the_probe_child_names_the_corrupted_row_of_the_rows_it_checks(run):
+    cfg = ingest_config(run)
+    run_ingest_shards(cfg)
+    url = write_dataset(cfg, **QUIET)["dataset"]
+    ds = deeplake.open(url)
+    n = len(ds)
+    pts = ds["frame_pts"][0:n]
+    i = next(k for k in range(n // 2, n) if len(pts[k]) >= 2)
+    key = f"{ds['video_id'][i]} {int(ds['segment_idx'][i])}"
+    what = _reverse_clip_keys(ds, i)
+    ds.commit("corrupt one row")
+    tol = asdict(Tolerances.from_config(cfg.stage))
+    with health.warm_probes():
+        assert health.probe_later(url, 0, check=tol)().ok
+        assert health.probe_later(url, i + 1, check=tol)().ok       # rows before from_row are not checked
+        found = health.row_checks()
+    assert found is not None and len(found) >= 1, found
+    assert all(v.startswith(key + ":") for v in found) and any(what in v for v in found), found
+    with health.warm_probes():
+        assert health.probe_later(url, i + 1, check=tol)().ok
+        assert health.row_checks() == []
+
+
+def test_a_child_that_never_answers_leaves_no_clean_answer(run, tmp_path):
+    cfg = ingest_config(run)
+    run_ingest_shards(cfg)
+    url = write_dataset(cfg, **QUIET)["dataset"]
+    with health.warm_probes():
+        child = health._warm.proc.pid
+        os.kill(child, signal.SIGSTOP)      # it reads nothing of the request below
+        verdict = health.probe_later(url, 0, check=asdict(Tolerances.from_config(cfg.stage)))
+        os.kill(child, signal.SIGKILL)
+        assert not verdict().ok
+        assert health.row_checks() is None
+
+
+def test_the_writer_checks_rows_itself_only_without_the_childs_results(run, monkeypatch):
+    cfg = ingest_config(run, "stage.shards_per_commit=1")
+    run_ingest_shards(cfg)
+    calls: list = []
+    real = writer.verify_dataset
+
+    def recording(*args, **kwargs):
+        calls.append(sorted(kwargs["shards"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writer, "verify_dataset", recording)
+    first = write_dataset(cfg, **QUIET)
+    assert first["tag"] and first["dataset_violations"] == [] and calls == [[]], (first, calls)
+
+    # the same write again into a fresh dataset, with the child's results lost: the writer checks the rows
+    calls.clear()
+    monkeypatch.setattr(health, "row_checks", lambda timeout_s=0: None)
+    again = write_dataset(ingest_config(run, "stage.shards_per_commit=1",
+                                        f"stage.dataset_path={run / 'dataset-again'}"), **QUIET)
+    assert again["tag"] and again["dataset_violations"] == [], again
+    assert calls == [[], sorted(again["shards_written"])], calls
