@@ -313,6 +313,36 @@ NOTES = [
     " per video), of the parts and of the finalize, which on this shared disk wait far longer than they compute."
     " 1,000 rows/s needs the engine to write each row once (parts as the final output) and to keep the in-flight"
     " record without an fsync per video (it guards process deaths, which the page cache survives).", "",
+    "Then (2026-12-05 morning, same command, idle VM): join + verify 730 rows/s, Deep Lake write 798 rows/s,"
+    " Parquet 2,455 rows/s. Profiled again in one process (cProfile, 2,081 rows), and changed:", "",
+    "- Arrow's memory pool. A fresh process's first read or write of the rows spent seconds in the kernel with"
+    " pyarrow's default pool (mimalloc): reading the 58.7 MiB of rows took 1.36 s and writing them 1.11 s, against"
+    " 0.33 s each with jemalloc. The pipeline's data processes (every stage shard, the writer) now use jemalloc"
+    " (`pipeline/arrow_memory.py`; ARROW_DEFAULT_MEMORY_POOL still wins): join + verify went from 2.04 s to"
+    " 0.97 s on the same rows. The default pool's cost comes and goes between runs here (the Parquet baseline's"
+    " runs below show it), so the baseline is measured with both pools.",
+    "- The probe of each new head decoded every JPEG it read (0.78 s of a 0.95 s probe of 2,081 rows). It now"
+    " reads the images column as stored bytes (every chunk still read) and decodes a spread of 16 rows per"
+    " commit: 0.22 s.",
+    "- The writer waited for each probe (1.38 s of a 2.49 s write). Probes now run in the warm child while the"
+    " writer reads, converts and appends the next shards: the new version log is copied aside right after the"
+    " commit (`dataset_health.stage_good`) and becomes the last good version by renames once the probe has read"
+    " the head, so a disk filling during the next appends still leaves the commit to roll back to. The next"
+    " commit waits for the verdict: nothing is ever committed on top of an unprobed head.",
+    "- The run-level check of each shard ran twice: in the join step's process and again in the writer (0.28 s"
+    " of the write). It now runs once, right after the shard is finalized, and its verdict is kept beside the"
+    " shard (`verified.json`), bound to the sha256 of the rows bytes, the shard's marker, the upstream markers,"
+    " the manifest's videos, the modalities and the check settings; the writer uses it only when all of these"
+    " match what it is about to append, and checks the shard itself otherwise. So the join step's time now"
+    " includes that check.",
+    "- The dataset-level row check of the rows each commit added (0.2-0.3 s at the end of the write) runs in the"
+    " probe child, on the committed head as a reader sees it, while the writer goes on; the writer checks the"
+    " rows itself when a child's answer is missing.",
+    "- Left in the Deep Lake write at this size (about 1 s): the format's own work (the table's row 'the Deep"
+    " Lake format alone': reading the shards, converting, `ds.append`, two commits), the last commit's probe and"
+    " row check (nothing left to overlap them with), the tag and its probe, and the per-shard reads of the"
+    " manifest and markers. With two commits the overlap has little to hide; a group's many commits hide all but"
+    " the last probe.", "",
     "## Many writers: the layout, and its limit at 100 writers", "",
     "Built (`pipeline/dataset/`): one Deep Lake dataset per shard group, `<dataset>/group-<g>` with g = shard //"
     " `shards_per_group` (default 64: runs of up to 64 shards keep the single dataset at `<dataset>`, as before)."
@@ -341,7 +371,7 @@ def limit_notes(rate: float, cpu_rate: float, row_kib: float, rss_mib: float, op
     return [
         "Limit at 100 writers, on paper (from this run's figures): writers share nothing but the filesystem and"
         " the manifest (read once), so the aggregate is 100 x one writer's rate until the storage saturates:"
-        f" 100 x {rate:.0f} rows/s (the one-writer Deep Lake write above, on this loaded VM; {cpu_rate:.0f} rows"
+        f" 100 x {rate:.0f} rows/s (the one-writer Deep Lake write above, on this VM; {cpu_rate:.0f} rows"
         f" per CPU second) = {agg / 1e3:.0f}k rows/s, {agg * row_kib / 2**20:.1f} GiB/s of appends of"
         f" {row_kib:.0f} KiB rows, plus 100 concurrent fsync streams (commits and last-good saves): a parallel"
         f" filesystem's or object store's load, not one local disk's. 1e9 rows at that rate: "
@@ -532,9 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "Shuffled epoch = blocks of 64 contiguous rows read with column slices, in a random block order,"
               " mixed in a 1,024-row in-memory shuffle buffer (`pipeline/loader.py`); sequential = blocks of 256"
               " in order, no buffer. Naive = `ds[i]` per row in random order (500 rows).", "",
-              "Notes: the join step runs inside the engine (upstream Parquet read by key, parts flushed with fsync"
-              " every `flush_every` videos, final packed outputs); its wall time on this VM is mostly waiting on"
-              " fsync (the process's CPU time is a fraction of it). Rows average "
+              "Notes: the join step runs inside the engine (upstream Parquet read by key, Arrow parts flushed"
+              " every `flush_every` videos, the packed Parquet output at the finalize, then the run-level check of"
+              f" the shard); its CPU time is {join['cpu_seconds'] / join_s:.0%} of its wall time. Rows average "
               f"{mb * 2**20 / max(rows, 1) / 1024:.0f} KiB (JPEGs + 2048-d audio + CLIP).", ""] + NOTES + [""] + \
         limit_notes(rows / write_s, rows / res["cpu_seconds"], mb * 2**10 / max(rows, 1),
                     max(rss for *_, rss in writers), open_s)

@@ -11,11 +11,16 @@ Deep Lake supports) up to date with the complete shards. Runs of more than `shar
 datasets) write one dataset per group of shards, `<dataset>/group-<g>`, each by its own writer and lock, up to
 `writers` at once, read as one dataset through `pipeline.dataset.open_read_only` (`pipeline.dataset.layout`);
 what follows holds per group. Shard rows are read `max_rows_in_memory` at a time and appended in batches of
-`append_batch_rows`, with a commit per `shards_per_commit` shards. Before a shard's rows are appended they pass the run-level verifier (`pipeline.verify.verify_shard`, on the very rows
-read for the append: every frame of each span, counts against the stage ledgers...); a shard that fails is not
-committed (logged, and listed with its first violations in the result's `shards_refused`; no tag while any is),
-and after the commits the dataset-level check runs over the rows just committed (`dataset_violations`; no tag
-unless clean). Reports on videos ingest itself refused do not hold a shard back. In the same
+`append_batch_rows`, with a commit per `shards_per_commit` shards. Before a shard's rows are appended they pass the
+run-level verifier (`pipeline.verify.verify_shard`: every frame of each span, counts against the stage
+ledgers...). It runs once per finalized shard, right after the finalize (`IngestStage.after_finalize`), and its
+verdict is kept in the shard (`verified.json`) bound to the sha256 of the rows bytes, the shard's and the
+upstream shards' markers, the manifest's videos, the modalities and the check settings; the writer digests the
+very bytes it appends and uses the verdict only when all of these match, and runs the check itself otherwise. A
+shard that fails is not committed (logged, and listed with its first violations in the result's
+`shards_refused`; no tag while any is), and the dataset-level check runs over the rows each commit added, in the
+probe child on the committed head (keys and shard lists in the writer, over the whole dataset):
+`dataset_violations`, no tag unless clean. Reports on videos ingest itself refused do not hold a shard back. In the same
 commit as the rows, `ds.metadata["ingested_shards"]` lists the shards the dataset holds and
 `ds.metadata["ingested_fingerprints"]` records per shard the sha256 of its `_SUCCESS` marker (rewritten by every
 finalize) and of the `rows.parquet` bytes that were ingested. A re-run appends the shards not yet listed, and a
@@ -31,8 +36,9 @@ Full disks (`pipeline.dataset_health`; Deep Lake 4.7 reports no ENOSPC and leave
 before each commit's rows are written, the filesystem must have `free_space_margin` x their size (uncompressed,
 from the Parquet metadata) + `free_space_min_mb` free, else nothing of them is written and the run stops with one
 line. Every commit and tag is followed by a read of the new head in a child process: readable, its version log
-is saved as the last good version; unreadable (the disk filled during the commit), the saved log is put back, so
-the dataset is the last good version again, and the run stops saying so. On open an unreadable head is rolled
+(copied aside right after the commit) becomes the last good version; unreadable (the disk filled during the
+commit), the saved log is put back, so the dataset is the last good version again, and the run stops saying so.
+A commit's read runs while the writer appends the next shards; the next commit waits for its verdict. On open an unreadable head is rolled
 back the same way first; a re-run once space is freed then writes what is missing, each row once.
 """
 from __future__ import annotations
