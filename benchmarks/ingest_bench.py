@@ -417,8 +417,8 @@ def run_step(step: str, run_dir: Path, *overrides: str, children: bool = False) 
     return result, usage.ru_maxrss / 1024
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_data_arguments(ap: argparse.ArgumentParser) -> None:
+    """The synthetic upstream's size (`make_upstream`), shared with `benchmarks.ingest_slurm_writers`."""
     ap.add_argument("--videos", type=int, default=120)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=60.0)
@@ -426,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--d-clip", type=int, default=512)
     ap.add_argument("--d-audio", type=int, default=2048)
     ap.add_argument("--image-size", type=int, default=96)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_data_arguments(ap)
     ap.add_argument("--max-rows", type=int, default=4096, help="max_rows_in_memory of the writers")
     ap.add_argument("--small-max-rows", type=int, default=128, help="... of the bounded-memory row")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each writers case (the median is reported)")
@@ -545,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Deep Lake write / Parquet write, rows/s (goal >= 0.5): {parquet_s / write_s:.2f} wall and "
         f"{parquet['cpu_seconds'] / res['cpu_seconds']:.2f} CPU against pyarrow's defaults; {pool_s / write_s:.2f} "
         f"wall and {parquet_pool['cpu_seconds'] / res['cpu_seconds']:.2f} CPU against Parquet with the pipeline's "
-        f"pool. The Deep Lake format alone: {pool_s / bare['seconds']:.2f} wall against the same. Join + verify: {rows / join_s:.0f} rows/s wall, {rows / join['cpu_seconds']:.0f} rows per CPU "
+        f"pool. The Deep Lake format alone: {pool_s / bare['seconds']:.2f} wall against the same. Join + verify: "
+        f"{rows / join_s:.0f} rows/s wall, {rows / join['cpu_seconds']:.0f} rows per CPU "
         "second (goal >= 1,000).", "",
         "All runs, seconds: " + "; ".join(f"{step} " + ", ".join(f"{x:.2f}" for x in xs)
                                           for step, xs in spread.items()) + ".", "",

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import multiprocessing
 import os
@@ -27,10 +26,8 @@ import sys
 import threading
 import time
 from pathlib import Path
-from statistics import median
 
 REPO = Path(__file__).resolve().parents[1]
-CLUSTER_SCRIPT = REPO / "slurm" / "local_cluster.sh"
 NODES = 3
 # Each task asks for one CPU and 2 GiB: a writer peaks near 400 MiB plus its probe child of about as much; a node
 # of the local cluster advertises 4 CPUs and 4 GiB, so two writers fit on one node and any node takes one.
@@ -42,49 +39,14 @@ TASK = ("stage.resources.cpus=1", "stage.resources.mem_gb=2", "stage.resources.g
 # ------------------------------------------------------------------------------------------- the local cluster
 
 
-def _cluster_script(action: str, state_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(CLUSTER_SCRIPT), action, "--dir", str(state_dir), *extra],
-                          capture_output=True, text=True, timeout=900)
-
-
 @contextlib.contextmanager
 def local_slurm(state_dir: str | Path | None = None, nodes: int = NODES):
-    """The local Slurm cluster for the block: reused when one is up, else started (`local_cluster.sh up`) and
-    stopped at the end. Shares the test fixture's protocol (tests/slurm_cluster.py): a shared lock on
-    DIR/.test-users while in use, and DIR/.started-by-tests on a cluster started here, so that the last user out
-    stops a started cluster and a cluster started by hand is left running. SLURM_CONF (and /usr/sbin on PATH)
-    are set in os.environ for the block, then restored. Yields the state dir."""
-    state_dir = Path(state_dir or os.environ.get("VPT_SLURM_DIR", "/tmp/vpt-slurm")).resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
-    marker = state_dir / ".started-by-tests"
-    users = open(state_dir / ".test-users", "a")  # noqa: SIM115  (held for the whole block)
-    fcntl.flock(users, fcntl.LOCK_SH)
-    saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "PATH")}
-    try:
-        if _cluster_script("status", state_dir).returncode != 0:
-            up = _cluster_script("up", state_dir, "--nodes", str(nodes))
-            if up.returncode != 0:
-                raise RuntimeError(f"local_cluster.sh up failed (rc {up.returncode}): {up.stderr.strip()[-2000:]}")
-            marker.touch()
-        os.environ["SLURM_CONF"] = str(state_dir / "etc" / "slurm.conf")
-        if "/usr/sbin" not in os.environ.get("PATH", "").split(os.pathsep):
-            os.environ["PATH"] = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin"
-        yield state_dir
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        try:
-            fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)     # fails while someone else uses the cluster
-            if marker.exists():
-                _cluster_script("down", state_dir)
-                marker.unlink(missing_ok=True)
-        except BlockingIOError:
-            pass
-        finally:
-            users.close()
+    """The local Slurm cluster for the block (`pipeline.launchers.local_cluster`: reused when one is up, else
+    started and stopped at the end by its last user); yields the state dir."""
+    from pipeline.launchers.local_cluster import local_cluster
+
+    with local_cluster(state_dir, nodes) as cluster:
+        yield cluster.state_dir
 
 
 def slurm_version() -> str:
@@ -210,7 +172,8 @@ def measure_slurm_writers(run_dir: Path, overrides: tuple[str, ...], shards_per_
 
     Returns {"cases": {writers: median run}, "runs": {writers: [every run]}, "ratio": 2 vs 1 on wall and span,
     "slurm": version, "rows_expected": the ingest shards' rows}. A run holds wall_s (submission to the last
-    result), span_s (first started_at to last ended_at), rows (written, summed), rows_counted (read back; rows_per_group: per group),
+    result), span_s (first started_at to last ended_at), rows (written, summed), rows_counted (read back;
+    rows_per_group: per group),
     rows_per_s_wall / rows_per_s_span, most_at_once (writers whose spans overlapped), throttle (the array's %),
     task_peak_mib (per task: the writer and its children). Raises when any group's rows differ from its shards'.
     """
@@ -278,14 +241,10 @@ def table(res: dict, args) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.ingest_bench import add_data_arguments
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--videos", type=int, default=120)
-    ap.add_argument("--shards", type=int, default=4)
-    ap.add_argument("--seconds", type=float, default=60.0)
-    ap.add_argument("--fps", type=float, default=1.0)
-    ap.add_argument("--d-clip", type=int, default=512)
-    ap.add_argument("--d-audio", type=int, default=2048)
-    ap.add_argument("--image-size", type=int, default=96)
+    add_data_arguments(ap)
     ap.add_argument("--repeat", type=int, default=3, help="runs of each case (the median is reported)")
     ap.add_argument("--out", default="/tmp/ingest-slurm-bench")
     args = ap.parse_args(argv)

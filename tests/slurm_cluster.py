@@ -5,7 +5,6 @@ Use from conftest.py:  ``from slurm_cluster import slurm_cluster  # noqa: F401``
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import subprocess
@@ -15,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CLUSTER_SCRIPT = REPO_ROOT / "slurm" / "local_cluster.sh"
-NODES = 3
+from pipeline.launchers.local_cluster import NODES, REPO_ROOT, LocalClusterError, local_cluster  # noqa: F401
+
 REQUIRED_BINARIES = ("munged", "slurmctld", "slurmd", "slurmdbd", "sbatch", "sacct", "mariadbd")
 
 
@@ -67,67 +65,26 @@ def _missing_binaries() -> list[str]:
     return [b for b in REQUIRED_BINARIES if shutil.which(b, path=path) is None]
 
 
-def _script(action: str, state_dir: Path, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["bash", str(CLUSTER_SCRIPT), action, "--dir", str(state_dir), *extra],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
-
-
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """A running local Slurm cluster (3 nodes unless one was already up in the state dir).
 
-    Sets os.environ["SLURM_CONF"] (and /usr/sbin on PATH) for the whole session so that
-    submitit and subprocesses talk to it. Several test sessions may share one cluster: each holds
-    a shared lock on DIR/.test-users while it runs; at the end, the last one out stops the cluster
-    if a test session started it (a cluster started by hand is left running).
+    Sets os.environ["SLURM_CONF"] (and /usr/sbin on PATH) for the whole session so that submitit and
+    subprocesses talk to it. Shared with other test sessions and benchmarks, and stopped by the last user out
+    when it was started this way (`pipeline.launchers.local_cluster`).
     """
     is_root = os.geteuid() == 0
     missing = _missing_binaries()
     if missing and not is_root:
         _cannot_run(f"Slurm not installed ({', '.join(missing)} missing) and not root to install it")
-
-    state_dir = Path(os.environ.get("VPT_SLURM_DIR", "/tmp/vpt-slurm")).resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
-    started_by_tests = state_dir / ".started-by-tests"
-    users = open(state_dir / ".test-users", "a")  # noqa: SIM115  (held for the whole session)
-    fcntl.flock(users, fcntl.LOCK_SH)
-    env = dict(os.environ)
-    was_up = _script("status", state_dir, env).returncode == 0
-    if not was_up:
-        up = _script("up", state_dir, env, "--nodes", str(NODES))
-        if up.returncode != 0:
-            users.close()
-            detail = f"local_cluster.sh up failed (rc {up.returncode}):\n{up.stdout}\n{up.stderr[-4000:]}"
-            if is_root or os.environ.get("CI", "").lower() == "true":
-                pytest.fail(detail)
-            pytest.skip(detail)
-        started_by_tests.touch()
-
-    saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "PATH")}
-    os.environ["SLURM_CONF"] = str(state_dir / "etc" / "slurm.conf")
-    if "/usr/sbin" not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin"
-    env = dict(os.environ)
-    nodes = subprocess.run(
-        ["sinfo", "-h", "-N", "-p", "main", "-o", "%N"], env=env, check=True, capture_output=True, text=True
-    ).stdout.split()
-    cluster = SlurmCluster(state_dir=state_dir, nodes=sorted(set(nodes)), env=env, started_here=not was_up)
     try:
-        yield cluster
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        try:
-            fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while another session uses it
-            if started_by_tests.exists():
-                _script("down", state_dir, env)
-                started_by_tests.unlink(missing_ok=True)
-        except BlockingIOError:
-            pass
-        finally:
-            users.close()
+        with local_cluster(nodes=NODES) as cluster:
+            env = dict(os.environ)
+            nodes = subprocess.run(["sinfo", "-h", "-N", "-p", "main", "-o", "%N"], env=env, check=True,
+                                   capture_output=True, text=True).stdout.split()
+            yield SlurmCluster(state_dir=cluster.state_dir, nodes=sorted(set(nodes)), env=env,
+                               started_here=cluster.started_here)
+    except LocalClusterError as exc:
+        if is_root or os.environ.get("CI", "").lower() == "true":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))

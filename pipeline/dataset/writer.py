@@ -366,7 +366,8 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
     return {"dataset": url, "group": group, "shards_written": written, "shards_replaced": replaced,
             "rows_written": rows_written, "rows_deleted": rows_deleted, "commits": commits, "tag": tag, "rows": rows,
             "seconds": seconds, "shards_refused": refused, "dataset_violations": problems, "verify_seconds": verify_s,
-            "verdicts_used": verdicts_used, "started_at": started_at, "ended_at": time.time()}    # epoch seconds: concurrent writers' overall span
+            # started_at/ended_at: epoch seconds, for the span of concurrent writers
+            "verdicts_used": verdicts_used, "started_at": started_at, "ended_at": time.time()}
 
 
 def _settle(inflight: list[Callable[[], None] | None]) -> None:

@@ -29,8 +29,9 @@ shard re-finalized since (retry_failed, upstream catch-up) whose rows digest cha
 drops uncommitted changes when a writer dies, so after a crash the dataset holds exactly the committed state
 (old rows or new, never both) and a re-run completes it without duplicates; readers (`deeplake.open_read_only`)
 see committed rows only. Writers of one dataset are serialised by a file lock, `<run_dir>/ingest/dataset.lock`
-(`dataset-group-<g>.lock` per group; metadata is re-read once it is held). Whenever every shard is complete and ingested and the current version
-has no tag, it is tagged `<tag_prefix>-<time>-<n>rows` (so a crash before the tag is repaired by a re-run).
+(`dataset-group-<g>.lock` per group; metadata is re-read once it is held). Whenever every shard is complete and
+ingested and the current version has no tag, it is tagged `<tag_prefix>-<time>-<n>rows` (so a crash before the tag
+is repaired by a re-run).
 
 Full disks (`pipeline.dataset_health`; Deep Lake 4.7 reports no ENOSPC and leaves a head that crashes its readers):
 before each commit's rows are written, the filesystem must have `free_space_margin` x their size (uncompressed,
@@ -38,8 +39,9 @@ from the Parquet metadata) + `free_space_min_mb` free, else nothing of them is w
 line. Every commit and tag is followed by a read of the new head in a child process: readable, its version log
 (copied aside right after the commit) becomes the last good version; unreadable (the disk filled during the
 commit), the saved log is put back, so the dataset is the last good version again, and the run stops saying so.
-A commit's read runs while the writer appends the next shards; the next commit waits for its verdict. On open an unreadable head is rolled
-back the same way first; a re-run once space is freed then writes what is missing, each row once.
+A commit's read runs while the writer appends the next shards; the next commit waits for its verdict. On open an
+unreadable head is rolled back the same way first; a re-run once space is freed then writes what is missing, each
+row once.
 """
 from __future__ import annotations
 
