@@ -200,10 +200,12 @@ REPLY = "@@probe "      # prefix of the serving child's replies (anything else o
 
 
 def _serve_main() -> None:
-    """Child side of the warm prober: one request per stdin line (JSON [url, from_row] or [url, from_row, tol]),
-    replies on stdout. With `tol` (the verifier's Tolerances as a dict), the rows from `from_row` on are then
-    checked as stored (`pipeline.verify.dataset.check_rows`), after "ok": "checked [violations]"."""
+    """Child side of the warm prober: one request per stdin line (JSON [url, from_row] or [url, from_row, check]),
+    replies on stdout. With `check` ({"call": "module:function", "kwargs": {...}}), after "ok" the function is
+    called with the open head, `from_row` and the kwargs, and what it returns (violations) is sent as
+    "checked [...]"."""
     import gc
+    import importlib
 
     import deeplake  # noqa: F401  - imported once, before the first request
 
@@ -212,22 +214,20 @@ def _serve_main() -> None:
     emit("ready")
     for line in sys.stdin:
         request = json.loads(line)
-        url, from_row, tol = request[0], int(request[1]), (request[2] if len(request) > 2 else None)
+        url, from_row, check = request[0], int(request[1]), (request[2] if len(request) > 2 else None)
         try:
             ds = _probe_read(url, from_row, emit)
         except Exception as exc:  # noqa: BLE001 - reported to the writer, the child serves on
             emit("error " + _first_line(exc))
-            if tol is not None:
+            if check is not None:
                 emit("checked-error the head did not read")
             gc.collect()
             continue
-        if tol is not None:
+        if check is not None:
             try:
-                from .verify.checks import Tolerances
-                from .verify.dataset import check_rows
-
-                n = len(ds)
-                found = check_rows(ds, list(range(max(0, min(from_row, n)), n)), Tolerances(**tol))
+                # the caller names its check ("module:function"): this module knows nothing of what is checked
+                module, _, name = str(check["call"]).partition(":")
+                found = getattr(importlib.import_module(module), name)(ds, from_row, **check.get("kwargs", {}))
                 emit("checked " + json.dumps([str(v) for v in found]))
             except Exception as exc:  # noqa: BLE001 - the writer then checks the rows itself
                 emit("checked-error " + _first_line(exc))
@@ -319,7 +319,8 @@ class WarmProber:
     def submit(self, url: str, from_row: int = 0, timeout_s: float = PROBE_TIMEOUT_S,
                check: dict[str, Any] | None = None) -> Callable[[], Probe]:
         """Send a probe request; the returned function waits for its verdict (one request in flight at a time).
-        `check`: the verifier's tolerances; the child then checks the rows from `from_row` on (`row_checks`)."""
+        `check` ({"call": "module:function", "kwargs": {...}}): after the probe the child calls the function with
+        the open head, `from_row` and the kwargs; what it returns (violations) is collected by `row_checks`."""
         if self.proc is None or self.proc.poll() is not None:
             self.close()
             self._start()
@@ -642,8 +643,8 @@ def write_checked(url: str, action: Callable[[], Any], what: str, log: Callable[
     before its next commit (never one on top of an unprobed head), and may only do uncommitted work meanwhile,
     which a failed check discards (the process stops with the error). `ds`, the writer's handle: the new version
     log is copied aside at once (`stage_good`), so the save only renames, whatever the caller wrote since.
-    `check` (the verifier's tolerances as a dict): the probe child also checks the rows from `from_row` on as
-    stored; `row_checks()` collects what it found."""
+    `check` ({"call": "module:function", "kwargs": {...}}, see `WarmProber.submit`): the probe child also runs
+    that check of the head from `from_row` on; `row_checks()` collects what it found."""
     path = local_dir(url)
     if path is None:
         action()

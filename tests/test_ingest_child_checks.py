@@ -19,6 +19,7 @@ from pipeline import dataset_health as health
 from pipeline.dataset import writer
 from pipeline.stages.ingest import write_dataset
 from pipeline.verify.checks import Tolerances
+from pipeline.verify.dataset import NEW_ROWS_CHECK
 
 QUIET = {"log": lambda s: None}
 
@@ -34,15 +35,15 @@ def test_the_probe_child_names_the_corrupted_row_of_the_rows_it_checks(run):
     key = f"{ds['video_id'][i]} {int(ds['segment_idx'][i])}"
     what = _reverse_clip_keys(ds, i)
     ds.commit("corrupt one row")
-    tol = asdict(Tolerances.from_config(cfg.stage))
+    check = {"call": NEW_ROWS_CHECK, "kwargs": {"tol": asdict(Tolerances.from_config(cfg.stage))}}
     with health.warm_probes():
-        assert health.probe_later(url, 0, check=tol)().ok
-        assert health.probe_later(url, i + 1, check=tol)().ok       # rows before from_row are not checked
+        assert health.probe_later(url, 0, check=check)().ok
+        assert health.probe_later(url, i + 1, check=check)().ok       # rows before from_row are not checked
         found = health.row_checks()
     assert found is not None and len(found) >= 1, found
     assert all(v.startswith(key + ":") for v in found) and any(what in v for v in found), found
     with health.warm_probes():
-        assert health.probe_later(url, i + 1, check=tol)().ok
+        assert health.probe_later(url, i + 1, check=check)().ok
         assert health.row_checks() == []
 
 
@@ -53,7 +54,8 @@ def test_a_child_that_never_answers_leaves_no_clean_answer(run, tmp_path):
     with health.warm_probes():
         child = health._warm.proc.pid
         os.kill(child, signal.SIGSTOP)      # it reads nothing of the request below
-        verdict = health.probe_later(url, 0, check=asdict(Tolerances.from_config(cfg.stage)))
+        verdict = health.probe_later(url, 0, check={"call": NEW_ROWS_CHECK,
+                                                    "kwargs": {"tol": asdict(Tolerances.from_config(cfg.stage))}})
         os.kill(child, signal.SIGKILL)
         assert not verdict().ok
         assert health.row_checks() is None

@@ -36,7 +36,7 @@ from ..join import JoinParams
 from ..schema import TABLE, deeplake_columns, row_schema, to_deeplake_columns
 from ..shards import MARKER, ShardStore
 from ..verify.checks import Tolerances
-from ..verify.dataset import verify_dataset
+from ..verify.dataset import NEW_ROWS_CHECK, verify_dataset
 from ..verify.shard import row_bulk, trusted_verdict, verify_shard
 from .layout import Layout, dataset_url, writer_layout
 from .lock import writer_lock  # noqa: F401  (importable from here)
@@ -234,6 +234,7 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
     max_rows = max(1, int(stage.get("max_rows_in_memory", 0) or 1 << 62))
     batch = max(1, min(int(stage.append_batch_rows), max_rows))
     tol, params = Tolerances.from_config(stage), JoinParams.from_config(stage)
+    row_check = {"call": NEW_ROWS_CHECK, "kwargs": {"tol": asdict(tol)}}     # run by each commit's probe child
     t0, started_at, rows_written, rows_deleted, commits, verify_s = time.perf_counter(), time.time(), 0, 0, 0, 0.0
     verdicts_used = 0
     written: list[int] = []
@@ -325,7 +326,7 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
                     after_commit(accepted)
 
             inflight.append(health.write_checked(url, commit, f"ingest: the commit of shards {accepted}", log,
-                                                 from_row=from_row, wait=False, ds=ds, check=asdict(tol)))
+                                                 from_row=from_row, wait=False, ds=ds, check=row_check))
             commits += 1
             log(f"ingest: committed shards {accepted} to {url}")
         tag = None

@@ -108,6 +108,16 @@ def check_rows(ds: Any, index: list[int], tol: Tolerances) -> list[Violation]:
     return out
 
 
+def check_new_rows(ds: Any, from_row: int, tol: dict[str, Any]) -> list[str]:
+    """`check_rows` of the rows from `from_row` on, as text: the check ingest's writer has its probe child run on
+    each commit's head (`pipeline.dataset_health`, called by name there)."""
+    n = len(ds)
+    return [str(v) for v in check_rows(ds, list(range(max(0, min(from_row, n)), n)), Tolerances(**tol))]
+
+
+NEW_ROWS_CHECK = "pipeline.verify.dataset:check_new_rows"
+
+
 def verify_dataset(run_dir: Path, cfg: Any, shard_keys: dict[int, set[tuple[str, int]]],
                    tol: Tolerances, shards: Iterable[int] | None = None, ds: Any = None) -> list[Violation]:
     """The committed dataset holds exactly the rows of the shards it lists, once each, and they are aligned.
