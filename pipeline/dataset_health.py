@@ -11,11 +11,14 @@ So, for a dataset on a local filesystem:
   (`DatasetSpaceError`, one line).
 - `probe(url)`: opens the dataset read-only in a child process (a native crash kills the child, not the caller)
   and reads it: every column of every row from `from_row` on (the rows the commit added; bulky columns by row
-  lists, as a slice of a Sequence(Image) column crashes Deep Lake 4.7.4 now and then whatever the data), and of
-  the rows before, the scalar columns whole and the bulky ones (images, embeddings, any Sequence) in samples (the
-  first and last 64 rows plus every (n/64)-th row).
+  lists, as a slice of a Sequence(Image) column crashes Deep Lake 4.7.4 now and then whatever the data; images as
+  their stored bytes, 16 of the new rows decoded), and of the rows before, the scalar columns whole and the bulky
+  ones (images, embeddings, any Sequence) in samples (the first and last 64 rows plus every (n/64)-th row).
+  Within `warm_probes()` one child serves every probe, and `probe_later` / `write_checked(wait=False)` let the
+  writer go on while it reads (the child can also run a check the caller names: `row_checks`).
 - The last good version: after a probe passes, the writer saves a copy of the version log in
-  `<dataset>.lastgood/good/` (with `state.json`: version, rows, tags, a digest of the log). `ensure_readable`
+  `<dataset>.lastgood/good/` (with `state.json`: version, rows, tags, a digest of the log); a copy taken right
+  after the commit (`stage_good`) is put in place by renames once the probe passes. `ensure_readable`
   (called where ingest, verify and status open the dataset) finds the head as saved (digest equal: no probe) or
   probes it; an unreadable head is rolled back by putting the saved log in place. Nothing is deleted: the
   unreadable log is kept in `<dataset>.lastgood/unreadable-<time>/`, and the chunks of the failed commit stay
