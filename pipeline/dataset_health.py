@@ -10,12 +10,13 @@ So, for a dataset on a local filesystem:
 - `check_free_space(url, need_bytes, what)`: a write that would not fit is refused before anything is written
   (`DatasetSpaceError`, one line).
 - `probe(url)`: opens the dataset read-only in a child process (a native crash kills the child, not the caller)
-  and reads it: every column of every row from `from_row` on (the rows the commit added; bulky columns by row
-  lists, as a slice of a Sequence(Image) column crashes Deep Lake 4.7.4 now and then whatever the data; images as
-  their stored bytes, 16 of the new rows decoded), and of the rows before, the scalar columns whole and the bulky
-  ones (images, embeddings, any Sequence) in samples (the first and last 64 rows plus every (n/64)-th row).
+  and reads it: every column of every row from `from_row` on (the rows the commit added, a block of rows at a
+  time; bulky columns by row lists, as a slice of a Sequence(Image) column crashes Deep Lake 4.7.4 now and then
+  whatever the data; images as their stored bytes, 16 of the new rows decoded), and of the rows before, the
+  bulky columns (images, embeddings, any Sequence) in samples (the first and last 64 rows plus every (n/64)-th).
   Within `warm_probes()` one child serves every probe, and `probe_later` / `write_checked(wait=False)` let the
-  writer go on while it reads (the child can also run a check the caller names: `row_checks`).
+  writer go on while it reads (the child can also run a check the caller names on each block of rows it reads:
+  `row_checks`).
 - The last good version: after a probe passes, the writer saves a copy of the version log in
   `<dataset>.lastgood/good/` (with `state.json`: version, rows, tags, a digest of the log); a copy taken right
   after the commit (`stage_good`) is put in place by renames once the probe passes. `ensure_readable`
@@ -156,8 +157,14 @@ def head_info(ds: Any) -> dict[str, Any]:
                                 if "ingested_shards" in meta.keys() else None)}
 
 
-def _probe_read(url: str, from_row: int, emit: Callable[[str], None]) -> Any:
-    """Open the head read-only, emit its info as one JSON line, read it, emit "ok"; returns the open head."""
+BLOCK_ROWS = 256         # rows of the commit's new rows a probe reads at a time (every column of them)
+
+
+def _probe_read(url: str, from_row: int, emit: Callable[[str], None],
+                on_block: Callable[[range, dict[str, list]], None] | None = None) -> Any:
+    """Open the head read-only, emit its info as one JSON line, read it, emit "ok"; returns the open head.
+    `on_block(rows, values)`: called with each block of the new rows as read, every column's values of them
+    (image columns as their stored bytes, one per image), so a check needs no second read."""
     import deeplake
 
     ds = deeplake.open_read_only(url)
@@ -165,28 +172,33 @@ def _probe_read(url: str, from_row: int, emit: Callable[[str], None]) -> Any:
     emit(json.dumps(head_info(ds)))
     step = max(1, n // SAMPLE_ROWS)
     sample = sorted({*range(0, min(n, SAMPLE_ROWS)), *range(max(0, n - SAMPLE_ROWS), n), *range(0, n, step)})
-    block = 65536
     first_new = max(0, min(from_row, n))
     old = [i for i in sample if i < first_new]
     new = n - first_new
     decoded = sorted({first_new + k * new // DECODE_ROWS for k in range(DECODE_ROWS)} | {n - 1}) if new else []
-    for col in ds.schema.columns:
-        column = ds[col.name]
-        bulky = col.name in BULKY_COLUMNS or sequence_or_image(col.dtype)
-        images = "image" in str(col.dtype).lower()
-        if bulky and old:       # the rows before the commit: sampled
+    # (name, column, bulky: sampled before first_new, by_rows: read by row lists, images: read as bytes)
+    columns = [(col.name, ds[col.name], col.name in BULKY_COLUMNS or sequence_or_image(col.dtype),
+                sequence_or_image(col.dtype), "image" in str(col.dtype).lower()) for col in ds.schema.columns]
+    for _, column, bulky, _, images in columns:
+        if bulky and old:       # the rows before the commit: bulky columns sampled
             _rows(column, old, images)
-        # Every column of the rows the commit added is read whole (one read per block); images as their stored
-        # bytes (every chunk read, no JPEG decoded: decoding was most of a probe's time), and a spread of
-        # DECODE_ROWS of them decoded as a reader will. Bulky columns by a list of rows: Deep Lake 4.7.4 segfaults,
-        # now and then, slicing a Sequence(Image) column (`ds["frames"][a:b]`) of a dataset every row of which
-        # reads fine, so a slice would fail good heads.
-        step_rows = 256 if bulky else block      # bounded memory: a block of JPEG sequences or embeddings
-        for a in range(first_new, n, step_rows):
-            b = min(n, a + step_rows)
-            values = _rows(column, list(range(a, b)), images) if bulky else column[a:b]
-            if len(values) != b - a:
-                raise RuntimeError(f"column {col.name}: rows {a}..{b - 1} read {len(values)} values")
+    # Every column of the rows the commit added is read whole, a block of rows at a time (bounded memory); images
+    # as their stored bytes (every chunk read, no JPEG decoded: decoding was most of a probe's time), and a spread
+    # of DECODE_ROWS of them decoded as a reader will. Sequence and image columns by lists of rows: Deep Lake 4.7.4
+    # segfaults, now and then, slicing a Sequence(Image) column (`ds["frames"][a:b]`) of a dataset every row of
+    # which reads fine, so a slice would fail good heads; the others by slices (embeddings: 3x faster than lists).
+    for a in range(first_new, n, BLOCK_ROWS):
+        b = min(n, a + BLOCK_ROWS)
+        values: dict[str, list] = {}
+        for name, column, _, by_rows, images in columns:
+            got = _rows(column, list(range(a, b)), images) if by_rows else column[a:b]
+            if len(got) != b - a:
+                raise RuntimeError(f"column {name}: rows {a}..{b - 1} read {len(got)} values")
+            values[name] = got
+        if on_block is not None:
+            on_block(range(a, b), values)
+        del values
+    for _, column, _, _, images in columns:
         if images and (decoded or old):
             column[decoded + old[:DECODE_ROWS]]
     emit("ok")
@@ -204,9 +216,9 @@ REPLY = "@@probe "      # prefix of the serving child's replies (anything else o
 
 def _serve_main() -> None:
     """Child side of the warm prober: one request per stdin line (JSON [url, from_row] or [url, from_row, check]),
-    replies on stdout. With `check` ({"call": "module:function", "kwargs": {...}}), after "ok" the function is
-    called with the open head, `from_row` and the kwargs, and what it returns (violations) is sent as
-    "checked [...]"."""
+    replies on stdout. With `check` ({"call": "module:function", "kwargs": {...}}), the function is called with
+    each block of new rows the probe reads (`rows` a range, `values` {column: values of those rows as read},
+    then the kwargs) and returns violations; after "ok" all it found is sent as "checked [...]"."""
     import gc
     import importlib
 
@@ -218,8 +230,26 @@ def _serve_main() -> None:
     for line in sys.stdin:
         request = json.loads(line)
         url, from_row, check = request[0], int(request[1]), (request[2] if len(request) > 2 else None)
+        found: list[str] = []
+        failed: list[str] = []
+        on_block = None
+        if check is not None:
+            try:
+                # the caller names its check ("module:function"): this module knows nothing of what is checked
+                module, _, name = str(check["call"]).partition(":")
+                function, kwargs = getattr(importlib.import_module(module), name), dict(check.get("kwargs", {}))
+
+                def on_block(rows: range, values: dict[str, list], function=function, kwargs=kwargs) -> None:
+                    if failed:
+                        return
+                    try:
+                        found.extend(str(v) for v in function(rows, values, **kwargs))
+                    except Exception as exc:  # noqa: BLE001 - the writer then checks the rows itself
+                        failed.append(_first_line(exc))
+            except Exception as exc:  # noqa: BLE001
+                failed.append(_first_line(exc))
         try:
-            ds = _probe_read(url, from_row, emit)
+            ds = _probe_read(url, from_row, emit, on_block)
         except Exception as exc:  # noqa: BLE001 - reported to the writer, the child serves on
             emit("error " + _first_line(exc))
             if check is not None:
@@ -227,13 +257,7 @@ def _serve_main() -> None:
             gc.collect()
             continue
         if check is not None:
-            try:
-                # the caller names its check ("module:function"): this module knows nothing of what is checked
-                module, _, name = str(check["call"]).partition(":")
-                found = getattr(importlib.import_module(module), name)(ds, from_row, **check.get("kwargs", {}))
-                emit("checked " + json.dumps([str(v) for v in found]))
-            except Exception as exc:  # noqa: BLE001 - the writer then checks the rows itself
-                emit("checked-error " + _first_line(exc))
+            emit("checked-error " + failed[0] if failed else "checked " + json.dumps(found))
         del ds
         gc.collect()
 
@@ -322,8 +346,10 @@ class WarmProber:
     def submit(self, url: str, from_row: int = 0, timeout_s: float = PROBE_TIMEOUT_S,
                check: dict[str, Any] | None = None) -> Callable[[], Probe]:
         """Send a probe request; the returned function waits for its verdict (one request in flight at a time).
-        `check` ({"call": "module:function", "kwargs": {...}}): after the probe the child calls the function with
-        the open head, `from_row` and the kwargs; what it returns (violations) is collected by `row_checks`."""
+        `check` ({"call": "module:function", "kwargs": {...}}): the child calls the function on each block of new
+        rows as the probe reads it (`function(rows, values, **kwargs)`: a range of row indices, every column's
+        values of those rows, image columns as stored bytes); what it returns (violations) is collected by
+        `row_checks`."""
         if self.proc is None or self.proc.poll() is not None:
             self.close()
             self._start()
@@ -647,7 +673,7 @@ def write_checked(url: str, action: Callable[[], Any], what: str, log: Callable[
     which a failed check discards (the process stops with the error). `ds`, the writer's handle: the new version
     log is copied aside at once (`stage_good`), so the save only renames, whatever the caller wrote since.
     `check` ({"call": "module:function", "kwargs": {...}}, see `WarmProber.submit`): the probe child also runs
-    that check of the head from `from_row` on; `row_checks()` collects what it found."""
+    that check on the rows from `from_row` on as it reads them; `row_checks()` collects what it found."""
     path = local_dir(url)
     if path is None:
         action()

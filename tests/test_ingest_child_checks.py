@@ -12,14 +12,15 @@ from dataclasses import asdict
 
 import deeplake
 from test_ingest import run, upstream_template  # noqa: F401  (fixtures)
-from test_verify import _reverse_clip_keys
+import pytest
+from test_verify import _drop_a_clip_embedding, _reverse_clip_keys, _shift_frame_keys, _swap_scene_graphs
 
 from benchmarks.ingest_bench import ingest_config, run_ingest_shards
 from pipeline import dataset_health as health
 from pipeline.dataset import writer
 from pipeline.stages.ingest import write_dataset
 from pipeline.verify.checks import Tolerances
-from pipeline.verify.dataset import NEW_ROWS_CHECK
+from pipeline.verify.dataset import NEW_ROWS_CHECK, check_rows
 
 QUIET = {"log": lambda s: None}
 
@@ -45,6 +46,36 @@ def test_the_probe_child_names_the_corrupted_row_of_the_rows_it_checks(run):
     with health.warm_probes():
         assert health.probe_later(url, i + 1, check=check)().ok
         assert health.row_checks() == []
+
+
+def _drop_a_jpeg(ds, i):
+    ds["frames"][i] = list(ds["frames"][i])[:-1]
+    return "1 images"
+
+
+@pytest.mark.parametrize("corrupt", [_reverse_clip_keys, _swap_scene_graphs, _shift_frame_keys,
+                                     _drop_a_clip_embedding, _drop_a_jpeg],
+                         ids=["clip-keys", "scene-graph-keys", "frame-keys", "clip-embeddings", "jpegs"])
+def test_the_childs_check_of_rows_as_read_finds_what_the_check_of_stored_rows_finds(run, corrupt):
+    """The child checks the values its probe read, a block at a time; `check_rows` reads the stored rows
+    itself. On a dataset with one row corrupted here, both name that row, with the same violations."""
+    cfg = ingest_config(run)
+    run_ingest_shards(cfg)
+    url = write_dataset(cfg, **QUIET)["dataset"]
+    ds = deeplake.open(url)
+    n = len(ds)
+    pts = ds["frame_pts"][0:n]
+    i = next(k for k in range(n - 1, 0, -1) if len(pts[k]) >= 2)
+    key = f"{ds['video_id'][i]} {int(ds['segment_idx'][i])}"
+    what = corrupt(ds, i)
+    ds.commit("corrupt one row")
+    tol = Tolerances.from_config(cfg.stage)
+    stored = [str(v) for v in check_rows(deeplake.open_read_only(url), list(range(n)), tol)]
+    with health.warm_probes():
+        assert health.probe_later(url, 0, check={"call": NEW_ROWS_CHECK, "kwargs": {"tol": asdict(tol)}})().ok
+        found = health.row_checks()
+    assert found == stored, (found, stored)
+    assert found and all(v.startswith(key + ":") for v in found) and any(what in v for v in found), found
 
 
 def test_a_child_that_never_answers_leaves_no_clean_answer(run, tmp_path):

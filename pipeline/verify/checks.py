@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .. import modalities
 from ..join import JoinParams, frames_of_span, min_tail, no_audio_stream, plan_segments, video_duration
@@ -49,11 +49,16 @@ def _close(a: Iterable[float], b: Iterable[float], eps: float = PTS_MATCH_S) -> 
 def check_row(row: dict, tol: Tolerances) -> list[str]:
     """Problems of one joined row (plain dict with the row schema's columns; bulky columns such as `frames` and
     `clip` may be replaced by their lengths, n_jpeg and n_clip): every modality's own row check, in order."""
-    out: list[str] = []
-    for mod in modalities.all_modalities():
-        if mod.check_row is not None:
-            out.extend(modalities.resolve(mod.check_row)(row, tol))
-    return out
+    return row_checker(tol)(row)
+
+
+def row_checker(tol: Tolerances) -> Callable[[dict], list[str]]:
+    """`check_row` with every modality's check looked up once (for checks of many rows)."""
+    checks = [modalities.resolve(mod.check_row) for mod in modalities.all_modalities() if mod.check_row is not None]
+
+    def check(row: dict) -> list[str]:
+        return [what for c in checks for what in c(row, tol)]
+    return check
 
 
 def check_frame_row(row: dict, tol: Tolerances) -> list[str]:

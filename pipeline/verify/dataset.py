@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import modalities
 from ..schema import dict_value
-from .checks import Tolerances, Violation, check_row
+from .checks import Tolerances, Violation, row_checker
 
 log = logging.getLogger(__name__)
 
@@ -77,24 +77,23 @@ def _image_counts(ds, rows: list[int], frame_counts: list[int]) -> list[int]:
     return out
 
 
-def check_rows(ds: Any, index: list[int], tol: Tolerances) -> list[Violation]:
-    """The row checks of the dataset's rows `index` (sorted) as stored: each modality rebuilds its part of the
-    row from its own columns (`Modality.from_dataset`), the JPEGs counted in the images column. Ingest's probe
-    child runs them on the rows each commit added (`pipeline.dataset_health`), `verify_dataset` on its rows."""
-    if not index:
-        return []
-    n = len(ds)
-    have = _column_names(ds)
-    row_keys = [(str(v), int(i)) for v, i in zip(_read(ds, "video_id", index, n), _read(ds, "segment_idx", index, n))]
-    clip_keys = _read(ds, "clip_frame_idx", index, n) if "clip_frame_idx" in have else [None] * len(index)
-    extra_cols = [c for m in modalities.all_modalities() for c in m.dataset_columns if c in have]
+def _check_columns(have: set[str]) -> tuple[list[str], list]:
+    """The columns the row checks read besides keys and images (those present), and the modality builders."""
+    extra = [c for m in modalities.all_modalities() for c in m.dataset_columns if c in have]
     builders = [modalities.resolve(m.from_dataset) for m in modalities.all_modalities()
                 if m.from_dataset is not None and all(c in have for c in m.dataset_columns)]
-    cols = {c: _read(ds, c, index, n) for c in dict.fromkeys(("start", "end", "frame_idx", "frame_pts", "flags",
-                                                              "is_speech", *extra_cols))}
-    n_jpeg = _image_counts(ds, index, [len(p) for p in cols["frame_pts"]])
+    return list(dict.fromkeys(("start", "end", "frame_idx", "frame_pts", "flags", "is_speech", *extra))), builders
+
+
+def _check_values(cols: dict[str, list], n_jpeg: list[int], tol: Tolerances) -> list[Violation]:
+    """The row checks of rows given as column values (`cols`: keys, the check's columns, `clip_frame_idx` when
+    stored) and their stored JPEG counts."""
+    _, builders = _check_columns(set(cols))
+    extra_cols = [c for m in modalities.all_modalities() for c in m.dataset_columns if c in cols]
+    clip_keys = cols.get("clip_frame_idx") or [None] * len(n_jpeg)
+    check_row = row_checker(tol)
     out: list[Violation] = []
-    for k, key in enumerate(row_keys):
+    for k, (video_id, seg) in enumerate(zip(cols["video_id"], cols["segment_idx"])):
         fpts = [float(x) for x in cols["frame_pts"][k]]
         row = {"start": float(cols["start"][k]), "end": float(cols["end"][k]),
                "frame_idx": [int(x) for x in cols["frame_idx"][k]], "frame_pts": fpts, "n_jpeg": n_jpeg[k],
@@ -103,19 +102,37 @@ def check_rows(ds: Any, index: list[int], tol: Tolerances) -> list[Violation]:
         values = {c: cols[c][k] for c in extra_cols}
         for build in builders:
             row.update(build(values, row))
-        for what in check_row(row, tol):
-            out.append(Violation(key[0], key[1], f"dataset: {what}"))
+        for what in check_row(row):
+            out.append(Violation(str(video_id), int(seg), f"dataset: {what}"))
     return out
 
 
-def check_new_rows(ds: Any, from_row: int, tol: dict[str, Any]) -> list[str]:
-    """`check_rows` of the rows from `from_row` on, as text: the check ingest's writer has its probe child run on
-    each commit's head (`pipeline.dataset_health`, called by name there)."""
+def check_rows(ds: Any, index: list[int], tol: Tolerances) -> list[Violation]:
+    """The row checks of the dataset's rows `index` (sorted) as stored: each modality rebuilds its part of the
+    row from its own columns (`Modality.from_dataset`), the JPEGs counted in the images column. `verify_dataset`
+    runs them on its rows; ingest's probe child on the rows each commit added, as it reads them
+    (`check_read_rows`)."""
+    if not index:
+        return []
     n = len(ds)
-    return [str(v) for v in check_rows(ds, list(range(max(0, min(from_row, n)), n)), Tolerances(**tol))]
+    have = _column_names(ds)
+    names, _ = _check_columns(have)
+    wanted = ["video_id", "segment_idx", *names] + (["clip_frame_idx"] if "clip_frame_idx" in have else [])
+    cols = {c: _read(ds, c, index, n) for c in dict.fromkeys(wanted)}
+    return _check_values(cols, _image_counts(ds, index, [len(p) for p in cols["frame_pts"]]), tol)
 
 
-NEW_ROWS_CHECK = "pipeline.verify.dataset:check_new_rows"
+def check_read_rows(rows: range, values: dict[str, list], tol: dict[str, Any]) -> list[str]:
+    """`check_rows` of rows a reader already holds (`values`: every column's values of `rows`, the images column
+    as its stored bytes, one per JPEG), as text: the check ingest's writer has its probe child run on each block
+    of the rows a commit added, as the probe reads them (`pipeline.dataset_health`, called by name there)."""
+    if not len(rows):
+        return []
+    n_jpeg = [len(v) for v in values["frames"]]
+    return [str(v) for v in _check_values({c: list(v) for c, v in values.items()}, n_jpeg, Tolerances(**tol))]
+
+
+NEW_ROWS_CHECK = "pipeline.verify.dataset:check_read_rows"
 
 
 def verify_dataset(run_dir: Path, cfg: Any, shard_keys: dict[int, set[tuple[str, int]]],
