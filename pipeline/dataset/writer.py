@@ -116,21 +116,28 @@ def read_rows(store: ShardStore) -> tuple[pa.Table | None, str]:
 
 
 class ShardRows:
-    """A shard's rows table held open (one inode: a finalize renaming a new file in meanwhile changes nothing
-    here), at most `max_rows` rows of it in memory at a time. `digest`: sha256 of its bytes ("absent": no table).
-    A shard of at most `max_rows` rows is decoded once and kept for the appends; a larger one is read twice in
-    batches (the check's columns, then every column for the appends)."""
+    """A shard's rows table held open (memory-mapped: one inode, so a finalize renaming a new file in meanwhile
+    changes nothing here), at most `max_rows` rows of it in memory at a time. `digest`: sha256 of its bytes
+    ("absent": no table). A shard of at most `max_rows` rows is decoded once and kept for the appends; a larger
+    one is read twice in batches (the check's columns, then every column for the appends)."""
 
     def __init__(self, store: ShardStore, max_rows: int):
         path = store.table_path(TABLE)
         self.max_rows = max(1, int(max_rows))
-        self.file = open(path, "rb") if path.exists() else None
+        self.file = pa.memory_map(str(path)) if path.exists() else None
         self.digest, self.num_rows, self.pf, self.whole = "absent", 0, None, None
         if self.file is not None:
-            self.digest = hashlib.file_digest(self.file, "sha256").hexdigest()
+            # Arrow reads the mapped pages without the GIL (and without copies), so a read-ahead thread overlaps
+            # the appends; a Python file object would take the GIL for every read.
+            self.digest = hashlib.sha256(memoryview(self.file.read_buffer())).hexdigest()
             self.file.seek(0)
-            self.pf = pq.ParquetFile(self.file, buffer_size=1 << 20, pre_buffer=False)
+            self.pf = pq.ParquetFile(self.file)
             self.num_rows = self.pf.metadata.num_rows
+
+    def preload(self) -> None:
+        """Decode the whole table now, when it fits in `max_rows` (what `batches` would do first)."""
+        if self.pf is not None and self.whole is None and self.num_rows <= self.max_rows:
+            self.whole = self.pf.read()
 
     @property
     def absent(self) -> bool:
@@ -186,6 +193,42 @@ class ShardRows:
         self.whole = None
         if self.file is not None:
             self.file.close()
+
+
+class ShardReader:
+    """The shards' rows tables (`ShardRows`) in the order asked for, the next one opened and hashed in a thread
+    while the caller appends the current, and decoded there too when both fit in `max_rows` rows together (the
+    writer's memory bound holds: at most `max_rows` decoded rows at a time)."""
+
+    def __init__(self, run_dir: Path, shards: list[int], max_rows: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.run_dir, self.order, self.max_rows = run_dir, list(shards), max(1, int(max_rows))
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-read-ahead")
+        self.ahead: dict[int, Any] = {}
+
+    def _open(self, shard: int, beside: int) -> ShardRows:
+        rows = ShardRows(ShardStore(self.run_dir, "ingest", shard), self.max_rows)
+        if rows.num_rows + beside <= self.max_rows:
+            rows.preload()
+        return rows
+
+    def open(self, shard: int) -> ShardRows:
+        """`shard`'s rows (read ahead when it was the next one), and the read-ahead of the one after it."""
+        future = self.ahead.pop(shard, None)
+        rows = future.result() if future is not None else ShardRows(ShardStore(self.run_dir, "ingest", shard),
+                                                                     self.max_rows)
+        k = self.order.index(shard) + 1 if shard in self.order else len(self.order)
+        if k < len(self.order) and self.order[k] not in self.ahead:
+            self.ahead[self.order[k]] = self.pool.submit(self._open, self.order[k], rows.num_rows)
+        return rows
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        for future in self.ahead.values():
+            if future.exception() is None:
+                future.result().close()
+        self.ahead.clear()
 
 
 def delete_shard_rows(ds, shard: int) -> int:
@@ -265,6 +308,8 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
             for item in load_items(run_dir):
                 videos.setdefault(item.shard, []).append(item.video_id)
         margin, min_free = float(stage.free_space_margin), float(stage.free_space_min_mb) * 2**20
+        reader = ShardReader(run_dir, todo, max_rows)      # the next shard read while this one is appended
+        probes.callback(reader.close)
         for g in range(0, len(todo), per_commit):
             chunk = todo[g:g + per_commit]
             need = sum(rows_bytes(ShardStore(run_dir, "ingest", s)) for s in chunk)
@@ -274,7 +319,7 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
             accepted = []
             from_row = len(ds)          # the rows the commit adds; a replaced shard's delete can shift any row
             for shard in chunk:
-                rows = ShardRows(ShardStore(run_dir, "ingest", shard), max_rows)
+                rows = reader.open(shard)
                 try:
                     slim = None
                     # Re-finalized with identical rows (e.g. a retry that failed again): only the marker is new.
