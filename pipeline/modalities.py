@@ -171,7 +171,10 @@ def _dict_of(**parts: str) -> Callable[[pa.Table], list]:
 
 
 def _provenance(table: pa.Table) -> list:
-    return [json.loads(p) if p else {} for p in table.column("provenance").to_pylist()]
+    # one JSON string per video, repeated on each of its rows: parsed once (Deep Lake copies each cell it appends)
+    parsed: dict[str, Any] = {}
+    return [(parsed[p] if p in parsed else parsed.setdefault(p, json.loads(p))) if p else {}
+            for p in table.column("provenance").to_pylist()]
 
 
 def _content_id(table: pa.Table) -> list:
@@ -181,7 +184,7 @@ def _content_id(table: pa.Table) -> list:
 
 
 def _frames(table: pa.Table) -> list:
-    return [list(x or []) for x in table.column("frames").to_pylist()]
+    return [x if x is not None else [] for x in table.column("frames").to_pylist()]
 
 
 def _clip(table: pa.Table) -> list:

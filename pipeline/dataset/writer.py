@@ -10,8 +10,10 @@ array task, `python -m pipeline.dataset <g>`), `write_dataset(cfg)` every group,
 them concurrently in child processes.
 
 Memory: a shard's rows table is read in batches of at most `max_rows_in_memory` rows (Deep Lake writes chunks
-out as rows are appended), twice from one open file (the same inode, whatever a finalize renames meanwhile):
-once for its digest and the run-level check (the rows without images and embeddings), once for the appends.
+out as rows are appended), twice from one memory-mapped file (the same inode, whatever a finalize renames
+meanwhile): once for its digest and the run-level check (the rows without images and embeddings), once for the
+appends. A shard small enough is decoded once. The next shard is opened, hashed and (when both fit in the bound)
+decoded in a thread while the current one is appended (`ShardReader`).
 """
 from __future__ import annotations
 
