@@ -1,0 +1,30 @@
+"""`python -m benchmarks.ingest_bench` end to end on a tiny run: every section of the report is written, with the
+row count the shards hold (counted here from their rows tables) and the scale section's own rows."""
+from __future__ import annotations
+
+import re
+
+import pyarrow.parquet as pq
+import pytest
+
+from benchmarks.ingest_bench import main
+from pipeline.schema import TABLE
+from pipeline.shards import ShardStore
+
+
+@pytest.mark.slow
+def test_the_ingest_benchmark_writes_every_section(tmp_path):
+    out, report = tmp_path / "bench", tmp_path / "ingest.md"
+    assert main(["--videos", "4", "--shards", "2", "--seconds", "8", "--repeat", "1", "--no-slurm",
+                 "--scale", "2", "--out", str(out), "--report", str(report)]) == 0
+    text = report.read_text()
+    rows = sum(pq.read_metadata(ShardStore(out, "ingest", s).table_path(TABLE)).num_rows for s in range(2))
+    assert rows > 0 and f"-> {rows} rows," in text
+    for heading in ("## Ingest", "## At 2x the rows, the stage's commit size", "## Many writers as a Slurm array",
+                    "## Loader", "## Many writers: the layout, and its limit at 100 writers"):
+        assert heading in text, heading
+    ratio = re.search(r"goal >= 0\.5\): ([0-9.]+) wall", text)
+    floor = re.search(r"CPU floor: the Deep Lake write used ([0-9.]+) CPU s \(([0-9.]+) in the writer", text)
+    assert ratio and float(ratio.group(1)) > 0 and floor and 0 < float(floor.group(2)) <= float(floor.group(1))
+    scale = re.search(r"The same steps on 8 videos in 4 shards \((\d+) rows", text)
+    assert scale and int(scale.group(1)) > rows
