@@ -16,6 +16,7 @@ import io
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -38,14 +39,25 @@ def _jpeg(seed: int, size: int) -> bytes:
     return buf.getvalue()
 
 
+def _jpeg_crop(noise: np.ndarray, rng: np.random.Generator, size: int) -> bytes:
+    from PIL import Image
+
+    y, x = (int(v) for v in rng.integers(0, noise.shape[0] - size, 2))
+    buf = io.BytesIO()
+    Image.fromarray(noise[y:y + size, x:x + size]).save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
 def make_upstream(run_dir: str | Path, n_videos: int = 6, num_shards: int = 2, seconds: float = 24.0,
                   fps: float = 1.0, d_clip: int = 16, d_audio: int = 32, image_size: int = 16,
-                  no_speech_every: int = 3, seed: int = 0) -> Path:
+                  no_speech_every: int = 3, seed: int = 0, distinct_frames: bool = False) -> Path:
     """Upstream outputs of `n_videos` videos in `run_dir` (pinned geometry + complete shards of every stage).
 
     Video k: frames every 1/fps s from PTS 0.25; every `no_speech_every`-th video has no speech (windows);
     the others have ASR segments with gaps, one of them too short to contain a frame (-> nearest frame).
-    Embeddings are random but fixed by `seed`.
+    Embeddings are random but fixed by `seed`. Frames: 8 JPEGs repeated (cheap to build; a general-purpose
+    compressor shrinks such a column ~20x, which real frames never allow), or with `distinct_frames` each frame
+    its own JPEG (a crop of a noise image at an offset fixed by `seed`: entropy-coded data, like real frames).
     """
     from pipeline.manifest import Geometry, Item, pin_geometry, shard_of
     from pipeline.shards import ShardStore
@@ -58,6 +70,7 @@ def make_upstream(run_dir: str | Path, n_videos: int = 6, num_shards: int = 2, s
              for k in range(n_videos)]
     pin_geometry(run_dir, Geometry(num_shards, n_videos, f"synthetic-{seed}-{n_videos}"), items)
     images = [_jpeg(seed * 1000 + i, image_size) for i in range(8)]
+    noise = np.random.default_rng(seed + 1).integers(0, 255, (4 * image_size, 4 * image_size, 3), dtype=np.uint8)
     clip_type = pa.list_(pa.float16())
     for shard in range(num_shards):
         vids = sorted(i.video_id for i in items if i.shard == shard)
@@ -71,7 +84,8 @@ def make_upstream(run_dir: str | Path, n_videos: int = 6, num_shards: int = 2, s
             for n, p in enumerate(pts):
                 t["frames"].setdefault("frames", []).append(
                     {"video_id": vid, "frame_idx": n, "pts": p, "shot": n // 5, "kind": "cut" if n % 5 == 0
-                     else "uniform", "jpeg": images[(k + n) % len(images)], "width": image_size,
+                     else "uniform", "jpeg": _jpeg_crop(noise, rng, image_size) if distinct_frames
+                     else images[(k + n) % len(images)], "width": image_size,
                      "height": image_size})
                 t["clip"].setdefault("clip", []).append(
                     {"video_id": vid, "frame_idx": n, "pts": p, "model": "ViT-B-32/tiny",
@@ -444,8 +458,7 @@ def measure_scale(out: Path, args, factor: int) -> dict | None:
         return None
     run = out / "scale"
     shutil.rmtree(run, ignore_errors=True)
-    make_upstream(run, args.videos * factor, args.shards * factor, args.seconds, args.fps, args.d_clip,
-                  args.d_audio, args.image_size, no_speech_every=5)
+    upstream_from_args(run, args, factor)
     run_step("join", run)
     got: dict[str, list[dict]] = {step: [] for step in SCALE_STEPS}
     for _ in range(args.repeat):
@@ -492,6 +505,15 @@ def add_data_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--d-clip", type=int, default=512)
     ap.add_argument("--d-audio", type=int, default=2048)
     ap.add_argument("--image-size", type=int, default=96)
+    ap.add_argument("--repeated-frames", action="store_true",
+                    help="8 JPEGs repeated over all frames (the data of runs before 2026-12-05 midday), instead of "
+                         "a JPEG of its own per frame")
+
+
+def upstream_from_args(out: Path, args, factor: int = 1) -> Path:
+    """`make_upstream` with the data arguments (`add_data_arguments`), `factor` times the videos and shards."""
+    return make_upstream(out, args.videos * factor, args.shards * factor, args.seconds, args.fps, args.d_clip,
+                         args.d_audio, args.image_size, no_speech_every=5, distinct_frames=not args.repeated_frames)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -507,11 +529,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="/tmp/ingest-bench")
     ap.add_argument("--report", default=str(REPO / "benchmarks" / "results" / "ingest.md"))
     args = ap.parse_args(argv)
+    command = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    make_upstream(out, args.videos, args.shards, args.seconds, args.fps, args.d_clip, args.d_audio,
-                  args.image_size, no_speech_every=5)
+    upstream_from_args(out, args)
     build_s = time.perf_counter() - t0
     overrides = ("stage.shards_per_commit=2",)
     # each step in its own process, one after the other on the same rows; peak RSS is that process's. The
@@ -580,9 +602,10 @@ def main(argv: list[str] | None = None) -> int:
         "# Ingest and loader benchmark", "",
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: {machine}; load average "
         f"{os.getloadavg()[0]:.1f} at the end of the run (a VM shared with other work: wall times vary with it, "
-        f"CPU seconds much less). Command: `python -m benchmarks.ingest_bench --videos {args.videos} "
-        f"--shards {args.shards} --seconds {args.seconds}`.", "",
-        f"Data: {args.videos} videos x {args.seconds:.0f} s, frames at {args.fps} fps ({args.image_size}px JPEG), "
+        f"CPU seconds much less). Command: `python -m benchmarks.ingest_bench {command}`.", "",
+        f"Data: {args.videos} videos x {args.seconds:.0f} s, frames at {args.fps} fps ({args.image_size}px JPEG, "
+        + ("8 JPEGs repeated over all frames, which zstd shrinks ~20x and real frames never allow" if
+           args.repeated_frames else "each frame a JPEG of its own, as incompressible as real frames") + "), "
         f"CLIP {args.d_clip}-d fp16, audio {args.d_audio}-d fp16 -> {rows} rows, {mb:.1f} MiB in Arrow "
         f"(upstream built in {build_s:.1f} s).", "",
         "## Ingest", "",

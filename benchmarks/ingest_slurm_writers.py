@@ -251,14 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.shards < 2 or args.videos < 1 or args.repeat < 1:
         print("ingest_slurm_writers: needs --shards >= 2, --videos >= 1, --repeat >= 1", file=sys.stderr)
         return 2
-    from benchmarks.ingest_bench import ingest_config, make_upstream, run_ingest_shards
+    from benchmarks.ingest_bench import ingest_config, run_ingest_shards, upstream_from_args
     from pipeline.logs import configure
 
     configure()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
-    make_upstream(out, args.videos, args.shards, args.seconds, args.fps, args.d_clip, args.d_audio,
-                  args.image_size, no_speech_every=5)
+    upstream_from_args(out, args)
     overrides = ("stage.shards_per_commit=2",)
     cfg = ingest_config(out, *overrides)
     run_ingest_shards(cfg)

@@ -18,8 +18,16 @@ def test_the_ingest_benchmark_writes_every_section(tmp_path):
     assert main(["--videos", "4", "--shards", "2", "--seconds", "8", "--repeat", "1", "--no-slurm",
                  "--scale", "2", "--out", str(out), "--report", str(report)]) == 0
     text = report.read_text()
-    rows = sum(pq.read_metadata(ShardStore(out, "ingest", s).table_path(TABLE)).num_rows for s in range(2))
+    tables = [pq.read_table(ShardStore(out, "ingest", s).table_path(TABLE), columns=["video_id", "frame_idx", "frames"])
+              for s in range(2)]
+    rows = sum(t.num_rows for t in tables)
     assert rows > 0 and f"-> {rows} rows," in text
+    # each frame a JPEG of its own: as many distinct JPEGs as distinct (video, frame) keys
+    by_frame = {(vid, i): j for t in tables for vid, idx, jpegs in zip(*(t.column(c).to_pylist() for c in
+                                                                      ("video_id", "frame_idx", "frames")))
+                for i, j in zip(idx or [], jpegs or [])}
+    assert len(by_frame) > rows and len(set(by_frame.values())) == len(by_frame)
+    assert "each frame a JPEG of its own" in text
     for heading in ("## Ingest", "## At 2x the rows, the stage's commit size", "## Many writers as a Slurm array",
                     "## Loader", "## Many writers: the layout, and its limit at 100 writers"):
         assert heading in text, heading
