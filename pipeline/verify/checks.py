@@ -149,6 +149,7 @@ def check_video(video_id: str, rows: list[dict], tol: Tolerances, expected: list
     out: list[Violation] = []
     rows = sorted(rows, key=lambda r: int(r["segment_idx"]))
     seen: set[int] = set()
+    check_one = row_checker(tol)
     for r in rows:
         idx = int(r["segment_idx"])
         if r["video_id"] != video_id:
@@ -156,7 +157,7 @@ def check_video(video_id: str, rows: list[dict], tol: Tolerances, expected: list
         if idx in seen:
             out.append(Violation(video_id, idx, "duplicate key"))
         seen.add(idx)
-        out.extend(Violation(video_id, idx, what) for what in check_row(r, tol))
+        out.extend(Violation(video_id, idx, what) for what in check_one(r))
     dropped = set(dropped)
     if expected is not None:
         want = set(expected) - dropped
