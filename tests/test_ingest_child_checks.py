@@ -25,17 +25,24 @@ from pipeline.verify.dataset import NEW_ROWS_CHECK, check_rows
 QUIET = {"log": lambda s: None}
 
 
-def test_the_probe_child_names_the_corrupted_row_of_the_rows_it_checks(run):
+def _corrupted_dataset(run, corrupt, rows):
+    """A written dataset with one row (the first of `rows(n)` with 2+ frames) corrupted by `corrupt` and
+    committed: (cfg, url, rows in it, the row, its "video_id segment_idx", what the check must say)."""
     cfg = ingest_config(run)
     run_ingest_shards(cfg)
     url = write_dataset(cfg, **QUIET)["dataset"]
     ds = deeplake.open(url)
     n = len(ds)
     pts = ds["frame_pts"][0:n]
-    i = next(k for k in range(n // 2, n) if len(pts[k]) >= 2)
+    i = next(k for k in rows(n) if len(pts[k]) >= 2)
     key = f"{ds['video_id'][i]} {int(ds['segment_idx'][i])}"
-    what = _reverse_clip_keys(ds, i)
+    what = corrupt(ds, i)
     ds.commit("corrupt one row")
+    return cfg, url, n, i, key, what
+
+
+def test_the_probe_child_names_the_corrupted_row_of_the_rows_it_checks(run):
+    cfg, url, n, i, key, what = _corrupted_dataset(run, _reverse_clip_keys, lambda n: range(n // 2, n))
     check = {"call": NEW_ROWS_CHECK, "kwargs": {"tol": asdict(Tolerances.from_config(cfg.stage))}}
     with health.warm_probes():
         assert health.probe_later(url, 0, check=check)().ok
@@ -59,16 +66,7 @@ def _drop_a_jpeg(ds, i):
 def test_the_childs_check_of_rows_as_read_finds_what_the_check_of_stored_rows_finds(run, corrupt):
     """The child checks the values its probe read, a block at a time; `check_rows` reads the stored rows
     itself. On a dataset with one row corrupted here, both name that row, with the same violations."""
-    cfg = ingest_config(run)
-    run_ingest_shards(cfg)
-    url = write_dataset(cfg, **QUIET)["dataset"]
-    ds = deeplake.open(url)
-    n = len(ds)
-    pts = ds["frame_pts"][0:n]
-    i = next(k for k in range(n - 1, 0, -1) if len(pts[k]) >= 2)
-    key = f"{ds['video_id'][i]} {int(ds['segment_idx'][i])}"
-    what = corrupt(ds, i)
-    ds.commit("corrupt one row")
+    cfg, url, n, _, key, what = _corrupted_dataset(run, corrupt, lambda n: range(n - 1, 0, -1))
     tol = Tolerances.from_config(cfg.stage)
     stored = [str(v) for v in check_rows(deeplake.open_read_only(url), list(range(n)), tol)]
     with health.warm_probes():
