@@ -13,7 +13,8 @@ So, for a dataset on a local filesystem:
   and reads it: every column of every row from `from_row` on (the rows the commit added, a block of rows at a
   time; bulky columns by row lists, as a slice of a Sequence(Image) column crashes Deep Lake 4.7.4 now and then
   whatever the data; images as their stored bytes, 16 of the new rows decoded), and of the rows before, the
-  bulky columns (images, embeddings, any Sequence) in samples (the first and last 64 rows plus every (n/64)-th).
+  bulky columns (images, embeddings, any Sequence) in samples (the first and last 64 rows plus every (n/64)-th);
+  after a tag (a write that changes no rows, `from_row=INFO_ONLY`) only the head's version, rows and tags.
   Within `warm_probes()` one child serves every probe, and `probe_later` / `write_checked(wait=False)` let the
   writer go on while it reads (the child can also run a check the caller names on each block of rows it reads:
   `row_checks`).
@@ -158,6 +159,9 @@ def head_info(ds: Any) -> dict[str, Any]:
 
 
 BLOCK_ROWS = 256         # rows of the commit's new rows a probe reads at a time (every column of them)
+# `from_row` of a probe after a write that changed no rows (a tag): the head is opened and its info read (version,
+# rows, tags, shard list: what such a write can break), no data, as the data is that of a version probed before
+INFO_ONLY = -1
 
 
 def _probe_read(url: str, from_row: int, emit: Callable[[str], None],
@@ -170,6 +174,9 @@ def _probe_read(url: str, from_row: int, emit: Callable[[str], None],
     ds = deeplake.open_read_only(url)
     n = len(ds)
     emit(json.dumps(head_info(ds)))
+    if from_row == INFO_ONLY:
+        emit("ok")
+        return ds
     step = max(1, n // SAMPLE_ROWS)
     sample = sorted({*range(0, min(n, SAMPLE_ROWS)), *range(max(0, n - SAMPLE_ROWS), n), *range(0, n, step)})
     first_new = max(0, min(from_row, n))
@@ -476,7 +483,8 @@ def row_checks(timeout_s: float = PROBE_TIMEOUT_S) -> list[str] | None:
 
 
 def probe(url: str, from_row: int = 0, timeout_s: float = PROBE_TIMEOUT_S) -> Probe:
-    """Read the dataset's head in a child process; `from_row`: rows before it are read only in samples."""
+    """Read the dataset's head in a child process; `from_row`: rows before it are read only in samples
+    (`INFO_ONLY`: after a write that changed no rows, only the head's info)."""
     if _warm is not None:
         return _warm.probe(url, from_row, timeout_s)
     try:
@@ -661,8 +669,8 @@ def ensure_readable(url: str, log: Callable[[str], None] = _log.warning, save: b
 
 
 def write_checked(url: str, action: Callable[[], Any], what: str, log: Callable[[str], None] = _log.warning,
-                  from_row: int = 0, wait: bool = True, ds: Any = None,
-                  check: dict[str, Any] | None = None) -> Callable[[], None] | None:
+                  from_row: int = 0, wait: bool = True, ds: Any = None, check: dict[str, Any] | None = None,
+                  expect: Callable[[dict[str, Any]], str | None] | None = None) -> Callable[[], None] | None:
     """Run a write that ends in a new version (`ds.commit`, `ds.tag`), then probe the new head in a child process:
     readable, it is saved as the last good version; unreadable, it is rolled back to the previous one and
     DatasetWriteError says so. Remote datasets are written unchecked.
@@ -673,7 +681,9 @@ def write_checked(url: str, action: Callable[[], Any], what: str, log: Callable[
     which a failed check discards (the process stops with the error). `ds`, the writer's handle: the new version
     log is copied aside at once (`stage_good`), so the save only renames, whatever the caller wrote since.
     `check` ({"call": "module:function", "kwargs": {...}}, see `WarmProber.submit`): the probe child also runs
-    that check on the rows from `from_row` on as it reads them; `row_checks()` collects what it found."""
+    that check on the rows from `from_row` on as it reads them; `row_checks()` collects what it found.
+    `expect(info)`: what the write must show in the head a reader opens (the probe's info), None when it does, else
+    why not; a head that reads fine without it is a failed write (not saved as good; re-run)."""
     path = local_dir(url)
     if path is None:
         action()
@@ -687,7 +697,9 @@ def write_checked(url: str, action: Callable[[], Any], what: str, log: Callable[
     staged = stage_good(url, head_info(ds), log) if ds is not None and not wait and failure is None else None
 
     def settle() -> None:
-        _settle(url, path, what, failure, verdict(), log, staged)
+        result = verdict()
+        missing = expect(result.info) if expect is not None and failure is None and result.ok else None
+        _settle(url, path, what, missing or failure, result, log, staged)
 
     if wait or failure is not None:
         settle()

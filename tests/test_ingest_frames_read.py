@@ -105,3 +105,38 @@ def test_probe_reads_every_row_of_every_column_a_commit_added(tmp_path):
         p.write_bytes(bytes((7 * i + 13) % 256 for i in range(p.stat().st_size)))
     bad = health.probe(url, 3)
     assert not bad.ok and bad.problem
+
+
+def test_a_tag_probe_reads_the_heads_info_and_a_lost_tag_is_a_failed_write(tmp_path):
+    """After a tag (no rows changed) the probe only opens the head and reads its info. A good tag is saved with
+    the last good version; a tag whose record the write left garbled (what a full disk leaves: the head then
+    reads fine, without the tag) is a failed write, and the last good version stays the one before it."""
+    import deeplake
+
+    from pipeline import dataset_health as health
+
+    path = tmp_path / "dataset"
+    url = f"file://{path}"
+    _append(str(path), 3, 0)
+    log = path / "_deeplake_log"
+    ds = health.held(deeplake.open(url))
+    health.write_checked(url, lambda: ds.commit("rows"), "a commit", from_row=0)
+    expect = {name: (lambda info, name=name: None if name in info.get("tags", {}) else "no tag")
+              for name in ("t1", "t2")}
+    health.write_checked(url, lambda: ds.tag("t1"), "tag t1", from_row=health.INFO_ONLY, expect=expect["t1"])
+    saved = health.saved_state(path)
+    assert saved is not None and saved["tags"] == {"t1": ds.version}, saved
+    probe = health.probe(url, health.INFO_ONLY)
+    assert probe.ok and probe.info["tags"] == {"t1": ds.version} and probe.info["rows"] == 3, probe
+
+    def tag_then_garble():
+        before = {p: p.stat().st_size for p in log.rglob("*.jsonl")}
+        ds.tag("t2")
+        written = [p for p in log.rglob("*.jsonl") if before.get(p) != p.stat().st_size]
+        assert written
+        for p in written:
+            p.write_bytes(b"\x00" * p.stat().st_size)
+
+    with pytest.raises(health.DatasetWriteError, match="tag t2 failed .*no tag.* reads fine"):
+        health.write_checked(url, tag_then_garble, "tag t2", from_row=health.INFO_ONLY, expect=expect["t2"])
+    assert health.saved_state(path)["tags"] == {"t1": saved["tags"]["t1"]}

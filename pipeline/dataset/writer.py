@@ -407,7 +407,9 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
             while tag in taken:         # a replace within the same second can give the same name
                 n += 1
                 tag = f"{base}-{n}"
-            health.write_checked(url, lambda: ds.tag(tag), f"ingest: tagging {tag}", log, from_row=len(ds))
+            health.write_checked(url, lambda: ds.tag(tag), f"ingest: tagging {tag}", log, from_row=health.INFO_ONLY,
+                                 expect=lambda info: None if tag in info.get("tags", {}) else
+                                 "the tag is missing from the head a reader opens")
             log(f"ingest: tagged {tag} ({len(ds)} rows, shards {mine.start}..{mine.stop - 1})")
         rows = len(ds)
     seconds = time.perf_counter() - t0
