@@ -33,8 +33,19 @@ from .checks import (DROPPED_NOTE, PTS_MATCH_S, Tolerances, Violation, _close, c
                      check_audio_row, check_clip_row, check_counts, check_frame_keys, check_frame_row, check_frames,
                      check_keys, check_row, check_scenegraph_row, check_video, check_windows, dropped_of)
 from .dataset import _column_names, _image_counts, _read, _runs, verify_dataset  # noqa: F401
-from .shard import (HEAVY_COLUMNS, ROW_BULK, ShardReport, _read_parquet, _rows_without_images,  # noqa: F401
-                    heavy_columns, ingest_settings, row_bulk, verify_run, verify_shard)
+
+# `shard` (Parquet reading, the stage configs) is imported on first use: the ingest writer's probe child imports
+# `dataset` for its row check and needs none of it.
+_SHARD = ("HEAVY_COLUMNS", "ROW_BULK", "ShardReport", "_read_parquet", "_rows_without_images", "heavy_columns",
+          "ingest_settings", "row_bulk", "verify_run", "verify_shard")
+
+
+def __getattr__(name: str):
+    if name in _SHARD:
+        from . import shard
+
+        return getattr(shard, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cli(overrides: list[str]) -> int:
@@ -52,6 +63,8 @@ def cli(overrides: list[str]) -> int:
     run_dir = Path(args["run_dir"])
     if not (run_dir / "manifest.parquet").exists():
         raise ConfigError(f"not a run dir (no manifest.parquet): {run_dir}")
+    from .shard import verify_run
+
     violations = verify_run(run_dir, check_dataset=args.get("dataset", "true").lower() != "false")
     if args.get("content", "false").lower() == "true":
         from ..verify_content import verify_content
