@@ -55,6 +55,24 @@ OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 PARQUET_OPTIONS = {"compression": "zstd", "use_dictionary": False}
 
 
+def _media(dtype: pa.DataType) -> bool:
+    """Binary values (JPEG frames), alone or in lists: already compressed, zstd only costs time on them."""
+    while pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
+        dtype = dtype.value_type
+    return pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype)
+
+
+def parquet_options(schema: pa.Schema) -> dict[str, Any]:
+    """`PARQUET_OPTIONS` for a table: its binary (media) columns stored uncompressed. Parquet names a codec per
+    leaf column ("frames.list.element"), so the leaves come from the Parquet schema of an empty table."""
+    buf = pa.BufferOutputStream()
+    pq.write_table(schema.empty_table(), buf)
+    leaves = [c.path for c in pq.ParquetFile(pa.BufferReader(buf.getvalue())).schema]
+    media = {f.name for f in schema if _media(f.type)}
+    return {**PARQUET_OPTIONS, "compression": {path: "none" if path.split(".")[0] in media
+                                               else PARQUET_OPTIONS["compression"] for path in leaves}}
+
+
 def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}"
 
@@ -151,7 +169,8 @@ class ShardStore:
         staging = self.dir / STAGING
         shutil.rmtree(staging, ignore_errors=True)  # a staging torn by a kill: never installed, the shard unchanged
         for name, table in tables.items():
-            write_parquet(staging / f"{name}.parquet", as_read_back(table), **PARQUET_OPTIONS)
+            table = as_read_back(table)
+            write_parquet(staging / f"{name}.parquet", table, **parquet_options(table.schema))
         ledger_rows = sorted(ledger_rows, key=lambda r: r["video_id"])
         write_parquet(staging / f"{LEDGER}.parquet", pa.Table.from_pylist(ledger_rows, schema=LEDGER_SCHEMA))
         counts = Counter(r["status"] for r in ledger_rows)

@@ -233,3 +233,21 @@ def test_dedupe_sorted_matches_a_plain_python_oracle():
             last[(r["v"], r["k"])] = r
         want = sorted(last.values(), key=lambda r: (r["v"] is None, r["v"] or "", r["k"]))
         assert dedupe_sorted(table, ["v", "k"]).to_pylist() == want, rows
+
+
+def test_finalized_tables_store_media_uncompressed_and_the_rest_with_zstd(tmp_path):
+    """JPEG bytes (alone or in lists) are already compressed: the final Parquet keeps them as they are, the other
+    columns zstd; the table reads back equal."""
+    import pyarrow.parquet as pq
+
+    store = ShardStore(tmp_path, "toy", 0)
+    t = pa.table({"video_id": ["a", "b"], "jpeg": [b"\xff\xd8one", b"\xff\xd8two"],
+                  "frames": [[b"\xff\xd8x", b"\xff\xd8y"], []], "emb": [[1.0, 2.0], [3.0]]})
+    ledger = [{"video_id": v, "status": "ok", "reason": "", "attempts": 1, "seconds": 0.1, "note": ""}
+              for v in ("a", "b")]
+    store.finalize(ledger, {"t": t}, {}, {"stage": "toy"})
+    meta = pq.ParquetFile(store.table_path("t")).metadata.row_group(0)
+    codecs = {meta.column(i).path_in_schema.split(".")[0]: meta.column(i).compression
+              for i in range(meta.num_columns)}
+    assert codecs == {"video_id": "ZSTD", "jpeg": "UNCOMPRESSED", "frames": "UNCOMPRESSED", "emb": "ZSTD"}, codecs
+    assert store.read_table("t").equals(t)
