@@ -77,19 +77,20 @@ def _image_counts(ds, rows: list[int], frame_counts: list[int]) -> list[int]:
     return out
 
 
-def _check_columns(have: set[str]) -> tuple[list[str], list]:
-    """The columns the row checks read besides keys and images (those present), and the modality builders."""
+def _check_columns(have: set[str]) -> tuple[list[str], list[str], list]:
+    """The columns the row checks read besides keys and images (those present), the modalities' own among them,
+    and the modality builders."""
     extra = [c for m in modalities.all_modalities() for c in m.dataset_columns if c in have]
     builders = [modalities.resolve(m.from_dataset) for m in modalities.all_modalities()
                 if m.from_dataset is not None and all(c in have for c in m.dataset_columns)]
-    return list(dict.fromkeys(("start", "end", "frame_idx", "frame_pts", "flags", "is_speech", *extra))), builders
+    return list(dict.fromkeys(("start", "end", "frame_idx", "frame_pts", "flags", "is_speech", *extra))), extra, \
+        builders
 
 
 def _check_values(cols: dict[str, list], n_jpeg: list[int], tol: Tolerances) -> list[Violation]:
     """The row checks of rows given as column values (`cols`: keys, the check's columns, `clip_frame_idx` when
     stored) and their stored JPEG counts."""
-    _, builders = _check_columns(set(cols))
-    extra_cols = [c for m in modalities.all_modalities() for c in m.dataset_columns if c in cols]
+    _, extra_cols, builders = _check_columns(set(cols))
     clip_keys = cols.get("clip_frame_idx") or [None] * len(n_jpeg)
     check_row = row_checker(tol)
     out: list[Violation] = []
@@ -116,7 +117,7 @@ def check_rows(ds: Any, index: list[int], tol: Tolerances) -> list[Violation]:
         return []
     n = len(ds)
     have = _column_names(ds)
-    names, _ = _check_columns(have)
+    names, _, _ = _check_columns(have)
     wanted = ["video_id", "segment_idx", *names] + (["clip_frame_idx"] if "clip_frame_idx" in have else [])
     cols = {c: _read(ds, c, index, n) for c in dict.fromkeys(wanted)}
     return _check_values(cols, _image_counts(ds, index, [len(p) for p in cols["frame_pts"]]), tol)
