@@ -14,7 +14,9 @@ So, for a dataset on a local filesystem:
   time; bulky columns by row lists, as a slice of a Sequence(Image) column crashes Deep Lake 4.7.4 now and then
   whatever the data; images as their stored bytes, 16 of the new rows decoded), and of the rows before, the
   bulky columns (images, embeddings, any Sequence) in samples (the first and last 64 rows plus every (n/64)-th);
-  after a tag (a write that changes no rows, `from_row=INFO_ONLY`) only the head's version, rows and tags.
+  after a tag (a write that changes no rows, `from_row=INFO_ONLY`) only the head's version, rows and tags. A
+  head whose metadata records other row counts than it holds is a torn commit (`torn_commit`: Deep Lake writes a
+  commit's metadata and its rows to two logs, and a kill can land between them): the writer rolls it back.
   Within `warm_probes()` one child serves every probe, and `probe_later` / `write_checked(wait=False)` let the
   writer go on while it reads (the child can also run a check the caller names on each block of rows it reads:
   `row_checks`).
@@ -149,13 +151,34 @@ def _rows(column: Any, rows: list[int], as_bytes: bool) -> list:
     return column[rows]
 
 
+FINGERPRINTS = "ingested_fingerprints"     # the writer's metadata: per shard, what of it the dataset holds
+
+
 def head_info(ds: Any) -> dict[str, Any]:
-    """What a probe reports of a head, and what a saved good version records: version, rows, tags, shards."""
+    """What a probe reports of a head, and what a saved good version records: version, rows, tags, shards, and
+    the rows the writer's records count (`recorded_rows`, None on datasets made before them)."""
     meta = ds.metadata
+    counts = [dict(v).get("num_rows") for v in dict(meta[FINGERPRINTS]).values()] \
+        if FINGERPRINTS in meta.keys() else [None]
     return {"version": ds.version, "rows": len(ds),
             "tags": {name: ds.tags[name].version for name in ds.tags.names()},
             "ingested_shards": (sorted(int(s) for s in meta["ingested_shards"])
-                                if "ingested_shards" in meta.keys() else None)}
+                                if "ingested_shards" in meta.keys() else None),
+            "recorded_rows": None if any(c is None for c in counts) else sum(int(c) for c in counts)}
+
+
+def torn_commit(info: dict[str, Any]) -> str | None:
+    """Why a head (its `head_info`) is a torn commit, or None. Deep Lake 4.7 writes a commit to two logs, the
+    metadata's (`_deeplake_log/_meta`) and then the rows' (the branch's): a process killed between the two (seen
+    in the kill soak), or a disk filling there, leaves a head that reads fine and lists shards whose rows it does
+    not hold. The writer records each shard's row count in the same commit as its rows, so in any head it wrote
+    the counts add up to the rows. The writer rolls such a head back (`ensure_readable(save=True)`, and after
+    each of its writes); `verify` reports it, as rows missing or extra."""
+    recorded = info.get("recorded_rows")
+    if recorded is None or recorded == info.get("rows"):
+        return None
+    return (f"a torn commit: its metadata records {recorded} rows of shards {info.get('ingested_shards')} and "
+            f"it holds {info.get('rows')}")
 
 
 BLOCK_ROWS = 256         # rows of the commit's new rows a probe reads at a time (every column of them)
@@ -655,9 +678,12 @@ def ensure_readable(url: str, log: Callable[[str], None] = _log.warning, save: b
     it cannot be). {} when there is no dataset. `save` (the dataset's writer only): a readable head that is not
     the saved one is saved as the last good version."""
     problem, info = head_problem(url)
+    path = local_dir(url)
+    new_head = exists(path) and (saved_state(path) or {}).get("digest") != log_digest(path)
+    if problem is None and save and new_head:
+        problem = torn_commit(info)     # the writer does not build on a torn head: back to the last good version
     if problem is None:
-        path = local_dir(url)
-        if save and exists(path) and (saved_state(path) or {}).get("digest") != log_digest(path):
+        if save and new_head:
             save_good(url, info, log)
         return info
     state = rollback(url, problem, log)
@@ -709,6 +735,9 @@ def write_checked(url: str, action: Callable[[], Any], what: str, log: Callable[
 
 def _settle(url: str, path: Path, what: str, failure: str | None, result: Probe,
             log: Callable[[str], None], staged: Path | None = None) -> None:
+    torn = torn_commit(result.info) if result.ok else None
+    if torn is not None:
+        result = Probe(False, torn, result.info)
     if failure is None and result.ok:
         save_good(url, result.info, log, staged=staged)
         return

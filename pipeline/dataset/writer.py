@@ -46,7 +46,7 @@ from .lock import writer_lock  # noqa: F401  (importable from here)
 _log = logging.getLogger(__name__)
 _info = _log.info      # the default progress log (callers may pass their own)
 
-FINGERPRINTS = "ingested_fingerprints"     # dataset metadata: per shard, what of it the dataset holds
+FINGERPRINTS = health.FINGERPRINTS     # dataset metadata: per shard, what of it the dataset holds (its rows too)
 Hook = Callable[[int], None]
 
 
