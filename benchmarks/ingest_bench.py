@@ -373,8 +373,9 @@ NOTES = [
     " shards, converting, `ds.append`, the commits; Deep Lake's own threads encode and write the chunks), the"
     " last commit's probe (nothing left to overlap it with), the tag and its probe, and the probe child's"
     " start-up (Python, Deep Lake and the check's imports: 0.3-0.4 CPU s). On 2 cores the write is CPU-bound"
-    " (the 'CPU floor' line above): the writer and its child together need more than twice the Parquet write's"
-    " CPU, so at 2,000 rows no overlap can bring the write to half the Parquet speed here. With more rows per"
+    " (the 'CPU floor' line above): the writer and its child together need more than three times the Parquet"
+    " write's CPU, so at 2,000 rows even a perfect overlap on both cores stays near 0.6 of the Parquet speed,"
+    " and the measured ratio moves around 0.5 with the VM's load. With more rows per"
     " commit the fixed costs fade and the probes hide behind the appends (the section at 4x the rows: the"
     " checked write within about 10% of the format alone); with more cores the child leaves the writer's path.", "",
     "## Many writers: the layout, and its limit at 100 writers", "",
