@@ -15,10 +15,10 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 def _tmp_name(path: Path) -> Path:
@@ -72,6 +72,8 @@ def write_json(path: str | Path, obj: Any, durable: bool = True) -> None:
 
 def write_parquet(path: str | Path, table: pa.Table, **options: Any) -> None:
     """`options` go to pyarrow.parquet.write_table (compression defaults to zstd)."""
+    import pyarrow.parquet as pq    # here, not at the top: light importers (a writer's start) skip pyarrow
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)

@@ -244,9 +244,9 @@ SERVE = "--serve"
 REPLY = "@@probe "      # prefix of the serving child's replies (anything else on its stdout is ignored)
 
 
-def _serve_main() -> None:
-    """Child side of the warm prober: one request per stdin line (JSON [url, from_row] or [url, from_row, check]),
-    replies on stdout. With `check` ({"call": "module:function", "kwargs": {...}}), the function is called with
+def _serve_main(preload: list[str]) -> None:
+    """Child side of the warm prober: `preload` (module names, e.g. a row check's) imported first; then one request
+    per stdin line (JSON [url, from_row] or [url, from_row, check]), replies on stdout. With `check` ({"call": "module:function", "kwargs": {...}}), the function is called with
     each block of new rows the probe reads (`rows` a range, `values` {column: values of those rows as read},
     then the kwargs) and returns violations; after "ok" all it found is sent as "checked [...]"."""
     import gc
@@ -254,6 +254,11 @@ def _serve_main() -> None:
 
     import deeplake  # noqa: F401  - imported once, before the first request
 
+    for module in preload:
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - a request naming it reports the failure
+            pass
     out = sys.stdout
     emit = lambda line: (out.write(REPLY + line + "\n"), out.flush())  # noqa: E731
     emit("ready")
@@ -318,7 +323,8 @@ class WarmProber:
     child, so a native crash kills the child, is reported like the one-shot probe's, and the next probe starts a
     new child. Started as soon as it is made, so its start-up overlaps the writer's own work."""
 
-    def __init__(self) -> None:
+    def __init__(self, preload: tuple[str, ...] = ()) -> None:
+        self.preload = tuple(preload)               # modules the child imports before it says "ready"
         self.proc: subprocess.Popen | None = None
         self.err = None
         self.buf = b""
@@ -332,7 +338,7 @@ class WarmProber:
 
         self.err = tempfile.TemporaryFile()
         self.buf = b""
-        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.dataset_health", SERVE],
+        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.dataset_health", SERVE, *self.preload],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err,
                                      env=_child_env())
 
@@ -471,16 +477,30 @@ class WarmProber:
 
 
 _warm: WarmProber | None = None
+_spare: WarmProber | None = None     # started by `prestart_probes`, for the next `warm_probes` block
+
+
+def prestart_probes(preload: tuple[str, ...] = ()) -> None:
+    """Start the warm child now, for the next `warm_probes` block of this process. A writer's entry point calls it
+    first thing (`python -m pipeline.dataset`), so that the child's start-up (Python and Deep Lake imports, and
+    `preload`: the modules of the row checks it will be asked for; about 0.35 CPU s in all) runs while the writer
+    imports its own modules and reads its input, not during the write. A spare never used ends when this process
+    does (its stdin closes)."""
+    global _spare
+    if _spare is None and _warm is None:
+        _spare = WarmProber(preload)
 
 
 @contextmanager
-def warm_probes() -> Iterator[None]:
-    """Within this block every `probe` of this process goes to one warm child (see WarmProber)."""
-    global _warm
+def warm_probes(preload: tuple[str, ...] = ()) -> Iterator[None]:
+    """Within this block every `probe` of this process goes to one warm child (see WarmProber): the one
+    `prestart_probes` started, when there is one (a dead one is replaced at its first request), else a new one
+    that imports `preload` as it starts."""
+    global _warm, _spare
     if _warm is not None:
         yield
         return
-    _warm = WarmProber()
+    _warm, _spare = (_spare if _spare is not None else WarmProber(preload)), None
     try:
         yield
     finally:
@@ -705,7 +725,8 @@ def write_checked(url: str, action: Callable[[], Any], what: str, log: Callable[
     returned function completes the check (the save, or the rollback and its error). The caller must call it
     before its next commit (never one on top of an unprobed head), and may only do uncommitted work meanwhile,
     which a failed check discards (the process stops with the error). `ds`, the writer's handle: the new version
-    log is copied aside at once (`stage_good`), so the save only renames, whatever the caller wrote since.
+    log is copied aside at once (`stage_good`), while the probe runs, so the save only renames, whatever the
+    caller wrote since.
     `check` ({"call": "module:function", "kwargs": {...}}, see `WarmProber.submit`): the probe child also runs
     that check on the rows from `from_row` on as it reads them; `row_checks()` collects what it found.
     `expect(info)`: what the write must show in the head a reader opens (the probe's info), None when it does, else
@@ -720,7 +741,7 @@ def write_checked(url: str, action: Callable[[], Any], what: str, log: Callable[
     except Exception as exc:  # noqa: BLE001 - reported with the state it left
         failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
     verdict = probe_later(url, from_row, check=check)
-    staged = stage_good(url, head_info(ds), log) if ds is not None and not wait and failure is None else None
+    staged = stage_good(url, head_info(ds), log) if ds is not None and failure is None else None     # during the probe
 
     def settle() -> None:
         result = verdict()
@@ -757,8 +778,8 @@ def _settle(url: str, path: Path, what: str, failure: str | None, result: Probe,
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == [SERVE]:
-        _serve_main()
+    if sys.argv[1:2] == [SERVE]:
+        _serve_main(sys.argv[2:])
     else:
         _probe_main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0)
     # The verdict is out; leave without the interpreter's teardown, where Deep Lake 4.7's native library has been

@@ -237,7 +237,7 @@ def test_dedupe_sorted_matches_a_plain_python_oracle():
 
 def test_finalized_tables_store_media_uncompressed_and_the_rest_with_zstd(tmp_path):
     """JPEG bytes (alone or in lists) are already compressed: the final Parquet keeps them as they are, the other
-    columns zstd; the table reads back equal."""
+    columns zstd; min/max statistics only for columns of one value per row; the table reads back equal."""
     import pyarrow.parquet as pq
 
     store = ShardStore(tmp_path, "toy", 0)
@@ -250,4 +250,8 @@ def test_finalized_tables_store_media_uncompressed_and_the_rest_with_zstd(tmp_pa
     codecs = {meta.column(i).path_in_schema.split(".")[0]: meta.column(i).compression
               for i in range(meta.num_columns)}
     assert codecs == {"video_id": "ZSTD", "jpeg": "UNCOMPRESSED", "frames": "UNCOMPRESSED", "emb": "ZSTD"}, codecs
+    stats = {meta.column(i).path_in_schema.split(".")[0]: meta.column(i).is_stats_set
+             for i in range(meta.num_columns)}
+    assert stats == {"video_id": True, "jpeg": True, "frames": False, "emb": False}, stats
+    assert meta.column(0).statistics.min == "a" and meta.column(0).statistics.max == "b"
     assert store.read_table("t").equals(t)

@@ -34,5 +34,9 @@ def test_the_ingest_benchmark_writes_every_section(tmp_path):
     ratio = re.search(r"goal >= 0\.5\): ([0-9.]+) wall", text)
     floor = re.search(r"CPU floor: the Deep Lake write used ([0-9.]+) CPU s \(([0-9.]+) in the writer", text)
     assert ratio and float(ratio.group(1)) > 0 and floor and 0 < float(floor.group(2)) <= float(floor.group(1))
+    before = re.search(r"start-up, ([0-9.]+) s of it before the write began", text)
+    assert before and float(before.group(1)) < float(floor.group(1)) - float(floor.group(2))
+    late = re.search(r"\| the same write with its probe child started by the write itself [^|]*\| ([0-9.]+) \|", text)
+    assert late and float(late.group(1)) > 0
     scale = re.search(r"The same steps on 8 videos in 4 shards \((\d+) rows", text)
     assert scale and int(scale.group(1)) > rows

@@ -248,6 +248,53 @@ def test_warm_prober_sees_each_new_head_and_survives_a_reader_crash(tmp_path):
     assert health._warm is None and prober.proc is None
 
 
+def test_prestarted_prober_is_the_one_the_write_uses(tmp_path, monkeypatch):
+    """`prestart_probes` (a writer's entry point, before its imports) starts the child that the next
+    `warm_probes` block uses: it imported the preloaded module before its first reply, a dead spare is replaced at
+    the first request, and a spare never used ends when its parent's end of the pipe closes."""
+    import os
+    import signal
+
+    from pipeline import dataset_health as health
+    from pipeline.dataset import ROW_CHECK_MODULE
+    from pipeline.verify.dataset import NEW_ROWS_CHECK
+
+    assert NEW_ROWS_CHECK.partition(":")[0] == ROW_CHECK_MODULE     # what `python -m pipeline.dataset` preloads
+    (tmp_path / "mods").mkdir()
+    stamp = tmp_path / "imported"
+    (tmp_path / "mods" / "preload_stamp.py").write_text(f"open({str(stamp)!r}, 'w').write(str(__import__('os')"
+                                                        ".getpid()))\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "mods"))
+    url = f"file://{tmp_path / 'ds'}"
+    ds = deeplake.create(url)
+    ds.add_column("x", deeplake.types.Int64())
+    ds.append({"x": [1, 2, 3]})
+    ds.commit("three")
+
+    health.prestart_probes(preload=("preload_stamp", "no_such_module_here"))
+    spare = health._spare
+    with health.warm_probes():
+        assert health._warm is spare and health._spare is None
+        got = health.probe(url)
+        assert got.ok and got.info["rows"] == 3, got
+        assert stamp.read_text() == str(spare.proc.pid)      # imported by this very child, before "ready"
+    assert spare.proc is None and health._warm is None
+
+    health.prestart_probes()
+    spare = health._spare
+    os.kill(spare.proc.pid, signal.SIGKILL)
+    spare.proc.wait()
+    with health.warm_probes():
+        got = health.probe(url)
+        assert got.ok and got.info["rows"] == 3 and health._warm is spare, got
+
+    health.prestart_probes()
+    spare, health._spare = health._spare, None
+    spare.proc.stdin.close()                     # what the parent's exit does to an unused spare
+    assert spare.proc.wait(timeout=60) == 0
+    spare.close()
+
+
 def test_deeplake_columns_equal_the_row_wise_conversion(run):
     """The column-wise conversion (numpy views of the Arrow buffers) gives, cell for cell, what converting each
     row's Python values gives (the oracle: pyarrow's own to_pylist), null and empty cells and slices included."""

@@ -8,6 +8,10 @@ from .layout import CATALOGUE, GROUP_PREFIX, Layout, dataset_url, read_layout, w
 from .lock import writer_lock
 from .view import GroupedView, exists, layout_of, open_read_only, repair
 
+# The module of the writer's row check (`pipeline.verify.dataset.NEW_ROWS_CHECK`), which the writer's probe child
+# imports as it starts (`python -m pipeline.dataset`), named here so that naming it imports nothing.
+ROW_CHECK_MODULE = "pipeline.verify.dataset"
+
 # The writer's names load the writer on first use: it imports the verifier, which reads through `view` (and
 # importing `pipeline.dataset.view` must not import the verifier back).
 _WRITER = ("FINGERPRINTS", "ShardRows", "current_version_tagged", "delete_shard_rows", "ingested_fingerprints",
@@ -23,7 +27,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["CATALOGUE", "FINGERPRINTS", "GROUP_PREFIX", "GroupedView", "Layout", "ShardRows", "current_version_tagged",
+__all__ = ["CATALOGUE", "ROW_CHECK_MODULE", "FINGERPRINTS", "GROUP_PREFIX", "GroupedView", "Layout", "ShardRows", "current_version_tagged",
            "dataset_url", "delete_shard_rows", "exists", "ingested_fingerprints", "ingested_shards", "layout_of",
            "marker_digest", "open_or_create", "open_read_only", "read_layout", "read_rows", "repair", "rows_bytes",
            "run_layout", "write_dataset", "write_group", "writer_layout", "writer_lock"]

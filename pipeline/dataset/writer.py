@@ -289,7 +289,7 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
     problems: list[str] = []
     with writer_lock(run_dir, log, layout.lock_name(group)), ExitStack() as probes:
         # Every new head is probed in one warm child, started first: its start-up overlaps the reads below.
-        probes.enter_context(health.warm_probes())
+        probes.enter_context(health.warm_probes(preload=(NEW_ROWS_CHECK.partition(":")[0],)))
         # a head left unreadable (the disk filled during a commit) goes back to the last good version first
         health.ensure_readable(url, log, save=True)
         # (re)read under the lock: another writer may have just committed. `inflight`: the last commit's probe,
@@ -408,7 +408,7 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
                 n += 1
                 tag = f"{base}-{n}"
             health.write_checked(url, lambda: ds.tag(tag), f"ingest: tagging {tag}", log, from_row=health.INFO_ONLY,
-                                 expect=lambda info: None if tag in info.get("tags", {}) else
+                                 ds=ds, expect=lambda info: None if tag in info.get("tags", {}) else
                                  "the tag is missing from the head a reader opens")
             log(f"ingest: tagged {tag} ({len(ds)} rows, shards {mine.start}..{mine.stop - 1})")
         rows = len(ds)
