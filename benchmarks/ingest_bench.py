@@ -399,7 +399,8 @@ NOTES = [
     " write's CPU, so no overlap on both cores takes the ratio past the floor's bound, and the measured ratio"
     " moves with the VM's load. With more rows per"
     " commit the fixed costs fade and the probes hide behind the appends (the section at 4x the rows: the"
-    " checked write within about 10% of the format alone); with more cores the child leaves the writer's path.", "",
+    " checked write about as fast as the format alone, which reads each shard only when it reaches it); with more"
+    " cores the child leaves the writer's path.", "",
     "## Many writers: the layout, and its limit at 100 writers", "",
     "Built (`pipeline/dataset/`): one Deep Lake dataset per shard group, `<dataset>/group-<g>` with g = shard //"
     " `shards_per_group` (default 64: runs of up to 64 shards keep the single dataset at `<dataset>`, as before)."
