@@ -241,10 +241,9 @@ def measure_loader(url: str, rows: int) -> dict:
 STEP_CODE = """
 import json, os, resource, sys, time
 sys.path.insert(0, {repo!r})
-if {step!r} == "deeplake":     # as the writer's entry point (`python -m pipeline.dataset`) does, first thing
-    from pipeline import dataset_health
-    from pipeline.dataset import ROW_CHECK_MODULE
-    dataset_health.prestart_probes(preload=(ROW_CHECK_MODULE,))
+if {step!r} == "deeplake":     # as the writer's entry points do first thing (python -m pipeline.dataset, Slurm tasks)
+    from pipeline.dataset import prestart_writer_probes
+    prestart_writer_probes()
 def cpu():     # this process and the children it waited for (the probe child of the Deep Lake write)
     c = resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.process_time() + c.ru_utime + c.ru_stime
@@ -382,9 +381,10 @@ NOTES = [
     " has a run of it from the same day for comparison.",
     "- The probe child started when the write began, so its start-up (Python and Deep Lake imports, then the"
     " row check's at its first request: about 0.35 CPU s) competed with the first appends on this VM's 2 cores."
-    " It is now started first thing by the writer's process (`python -m pipeline.dataset`, which the finish step"
-    " runs per group: `dataset_health.prestart_probes`, before the writer's own imports) and imports the row"
-    " check's module before it says ready; `pipeline.atomic` no longer imports pyarrow at the top, so starting"
+    " It is now started first thing by the writer's process, before the writer's own imports"
+    " (`pipeline.dataset.prestart_writer_probes`: `python -m pipeline.dataset`, which the local finish step runs"
+    " per group, calls it first, and so does each Slurm finish task, as the ingest stage's `finish_prelude`) and"
+    " imports the row check's module before it says ready; `pipeline.atomic` no longer imports pyarrow at the top, so starting"
     " it imports almost nothing. The row 'started by the write itself' above keeps the old order for"
     " comparison; interleaved A/B of 7 runs on these rows: median 0.80 s -> 0.64 s.",
     "- Parquet min/max statistics of list columns (every JPEG, CLIP and audio number: nothing filters on them)"
@@ -654,8 +654,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{join['cpu_seconds']:.2f} | {rows / join['cpu_seconds']:.0f} | {join_rss:.0f} |",
         f"| Deep Lake write ({res['commits']} commits, batched appends; kept verdicts used for "
         f"{res.get('verdicts_used', 0)} of {args.shards} shards, dataset check {res['verify_seconds']:.2f} s of it,"
-        f" a probe of each new head; the probe child started with the process, as `python -m pipeline.dataset`"
-        f" starts it, its start-up CPU counted) | {write_s:.2f} | {rows / write_s:.0f} | {mb / write_s:.1f} | "
+        f" a probe of each new head; the probe child started with the process, as the writer's entry points start"
+        f" it, its start-up CPU counted) | {write_s:.2f} | {rows / write_s:.0f} | {mb / write_s:.1f} | "
         f"{res['cpu_seconds']:.2f} | {rows / res['cpu_seconds']:.0f} | {write_rss:.0f} |",
         f"| the same write with its probe child started by the write itself (its start-up inside the time) |"
         f" {late['seconds']:.2f} | {rows / late['seconds']:.0f} | {mb / late['seconds']:.1f} | "

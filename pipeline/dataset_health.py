@@ -325,6 +325,7 @@ class WarmProber:
 
     def __init__(self, preload: tuple[str, ...] = ()) -> None:
         self.preload = tuple(preload)               # modules the child imports before it says "ready"
+        self.prestarted = False                     # started by `prestart_probes`, ahead of its `warm_probes`
         self.proc: subprocess.Popen | None = None
         self.err = None
         self.buf = b""
@@ -489,6 +490,7 @@ def prestart_probes(preload: tuple[str, ...] = ()) -> None:
     global _spare
     if _spare is None and _warm is None:
         _spare = WarmProber(preload)
+        _spare.prestarted = True
 
 
 @contextmanager
@@ -506,6 +508,11 @@ def warm_probes(preload: tuple[str, ...] = ()) -> Iterator[None]:
     finally:
         prober, _warm = _warm, None
         prober.close()
+
+
+def prober_prestarted() -> bool:
+    """Whether this `warm_probes` block's child was started ahead of it (`prestart_probes`)."""
+    return _warm is not None and _warm.prestarted
 
 
 def probe_later(url: str, from_row: int = 0, timeout_s: float = PROBE_TIMEOUT_S,

@@ -54,6 +54,18 @@ def array_tasks(slurm_cluster, job: str, n_tasks: int) -> dict[str, str]:
         time.sleep(0.5)
 
 
+def task_result(folder: Path, job_id: str):
+    """What a finished submitit task returned (its result pickle)."""
+    import pickle
+
+    from submitit.core.utils import JobPaths
+
+    with open(JobPaths(folder, job_id=job_id, task_id=0).result_pickle, "rb") as f:
+        outcome, value = pickle.load(f)
+    assert outcome == "success", value
+    return value
+
+
 def test_group_writers_run_as_one_array_after_the_stage_array(tmp_path, slurm_cluster):
     run = make_upstream(tmp_path / "run", n_videos=8, num_shards=SHARDS, seed=3, seconds=12.0)
 
@@ -75,6 +87,9 @@ def test_group_writers_run_as_one_array_after_the_stage_array(tmp_path, slurm_cl
     assert len(expected) > SHARDS
     keys = view_keys(run)
     assert Counter(keys) == Counter(expected) and len(keys) == len(set(keys))
+    for g in range(SHARDS // PER_GROUP):     # the stage's finish prelude ran first in each task
+        result = task_result(run / "ingest" / "logs" / "slurm", f"{job}_{g}")
+        assert result["group"] == g and result["probe_child_prestarted"], result
     status = run_cli("status", f"run_dir={run}").stdout
     line = next(ln for ln in status.splitlines() if ln.startswith("ingest dataset:"))
     assert f"{len(expected)} rows" in line and f"{SHARDS // PER_GROUP} of {SHARDS // PER_GROUP} groups" in line

@@ -103,6 +103,8 @@ def test_groups_written_by_concurrent_processes_read_as_one_dataset(run):
     assert read_layout(dataset_url(cfg.stage, run)).num_groups == SHARDS
     assert len(result["groups"]) == SHARDS and len(result["tag"]) == SHARDS      # every group complete: tagged
     assert result["shards_written"] == list(range(SHARDS)) and not result["dataset_violations"]
+    # each writer process (`python -m pipeline.dataset`) started its probe child before its imports
+    assert all(r["probe_child_prestarted"] for r in result["groups"]), result["groups"]
     assert_exactly(run, view_keys(run), range(SHARDS))
     assert_exactly(run, loader_keys(run), range(SHARDS))
     assert verify_run(run) == []

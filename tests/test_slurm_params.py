@@ -240,8 +240,8 @@ def test_the_finish_job_goes_out_with_its_own_parameters(monkeypatch):
         def update_parameters(self, **params):
             seen["params"].update(params)
 
-        def submit(self, fn, payload):
-            seen["fn"], seen["payload"] = fn, payload
+        def submit(self, fn, payload, *args):
+            seen["fn"], seen["payload"], seen["args"] = fn, payload, args
             return SimpleNamespace(job_id="42")
 
     monkeypatch.setattr(slurm.submitit, "AutoExecutor", RecordingExecutor)
@@ -254,6 +254,7 @@ def test_the_finish_job_goes_out_with_its_own_parameters(monkeypatch):
     assert p["slurm_additional_parameters"] == {"dependency": "afterany:7:8"}
     assert p["cpus_per_task"] == 3 and p["slurm_partition"] == "cpu" and p["slurm_account"] == "proj42"
     assert seen["fn"] is slurm.finish_stage and seen["payload"]["stage"]["name"] == "ingest"
+    assert seen["args"] == ("pipeline.dataset:prestart_writer_probes",)     # the stage's finish prelude
     assert seen["folder"].endswith("ingest/logs/slurm")
 
 
@@ -263,3 +264,27 @@ def test_an_unknown_launcher_is_a_config_error():
 
     with pytest.raises(ConfigError, match="unknown launcher 'pbs'"):
         get_launcher("pbs")
+
+
+def test_a_finish_prelude_runs_first_and_its_failure_only_warns(tmp_path, monkeypatch, caplog):
+    """`run_prelude` calls the stage's "module:function"; one that cannot be imported or raises is logged, never
+    fatal (a prelude only starts work early that the finish step would otherwise do itself)."""
+    import logging
+
+    from pipeline.stages import get_stage, run_prelude
+
+    (tmp_path / "prelude_probe.py").write_text("calls = []\ndef start():\n    calls.append(1)\n"
+                                               "def broken():\n    raise OSError('no fork today')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import prelude_probe
+
+    run_prelude("prelude_probe:start")
+    run_prelude(None)
+    assert prelude_probe.calls == [1]
+    with caplog.at_level(logging.WARNING):
+        run_prelude("prelude_probe:broken")
+        run_prelude("no_such_module_anywhere:start")
+    assert "prelude_probe:broken failed (OSError: no fork today)" in caplog.text
+    assert "no_such_module_anywhere:start failed (ModuleNotFoundError" in caplog.text
+    assert get_stage("ingest").finish_prelude == "pipeline.dataset:prestart_writer_probes"
+    assert get_stage("frames").finish_prelude is None

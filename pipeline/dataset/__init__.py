@@ -12,6 +12,14 @@ from .view import GroupedView, exists, layout_of, open_read_only, repair
 # imports as it starts (`python -m pipeline.dataset`), named here so that naming it imports nothing.
 ROW_CHECK_MODULE = "pipeline.verify.dataset"
 
+
+def prestart_writer_probes() -> None:
+    """Start the writer's probe child now, its row check's module imported as it starts (`dataset_health.
+    prestart_probes`): first thing in a writer's process, before the writer's own imports."""
+    from .. import dataset_health
+
+    dataset_health.prestart_probes(preload=(ROW_CHECK_MODULE,))
+
 # The writer's names load the writer on first use: it imports the verifier, which reads through `view` (and
 # importing `pipeline.dataset.view` must not import the verifier back).
 _WRITER = ("FINGERPRINTS", "ShardRows", "current_version_tagged", "delete_shard_rows", "ingested_fingerprints",
@@ -29,5 +37,5 @@ def __getattr__(name: str):
 
 __all__ = ["CATALOGUE", "ROW_CHECK_MODULE", "FINGERPRINTS", "GROUP_PREFIX", "GroupedView", "Layout", "ShardRows", "current_version_tagged",
            "dataset_url", "delete_shard_rows", "exists", "ingested_fingerprints", "ingested_shards", "layout_of",
-           "marker_digest", "open_or_create", "open_read_only", "read_layout", "read_rows", "repair", "rows_bytes",
+           "marker_digest", "open_or_create", "open_read_only", "prestart_writer_probes", "read_layout", "read_rows", "repair", "rows_bytes",
            "run_layout", "write_dataset", "write_group", "writer_layout", "writer_lock"]

@@ -3,11 +3,11 @@ writer (`pipeline.dataset.writer.main`; an array task, or a child of the ingest 
 import sys
 
 from .. import dataset_health as health
-from . import ROW_CHECK_MODULE
+from . import prestart_writer_probes
 
 # The probe child starts before the writer's imports (pyarrow, the verifier, Deep Lake), so its own start-up runs
 # beside them instead of beside the write; it imports the module of the writer's row check (`NEW_ROWS_CHECK`) too.
-health.prestart_probes(preload=(ROW_CHECK_MODULE,))
+prestart_writer_probes()
 
 from .writer import main  # noqa: E402
 

@@ -290,6 +290,7 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
     with writer_lock(run_dir, log, layout.lock_name(group)), ExitStack() as probes:
         # Every new head is probed in one warm child, started first: its start-up overlaps the reads below.
         probes.enter_context(health.warm_probes(preload=(NEW_ROWS_CHECK.partition(":")[0],)))
+        prestarted = health.prober_prestarted()
         # a head left unreadable (the disk filled during a commit) goes back to the last good version first
         health.ensure_readable(url, log, save=True)
         # (re)read under the lock: another writer may have just committed. `inflight`: the last commit's probe,
@@ -417,7 +418,8 @@ def write_group(cfg: Any, layout: Layout, group: int, log: Callable[[str], None]
             "rows_written": rows_written, "rows_deleted": rows_deleted, "commits": commits, "tag": tag, "rows": rows,
             "seconds": seconds, "shards_refused": refused, "dataset_violations": problems, "verify_seconds": verify_s,
             # started_at/ended_at: epoch seconds, for the span of concurrent writers
-            "verdicts_used": verdicts_used, "started_at": started_at, "ended_at": time.time()}
+            "verdicts_used": verdicts_used, "started_at": started_at, "ended_at": time.time(),
+            "probe_child_prestarted": prestarted}
 
 
 def _settle(inflight: list[Callable[[], None] | None]) -> None:

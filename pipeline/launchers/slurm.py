@@ -20,6 +20,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import submitit
 from tqdm import tqdm
@@ -27,6 +28,7 @@ from tqdm import tqdm
 from ..engine import container
 from ..errors import ConfigError
 from ..redaction import is_secret
+from ..stages import get_stage, run_prelude
 from ..task import run_task
 from .base import LaunchResult, Launcher
 from .sbatch import slurm_params
@@ -176,12 +178,13 @@ def make_executor(cfg, params: dict | None = None) -> submitit.AutoExecutor:
     return executor
 
 
-def _submit_array(cfg, executor: submitit.AutoExecutor, task_cls, items: list[int]) -> list[tuple[int, submitit.Job]]:
+def _submit_array(cfg, executor: submitit.AutoExecutor, task_cls, items: list[int],
+                  **task_args: Any) -> list[tuple[int, submitit.Job]]:
     """One array task per item, split into arrays of at most the cluster's MaxArraySize; secrets travel in the
     environment, never in the pickled config."""
     max_size = cfg.launcher.max_array_size or cluster_max_array_size()
     payload, secrets = secretless(container(cfg))
-    task = task_cls(payload)
+    task = task_cls(payload, **task_args)
     submitted: list[tuple[int, submitit.Job]] = []
     with secrets_in_environ(secrets):
         for start in range(0, len(items), max_size):
@@ -229,7 +232,6 @@ def _stage_of(cfg_container: dict):
     """(config, stage class) of a job body, after checking every shard of the stage is complete."""
     from ..config import from_container
     from ..shards import ShardStore
-    from ..stages import get_stage
     from ..atomic import read_json
     from ..logs import configure
 
@@ -243,20 +245,25 @@ def _stage_of(cfg_container: dict):
     return cfg, stage_cls
 
 
-def finish_stage(cfg_container: dict) -> None:
-    """Job body: the stage's once-per-run step (e.g. ingest's Deep Lake writer) after its array."""
+def finish_stage(cfg_container: dict, prelude: str | None = None) -> None:
+    """Job body: the stage's once-per-run step (e.g. ingest's Deep Lake writer) after its array. `prelude`: the
+    stage's `finish_prelude`, called before the stage's modules load."""
+    run_prelude(prelude)
     cfg, stage_cls = _stage_of(cfg_container)
     stage_cls.finish(cfg)
 
 
 class FinishGroupTask(Requeueable):
     """Array-task body: one independent unit of a stage's finish step (ingest: one shard group's dataset writer).
-    A requeued or re-run task redoes only what its unit's last commit did not hold."""
+    A requeued or re-run task redoes only what its unit's last commit did not hold. `prelude`: the stage's
+    `finish_prelude`, called first."""
 
-    def __init__(self, cfg_container: dict):
+    def __init__(self, cfg_container: dict, prelude: str | None = None):
         self.cfg_container = cfg_container
+        self.prelude = prelude
 
     def __call__(self, group: int):
+        run_prelude(getattr(self, "prelude", None))     # (a task pickled before preludes has none)
         cfg, stage_cls = _stage_of(self.cfg_container)
         return stage_cls.finish_group(cfg, group)
 
@@ -265,8 +272,6 @@ def finish_groups(cfg, stage_cls=None) -> list[int]:
     """The units of the stage's finish step that run as one array (`Stage.finish_groups`, e.g. ingest's shard
     groups); [] when the finish step is one job."""
     if stage_cls is None:
-        from ..stages import get_stage
-
         stage_cls = get_stage(cfg.stage.name)
     units = getattr(stage_cls, "finish_groups", None)
     return list(units(cfg)) if units is not None else []
@@ -283,7 +288,8 @@ def group_parameters(cfg, after_job_ids: list[str]) -> dict:
 
 def submit_groups(cfg, groups: list[int], after_job_ids: list[str]) -> list[tuple[int, submitit.Job]]:
     """One array task per unit of the finish step (split past the cluster's MaxArraySize)."""
-    submitted = _submit_array(cfg, make_executor(cfg, group_parameters(cfg, after_job_ids)), FinishGroupTask, groups)
+    submitted = _submit_array(cfg, make_executor(cfg, group_parameters(cfg, after_job_ids)), FinishGroupTask, groups,
+                              prelude=get_stage(cfg.stage.name).finish_prelude)
     ids = sorted({job.job_id.split("_")[0] for _, job in submitted})
     print(f"submitted {cfg.stage.name} finish step: {len(submitted)} group writer task(s), job(s) {', '.join(ids)}")
     return submitted
@@ -319,7 +325,7 @@ def submit_finish(cfg, after_job_ids: list[str]) -> str:
     executor = make_executor(cfg, finish_parameters(cfg, after_job_ids))
     payload, secrets = secretless(container(cfg))
     with secrets_in_environ(secrets):
-        job = executor.submit(finish_stage, payload)
+        job = executor.submit(finish_stage, payload, get_stage(cfg.stage.name).finish_prelude)
     print(f"submitted {cfg.stage.name} finish step: job {job.job_id}")
     return job.job_id
 

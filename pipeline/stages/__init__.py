@@ -42,6 +42,21 @@ def get_stage(name: str):
     return importlib.import_module(STAGES[name]).STAGE
 
 
+def run_prelude(spec: str | None) -> None:
+    """Call a stage's `finish_prelude` ("module:function", see `Stage.finish_prelude`), first thing in a finish job.
+    A prelude only starts work early: when it fails, the finish step does that work itself, so it is logged here."""
+    if not spec:
+        return
+    try:
+        module, _, function = spec.partition(":")
+        getattr(importlib.import_module(module), function)()
+    except Exception as exc:  # noqa: BLE001
+        import logging
+
+        logging.getLogger(__name__).warning(f"finish prelude {spec} failed ({type(exc).__name__}: {exc}); the "
+                                            "finish step goes on without it")
+
+
 def stage_order(stages: dict[str, str] | None = None) -> list[str]:
     """The stages in an order where each comes after every stage its `upstream` names (ties keep the listed
     order). Imports the stage modules. A cycle, or an upstream stage that is not registered, is a ConfigError."""

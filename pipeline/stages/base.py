@@ -89,6 +89,9 @@ class Stage:
     # output table -> key columns; the engine sorts and dedupes final outputs by them
     tables: ClassVar[dict[str, tuple[str, ...]]] = {}
     schemas: ClassVar[dict[str, pa.Schema]] = {}           # optional explicit Arrow schemas per table
+    # "module:function" a finish job (Slurm) calls first, before this stage's modules load: work that can start
+    # early (ingest: the dataset writer's probe child, whose start-up then runs beside the job's imports)
+    finish_prelude: ClassVar[str | None] = None
 
     def __init__(self, cfg: Any, ctx: RunContext):
         self.cfg = cfg

@@ -148,6 +148,8 @@ class IngestStage(Stage):
                 f"ingest shard {store.shard}: {len(verdict['blocking'])} violation(s) of the run-level check; the "
                 f"dataset writer will not commit it: " + "; ".join(verdict["blocking"][:3]))
 
+    finish_prelude = "pipeline.dataset:prestart_writer_probes"
+
     @classmethod
     def finish(cls, cfg: Any) -> None:
         write_dataset(cfg)
