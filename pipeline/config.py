@@ -98,10 +98,28 @@ def store(group: str, name: str, node: type) -> None:
     ConfigStore.instance().store(group=group, name=name, node=node)
 
 
+def stage_yaml(name: str) -> Optional[Path]:
+    """The yaml a stage's settings start from: `conf/stage/<name>.yaml`; for a stage of another package without
+    one, the yaml beside its module (`toyexpert/brightness.py` -> `toyexpert/brightness.yaml`); None when neither
+    exists (its schema's defaults)."""
+    import importlib.util
+
+    from .stages import STAGES
+
+    own = CONF_DIR / "stage" / f"{name}.yaml"
+    if own.exists() or name not in STAGES:
+        return own if own.exists() else None
+    spec = importlib.util.find_spec(STAGES[name])
+    beside = Path(spec.origin).with_suffix(".yaml") if spec is not None and spec.origin else None
+    return beside if beside is not None and beside.exists() else None
+
+
 def register(stages: typing.Iterable[str] = ()) -> None:
     """The run, launcher and cluster schemas, and those of the named stages, as `schema/...` in the ConfigStore.
 
-    Stage schemas live in their stage modules, so only the stages a composition picks are imported."""
+    Stage schemas live in their stage modules, so only the stages a composition picks are imported. A stage without
+    a yaml in conf/stage/ (one registered from another package, `pipeline.stages.register`) gets its `stage=<name>`
+    choice here: its schema with the yaml beside its module on top (`stage_yaml`)."""
     from .stages import get_stage
 
     store("schema", "run", RunConfig)
@@ -109,7 +127,17 @@ def register(stages: typing.Iterable[str] = ()) -> None:
     for name, schema in LAUNCHERS.items():
         store("schema/launcher", name, schema)
     for name in stages:
-        store("schema/stage", name, get_stage(name).Config)
+        schema = get_stage(name).Config
+        store("schema/stage", name, schema)
+        path = stage_yaml(name)
+        if path is None or path.parent != CONF_DIR / "stage":
+            node = OmegaConf.structured(schema)
+            if path is not None:
+                try:
+                    node = OmegaConf.merge(node, OmegaConf.load(path))
+                except OmegaConfBaseException as exc:
+                    raise ConfigError(f"{path}: {_config_error_text(exc)}") from None
+            store("stage", name, node)
 
 
 # ------------------------------------------------------------------------------------------------ composition
@@ -133,7 +161,7 @@ def _check_group_choices(overrides: list[str]) -> None:
             continue
         group, choice = m.groups()
         options = available() if group == "stage" else _group_options(group)
-        if choice not in options or not (CONF_DIR / group / f"{choice}.yaml").exists():
+        if choice not in options or (group != "stage" and not (CONF_DIR / group / f"{choice}.yaml").exists()):
             raise ConfigError(f"unknown {group} {choice!r}; choose one of: {', '.join(options)}")
 
 
@@ -442,22 +470,25 @@ def stage_usage(overrides: list[str]) -> str:
     _check_group_choices(overrides)
     stage = chosen("stage", overrides) or "download"
     register([stage])
+    from .stages import get_stage
+
     cfg = hydra_compose("config", [o for o in overrides if not o.startswith("run_dir=")] + ["run_dir=RUN_DIR"],
                         STAGE_HINT)
     values = OmegaConf.to_container(cfg, resolve=False)
     launcher, cluster = cfg.launcher.name, chosen("cluster", overrides) or "generic"
+    own = stage_yaml(stage)
+    where = ("the defaults of " + get_stage(stage).Config.__name__ if own is None else
+             str(own.relative_to(CONF_DIR.parent)) if own.is_relative_to(CONF_DIR.parent) else str(own))
     out = [f"usage: python -m pipeline stage={stage} run_dir=<dir> [KEY=VALUE ...]   (conf/config.yaml, "
-           f"conf/stage/{stage}.yaml, conf/launcher/{launcher}.yaml, conf/cluster/{cluster}.yaml)",
+           f"{where}, conf/launcher/{launcher}.yaml, conf/cluster/{cluster}.yaml)",
            "A key that does not exist or a value of the wrong type is refused with one error line and exit status 2",
            "before anything is written. Settings (KEY  TYPE = VALUE  # note):"]
-    from .stages import get_stage
-
-    sections = [("", RunConfig, "config", {k: v for k, v in values.items()
-                                            if k not in ("stage", "launcher", "cluster")}),
-                ("stage.", get_stage(stage).Config, f"stage/{stage}", values["stage"]),
-                ("launcher.", LAUNCHERS[launcher], f"launcher/{launcher}", values["launcher"]),
-                ("cluster.", ClusterConfig, f"cluster/{cluster}", values["cluster"])]
-    for prefix, schema, yaml_name, part in sections:
-        notes = field_notes(schema) | yaml_notes(CONF_DIR / f"{yaml_name}.yaml")
+    sections = [("", RunConfig, CONF_DIR / "config.yaml", {k: v for k, v in values.items()
+                                                           if k not in ("stage", "launcher", "cluster")}),
+                ("stage.", get_stage(stage).Config, own, values["stage"]),
+                ("launcher.", LAUNCHERS[launcher], CONF_DIR / "launcher" / f"{launcher}.yaml", values["launcher"]),
+                ("cluster.", ClusterConfig, CONF_DIR / "cluster" / f"{cluster}.yaml", values["cluster"])]
+    for prefix, schema, path, part in sections:
+        notes = field_notes(schema) | (yaml_notes(path) if path is not None else {})
         out += [""] + settings_lines(part, schema_types(schema), notes, prefix=prefix)
     return "\n".join(out)

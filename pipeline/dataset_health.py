@@ -155,16 +155,18 @@ FINGERPRINTS = "ingested_fingerprints"     # the writer's metadata: per shard, w
 
 
 def head_info(ds: Any) -> dict[str, Any]:
-    """What a probe reports of a head, and what a saved good version records: version, rows, tags, shards, and
-    the rows the writer's records count (`recorded_rows`, None on datasets made before them)."""
+    """What a probe reports of a head, and what a saved good version records: version, rows, tags, shards, the
+    rows the writer's records count (`recorded_rows`, None on datasets made before them) and the digest of each
+    shard's completion marker they record (`markers`: what a submitter compares to tell a group up to date)."""
     meta = ds.metadata
-    counts = [dict(v).get("num_rows") for v in dict(meta[FINGERPRINTS]).values()] \
-        if FINGERPRINTS in meta.keys() else [None]
+    prints = {str(k): dict(v) for k, v in dict(meta[FINGERPRINTS]).items()} if FINGERPRINTS in meta.keys() else {}
+    counts = [v.get("num_rows") for v in prints.values()] if FINGERPRINTS in meta.keys() else [None]
     return {"version": ds.version, "rows": len(ds),
             "tags": {name: ds.tags[name].version for name in ds.tags.names()},
             "ingested_shards": (sorted(int(s) for s in meta["ingested_shards"])
                                 if "ingested_shards" in meta.keys() else None),
-            "recorded_rows": None if any(c is None for c in counts) else sum(int(c) for c in counts)}
+            "recorded_rows": None if any(c is None for c in counts) else sum(int(c) for c in counts),
+            "markers": {k: v.get("marker") for k, v in prints.items()}}
 
 
 def torn_commit(info: dict[str, Any]) -> str | None:
@@ -246,9 +248,10 @@ REPLY = "@@probe "      # prefix of the serving child's replies (anything else o
 
 def _serve_main(preload: list[str]) -> None:
     """Child side of the warm prober: `preload` (module names, e.g. a row check's) imported first; then one request
-    per stdin line (JSON [url, from_row] or [url, from_row, check]), replies on stdout. With `check` ({"call": "module:function", "kwargs": {...}}), the function is called with
-    each block of new rows the probe reads (`rows` a range, `values` {column: values of those rows as read},
-    then the kwargs) and returns violations; after "ok" all it found is sent as "checked [...]"."""
+    per stdin line (JSON [url, from_row] or [url, from_row, check]), replies on stdout. With `check` ({"call":
+    "module:function", "kwargs": {...}}), the function is called with each block of new rows the probe reads
+    (`rows` a range, `values` {column: values of those rows as read}, then the kwargs) and returns violations;
+    after "ok" all it found is sent as "checked [...]"."""
     import gc
     import importlib
 

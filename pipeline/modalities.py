@@ -414,7 +414,7 @@ def list_cells(table: pa.Table, name: str, dtype: Any) -> list[np.ndarray]:
 
 # ------------------------------------------------------------------------------------------------ plug-ins
 
-PLUGINS_ENV = "VPT_MODALITIES"
+from .stages import PLUGINS_ENV  # noqa: E402  (named beside the stage registry, which plugins extend)
 
 
 def load_plugins(spec: str | None = None) -> list[str]:

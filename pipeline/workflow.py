@@ -101,11 +101,42 @@ def stage_overrides(wf: DictConfig, step: DictConfig) -> list[str]:
             *wf.overrides, *step.get("overrides", [])]
 
 
+def ancestors(wf: DictConfig, name: str) -> set[str]:
+    """Every step `name` comes after, directly or through others."""
+    seen: set[str] = set()
+    todo = list(wf.steps[name].get("after", []))
+    while todo:
+        dep = todo.pop()
+        if dep not in seen:
+            seen.add(dep)
+            todo.extend(wf.steps[dep].get("after", []))
+    return seen
+
+
+def check_upstream_order(wf: DictConfig) -> None:
+    """A stage step comes after every step that runs a stage it reads (its `upstream`): otherwise, on Slurm, it is
+    queued without waiting for them, and its shards refuse to run for want of their inputs."""
+    from .stages import get_stage
+
+    runs = {n: s.stage for n, s in wf.steps.items() if "stage" in s}
+    for name, stage in runs.items():
+        try:
+            reads = set(get_stage(stage).upstream)
+        except ConfigError as exc:
+            raise ConfigError(f"step {name}: {exc}") from None
+        before = ancestors(wf, name)
+        for other, up in runs.items():
+            if up in reads and other not in before:
+                raise ConfigError(f"step {name}: stage {stage} reads the outputs of stage {up}, but the step does "
+                                  f"not come after step {other} (add it to `after`)")
+
+
 def check_steps(wf: DictConfig) -> dict[str, DictConfig]:
     """Compose and validate every step up front, so a typo in the last step fails before the first one runs or is
     queued. Returns each stage step's composed config."""
     from .config import compose
 
+    check_upstream_order(wf)
     cluster = None
     if wf.launcher == "slurm":
         from .launchers.slurm import require_sbatch

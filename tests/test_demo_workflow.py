@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, run_cli
 
+from pipeline.dataset import open_read_only, read_layout
 from pipeline.demo import serve, write_manifest
+from pipeline.schema import TABLE
+from pipeline.shards import ShardStore
 from pipeline.workflow import load
 from pipeline.samples import make_samples
 
@@ -57,7 +61,12 @@ def test_demo_workflow_on_slurm(tmp_path, slurm_cluster, cache_dir):
         assert "2/0/0/0 of 2" in line, status
     assert "failed: not_found x1" in status  # the demo's deliberately missing video
     run_cli("verify", f"run_dir={run}")  # exit 0: every row aligned
-    assert (run / "dataset").is_dir()
+    # one dataset per shard group, written by the finish step's array of group writers, read as one
+    layout = read_layout(f"file://{run / 'dataset'}")
+    assert layout is not None and layout.grouped and layout.num_groups == 2
+    assert len(jobs["ingest"]) == 2         # the shards' array, then the group writers' array
+    rows = sum(pq.read_metadata(ShardStore(run, "ingest", s).table_path(TABLE)).num_rows for s in range(2))
+    assert rows > 0 and len(open_read_only(run)) == rows
     ckpts = sorted((run / "pretrain" / "checkpoints").glob("step-*"))
     assert ckpts and ckpts[-1].name == "step-00000020"
     assert (run / "workflow" / "pretrain.done").exists()

@@ -14,9 +14,10 @@ from conftest import run_cli
 from test_ingest_writers import shard_keys, view_keys
 
 from benchmarks.ingest_bench import make_upstream
+from pipeline.atomic import read_json, write_json
 from pipeline.dataset import open_read_only, read_layout
 from pipeline.schema import TABLE
-from pipeline.shards import ShardStore
+from pipeline.shards import MARKER, ShardStore
 
 pytestmark = pytest.mark.slurm
 
@@ -95,15 +96,27 @@ def test_group_writers_run_as_one_array_after_the_stage_array(tmp_path, slurm_cl
     assert f"{len(expected)} rows" in line and f"{SHARDS // PER_GROUP} of {SHARDS // PER_GROUP} groups" in line
     assert f"{SHARDS} of {SHARDS} shards" in line
 
-    # wait=true with nothing left to join: the writers' array runs again (no dependency), adds nothing.
+    # wait=true with nothing left to join and every group up to date: nothing is submitted.
     out = run_cli(*INGEST, f"run_dir={run}", env=slurm_cluster.env).stdout
     assert "0 of 4 shard(s) to run" in out
-    again = writer_job(out)
+    assert f"ingest finish step: all {SHARDS // PER_GROUP} group(s) up to date, nothing submitted" in out, out
+    assert "group writer task(s)" not in out
+    # shard 3 re-finalized (what retry_failed does; same rows, a new marker): only its group's writer runs again,
+    # as an array of one task without dependency, and records the new marker (a commit of metadata only)
+    store = ShardStore(run, "ingest", 3)
+    write_json(store.dir / MARKER, {**read_json(store.dir / MARKER), "time": time.time() + 1})
+    out = run_cli(*INGEST, f"run_dir={run}", env=slurm_cluster.env).stdout
+    line = next(ln for ln in out.splitlines() if "group writer task(s)" in ln)
+    assert line.startswith("submitted ingest finish step: 1 group writer task(s), job(s) "), out
+    again = line.split("job(s) ")[1].strip()
     assert "--dependency" not in (run / "ingest" / "logs" / "slurm" / f"{again}_submission.sh").read_text()
-    groups = SHARDS // PER_GROUP
-    assert array_tasks(slurm_cluster, again, groups) == {f"{again}_{g}": "COMPLETED" for g in range(groups)}
+    assert slurm_cluster.final_state(again) == "COMPLETED"
+    result = task_result(run / "ingest" / "logs" / "slurm", again)      # (submitit: an array of one is one job)
+    assert result["group"] == 1 and result["rows_written"] == 0 and result["commits"] == 1, result
     keys = view_keys(run)
     assert Counter(keys) == Counter(expected) and len(keys) == len(set(keys))
+    out = run_cli(*INGEST, f"run_dir={run}", env=slurm_cluster.env).stdout
+    assert "group(s) up to date, nothing submitted" in out, out
 
 
 def test_status_reports_the_groups_written(tmp_path):

@@ -272,3 +272,35 @@ def test_the_catalogue_is_pinned_once(run):
     assert any("pinned to shards_per_group=2" in line for line in lines), lines
     assert_exactly(run, view_keys(run), range(SHARDS))
     assert verify_run(run) == []
+
+
+def test_a_group_is_up_to_date_only_when_its_writer_would_do_nothing(run):
+    """`group_up_to_date` (what a re-run's submitter reads, no Deep Lake): no dataset yet, a group not written, a
+    shard re-finalized since (new marker), an untagged head or a commit not yet probed all say 'run the writer';
+    once the writer has run again the group is up to date, and the other group never stopped being."""
+    import deeplake
+
+    from pipeline import dataset_health as health
+    from pipeline.atomic import read_json, write_json
+    from pipeline.dataset.writer import group_up_to_date, run_layout
+    from pipeline.shards import MARKER
+
+    cfg = ingest_config(run, *SETTINGS, "stage.writers=1")
+    layout = run_layout(cfg, **QUIET)
+    assert [group_up_to_date(cfg, layout, g) for g in range(GROUPS)] == [False, False]
+    write_dataset(cfg, group=0, **QUIET)
+    assert [group_up_to_date(cfg, layout, g) for g in range(GROUPS)] == [True, False]
+    write_dataset(cfg, **QUIET)
+    assert [group_up_to_date(cfg, layout, g) for g in range(GROUPS)] == [True, True]
+    store = ShardStore(run, "ingest", 2)        # group 1: re-finalized, same rows
+    write_json(store.dir / MARKER, {**read_json(store.dir / MARKER), "time": time.time() + 1})
+    assert [group_up_to_date(cfg, layout, g) for g in range(GROUPS)] == [True, False]
+    assert write_dataset(cfg, group=1, **QUIET)["rows_written"] == 0
+    assert group_up_to_date(cfg, layout, 1)
+    ds = health.held(deeplake.open(layout.group_url(1)))     # a commit no writer probed (and no tag on it)
+    ds.metadata["note"] = "by hand"
+    ds.commit("by hand")
+    assert not group_up_to_date(cfg, layout, 1) and group_up_to_date(cfg, layout, 0)
+    write_dataset(cfg, group=1, **QUIET)         # probes and saves that head, then tags it
+    assert group_up_to_date(cfg, layout, 1)
+    assert_exactly(run, view_keys(run), range(SHARDS))

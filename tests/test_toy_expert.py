@@ -250,3 +250,32 @@ def test_a_plugin_named_in_the_environment_registers_in_every_process(toy_packag
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["download,frames,asr,clip,audio,scenegraph,brightness,ingest", "brightness",
                                   "('brightness',)"], out.stdout
+
+
+def test_a_plugin_stage_runs_from_the_command_line(toy_package, tmp_path):
+    """`python -m pipeline stage=brightness` with the plugin named in VPT_MODALITIES: the stage's settings come from
+    the yaml beside its module (flush_every 16, not the schema's default), `--help` says so, a key its schema lacks
+    is refused, and the run completes every shard with a brightness row per frame the frames stage kept."""
+    from conftest import run_cli
+
+    from pipeline.shards import ShardStore
+
+    run = make_upstream(tmp_path / "run", n_videos=3, num_shards=2, seconds=6.0, image_size=24)
+    env = {"VPT_MODALITIES": "toyexpert.plugin", "PYTHONPATH": os.pathsep.join([str(toy_package.parent), str(REPO)])}
+    usage = run_cli("stage=brightness", "--help", env=env).stdout
+    assert str(toy_package / "brightness.yaml") in usage.splitlines()[0]
+    flush = next(ln for ln in usage.splitlines() if ln.strip().startswith("stage.flush_every"))
+    assert flush.split("=")[1].split()[0] == "16", flush
+    bad = run_cli("stage=brightness", f"run_dir={run}", "stage.colour=red", env=env, check=False)
+    assert bad.returncode == 2 and "colour" in bad.stderr and not (run / "brightness").exists()
+    unknown = run_cli("stage=brightness", f"run_dir={run}", check=False)      # without the plugin: not a stage
+    assert unknown.returncode == 2 and "unknown stage 'brightness'" in unknown.stderr
+    run_cli("stage=brightness", f"run_dir={run}", "models=tiny", env=env)
+
+    def keys(stage: str, table: str) -> list[tuple[str, int]]:     # every shard's (video, frame) keys
+        got = [ShardStore(run, stage, s).read_table(table) for s in range(2)]
+        return sorted((v, int(i)) for t in got if t is not None
+                      for v, i in zip(t.column("video_id").to_pylist(), t.column("frame_idx").to_pylist()))
+
+    assert all(ShardStore(run, "brightness", s).is_complete() for s in range(2))
+    assert keys("brightness", "brightness") == keys("frames", "frames") and len(keys("frames", "frames")) > 3

@@ -68,6 +68,34 @@ steps:
     assert not run.exists()  # the download step never ran: no geometry, no shard outputs
 
 
+def test_a_stage_step_before_a_stage_it_reads_fails_up_front(tmp_path, capsys):
+    """ingest reads scenegraph's outputs: a workflow whose ingest step does not come after the scenegraph step
+    (directly or through other steps) is refused before anything runs; one that does, through clip, passes."""
+    from pipeline.stages import get_stage
+    from pipeline.workflow import check_upstream_order, main
+
+    assert "scenegraph" in get_stage("ingest").upstream and "frames" in get_stage("scenegraph").upstream
+    body = """
+run_dir: {run}
+steps:
+  download: {{stage: download}}
+  frames: {{stage: frames, after: [download]}}
+  scenegraph: {{stage: scenegraph, after: [frames]}}
+  clip: {{stage: clip, after: [{clip_after}]}}
+  ingest: {{stage: ingest, after: [clip]}}
+"""
+    run = tmp_path / "run"
+    bad = load(_write(tmp_path, body.format(run=run, clip_after="frames")), [])
+    with pytest.raises(ConfigError, match="step ingest: stage ingest reads the outputs of stage scenegraph, but the "
+                                          "step does not come after step scenegraph"):
+        check_upstream_order(bad)
+    assert main([str(tmp_path / "wf.yaml"), "launcher=local"]) == 2
+    assert "does not come after step scenegraph" in capsys.readouterr().err
+    assert not run.exists()
+    # ingest also reads asr and audio: steps the workflow does not have are not waited for (run elsewhere before)
+    check_upstream_order(load(_write(tmp_path, body.format(run=run, clip_after="frames, scenegraph")), []))
+
+
 def test_missing_command_module_fails_up_front(tmp_path):
     from pipeline.workflow import check_steps
 

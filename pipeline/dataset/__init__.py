@@ -3,6 +3,7 @@
 - `layout`: where rows live (`Layout`, `dataset_url`, the catalogue of groups).
 - `writer`: `write_dataset(cfg, group=None)`, one writer per group under its own lock.
 - `view`: `open_read_only(run_dir_or_url)`, every group as one read-only dataset, each row once.
+- `prestart_writer_probes()`: what a writer's process does first (`python -m pipeline.dataset`, Slurm finish tasks).
 """
 from .layout import CATALOGUE, GROUP_PREFIX, Layout, dataset_url, read_layout, writer_layout
 from .lock import writer_lock
@@ -20,6 +21,7 @@ def prestart_writer_probes() -> None:
 
     dataset_health.prestart_probes(preload=(ROW_CHECK_MODULE,))
 
+
 # The writer's names load the writer on first use: it imports the verifier, which reads through `view` (and
 # importing `pipeline.dataset.view` must not import the verifier back).
 _WRITER = ("FINGERPRINTS", "ShardRows", "current_version_tagged", "delete_shard_rows", "ingested_fingerprints",
@@ -35,7 +37,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["CATALOGUE", "ROW_CHECK_MODULE", "FINGERPRINTS", "GROUP_PREFIX", "GroupedView", "Layout", "ShardRows", "current_version_tagged",
-           "dataset_url", "delete_shard_rows", "exists", "ingested_fingerprints", "ingested_shards", "layout_of",
-           "marker_digest", "open_or_create", "open_read_only", "prestart_writer_probes", "read_layout", "read_rows", "repair", "rows_bytes",
-           "run_layout", "write_dataset", "write_group", "writer_layout", "writer_lock"]
+__all__ = ["CATALOGUE", "FINGERPRINTS", "GROUP_PREFIX", "GroupedView", "Layout", "ROW_CHECK_MODULE", "ShardRows",
+           "current_version_tagged", "dataset_url", "delete_shard_rows", "exists", "ingested_fingerprints",
+           "ingested_shards", "layout_of", "marker_digest", "open_or_create", "open_read_only", "prestart_writer_probes",
+           "read_layout", "read_rows", "repair", "rows_bytes", "run_layout", "write_dataset", "write_group",
+           "writer_layout", "writer_lock"]

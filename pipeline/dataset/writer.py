@@ -248,6 +248,24 @@ def current_version_tagged(ds) -> bool:
     return any(ds.tags[name].version == version for name in ds.tags.names())
 
 
+def group_up_to_date(cfg: Any, layout: Layout, group: int) -> bool:
+    """Whether the group's writer would find nothing to do: the group's head is its last good version (saved once
+    probed), which records every shard of the group with the completion marker the shard has now, and is tagged.
+    Read from the saved state and the markers only: no Deep Lake in the process that asks (a submitter), no write.
+    False whenever in doubt (the writer then decides)."""
+    path = health.local_dir(layout.group_url(group))
+    if path is None or not health.exists(path):
+        return False
+    state = health.saved_state(path) or {}
+    if not state.get("markers") or state.get("digest") != health.log_digest(path):
+        return False
+    for shard in layout.shards_of(group):
+        store = ShardStore(Path(cfg.run_dir), "ingest", shard)
+        if not store.is_complete() or state["markers"].get(str(shard)) != marker_digest(store):
+            return False
+    return state.get("version") in set((state.get("tags") or {}).values())
+
+
 def _keys(table: pa.Table | None) -> set[tuple[str, int]]:
     if table is None or not table.num_rows:
         return set()

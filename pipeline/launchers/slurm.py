@@ -332,12 +332,18 @@ def submit_finish(cfg, after_job_ids: list[str]) -> str:
 
 def run_finish(cfg, stage_cls) -> list[str]:
     """The stage's finish step once its shards are complete: several units (ingest's shard groups) as one array,
-    waited for when `launcher.wait`; else in this process. Returns the job ids submitted."""
+    waited for when `launcher.wait`, without the units that have nothing to do (`finish_groups_to_run`: a re-run
+    submits nothing once every group is up to date); else in this process. Returns the job ids submitted."""
     groups = finish_groups(cfg, stage_cls)
     if not groups:
         stage_cls.finish(cfg)
         return []
-    submitted = submit_groups(cfg, groups, [])
+    to_run = getattr(stage_cls, "finish_groups_to_run", None)
+    todo = list(to_run(cfg, groups)) if to_run is not None else groups
+    if not todo:
+        print(f"{cfg.stage.name} finish step: all {len(groups)} group(s) up to date, nothing submitted")
+        return []
+    submitted = submit_groups(cfg, todo, [])
     if cfg.launcher.wait:
         wait_groups(cfg, submitted)
     return sorted({job.job_id.split("_")[0] for _, job in submitted})

@@ -10,10 +10,15 @@ from __future__ import annotations
 import graphlib
 import importlib
 import importlib.util
+import os
 from contextlib import contextmanager
 from typing import Iterator
 
 from ..errors import ConfigError
+
+# Environment variable naming the expert packages every process of a run loads (`pipeline.modalities.load_plugins`):
+# each registers its modality and its stage.
+PLUGINS_ENV = "VPT_MODALITIES"
 
 # Pipeline order; each name is a module defining `STAGE`.
 BUILTIN: dict[str, str] = {
@@ -28,7 +33,16 @@ BUILTIN: dict[str, str] = {
 STAGES: dict[str, str] = dict(BUILTIN)
 
 
+def load_plugins() -> None:
+    """The expert packages `VPT_MODALITIES` names register their stages (and modalities) when `pipeline.modalities`
+    loads: load it when the variable is set, so that their stages resolve in every process of a run (the command,
+    local workers, Slurm tasks); without it nothing is imported (`--help` stays light)."""
+    if os.environ.get(PLUGINS_ENV, "").strip():
+        importlib.import_module("pipeline.modalities")
+
+
 def available() -> list[str]:
+    load_plugins()
     out = []
     for name, mod in STAGES.items():
         if importlib.util.find_spec(mod) is not None:
@@ -37,6 +51,8 @@ def available() -> list[str]:
 
 
 def get_stage(name: str):
+    if name not in STAGES:
+        load_plugins()
     if name not in STAGES or importlib.util.find_spec(STAGES[name]) is None:
         raise ConfigError(f"unknown stage {name!r}; choose one of: {', '.join(available())}")
     return importlib.import_module(STAGES[name]).STAGE

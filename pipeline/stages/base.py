@@ -1,4 +1,5 @@
-"""The stage interface. A stage is one module + one yaml (`conf/stage/<name>.yaml`).
+"""The stage interface. A stage is one module + one yaml (`conf/stage/<name>.yaml`; for a stage of another
+package, the yaml beside its module: `pipeline.config.stage_yaml`).
 
 A stage receives the pending items of one shard (each with its upstream rows, read by key) and yields one
 `ItemResult` per item, in any order. The engine (`pipeline.engine`) owns everything else: which items are

@@ -162,6 +162,15 @@ class IngestStage(Stage):
         return layout.groups() if layout.grouped else []
 
     @classmethod
+    def finish_groups_to_run(cls, cfg: Any, groups: list[int]) -> list[int]:
+        """The groups whose writer has something to do, for a finish step submitted once every shard is complete
+        (a re-run): a group whose last good version holds every shard as it is now, tagged, is left alone."""
+        from ..dataset.writer import group_up_to_date
+
+        layout = run_layout(cfg)
+        return [g for g in groups if not group_up_to_date(cfg, layout, g)]
+
+    @classmethod
     def finish_group(cls, cfg: Any, group: int) -> dict[str, Any]:
         """One group's writer (an array task of the finish step)."""
         return write_dataset(cfg, group=group)
