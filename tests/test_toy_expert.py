@@ -270,6 +270,10 @@ def test_a_plugin_stage_runs_from_the_command_line(toy_package, tmp_path):
     assert bad.returncode == 2 and "colour" in bad.stderr and not (run / "brightness").exists()
     unknown = run_cli("stage=brightness", f"run_dir={run}", check=False)      # without the plugin: not a stage
     assert unknown.returncode == 2 and "unknown stage 'brightness'" in unknown.stderr
+    typo = run_cli("stage=brightness", f"run_dir={run}", env={**env, "VPT_MODALITIES": "toyexpert.plugins"},
+                   check=False)
+    assert typo.returncode == 2 and typo.stderr.strip().splitlines() == \
+        ["error: VPT_MODALITIES=toyexpert.plugins: No module named 'toyexpert.plugins'"], typo.stderr
     run_cli("stage=brightness", f"run_dir={run}", "models=tiny", env=env)
 
     def keys(stage: str, table: str) -> list[tuple[str, int]]:     # every shard's (video, frame) keys

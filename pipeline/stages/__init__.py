@@ -37,8 +37,12 @@ def load_plugins() -> None:
     """The expert packages `VPT_MODALITIES` names register their stages (and modalities) when `pipeline.modalities`
     loads: load it when the variable is set, so that their stages resolve in every process of a run (the command,
     local workers, Slurm tasks); without it nothing is imported (`--help` stays light)."""
-    if os.environ.get(PLUGINS_ENV, "").strip():
-        importlib.import_module("pipeline.modalities")
+    named = os.environ.get(PLUGINS_ENV, "").strip()
+    if named:
+        try:
+            importlib.import_module("pipeline.modalities")
+        except ImportError as exc:      # a package named there that is not installed: one line, before any work
+            raise ConfigError(f"{PLUGINS_ENV}={named}: {exc}") from None
 
 
 def available() -> list[str]:
