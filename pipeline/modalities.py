@@ -414,16 +414,14 @@ def list_cells(table: pa.Table, name: str, dtype: Any) -> list[np.ndarray]:
 
 # ------------------------------------------------------------------------------------------------ plug-ins
 
-from .stages import PLUGINS_ENV  # noqa: E402  (named beside the stage registry, which plugins extend)
+from .plugins import PLUGINS_ENV, named  # noqa: E402,F401  (PLUGINS_ENV: importable from here as before)
 
 
 def load_plugins(spec: str | None = None) -> list[str]:
     """Load the experts named in `VPT_MODALITIES` (comma-separated "package.module" or "package.module:function",
     each registering its modality and stage), so that every process of a run (Slurm tasks, training ranks) has
     the same modalities. Runs once, when this module is first imported."""
-    import os
-
-    names = [s.strip() for s in (os.environ.get(PLUGINS_ENV, "") if spec is None else spec).split(",") if s.strip()]
+    names = named() if spec is None else [s.strip() for s in spec.split(",") if s.strip()]
     for name in names:
         load(name)
     return names

@@ -10,15 +10,11 @@ from __future__ import annotations
 import graphlib
 import importlib
 import importlib.util
-import os
 from contextlib import contextmanager
 from typing import Iterator
 
+from .. import plugins
 from ..errors import ConfigError
-
-# Environment variable naming the expert packages every process of a run loads (`pipeline.modalities.load_plugins`):
-# each registers its modality and its stage.
-PLUGINS_ENV = "VPT_MODALITIES"
 
 # Pipeline order; each name is a module defining `STAGE`.
 BUILTIN: dict[str, str] = {
@@ -37,12 +33,11 @@ def load_plugins() -> None:
     """The expert packages `VPT_MODALITIES` names register their stages (and modalities) when `pipeline.modalities`
     loads: load it when the variable is set, so that their stages resolve in every process of a run (the command,
     local workers, Slurm tasks); without it nothing is imported (`--help` stays light)."""
-    named = os.environ.get(PLUGINS_ENV, "").strip()
-    if named:
+    if plugins.named():
         try:
             importlib.import_module("pipeline.modalities")
         except ImportError as exc:      # a package named there that is not installed: one line, before any work
-            raise ConfigError(f"{PLUGINS_ENV}={named}: {exc}") from None
+            raise ConfigError(f"{plugins.PLUGINS_ENV}={','.join(plugins.named())}: {exc}") from None
 
 
 def available() -> list[str]:
