@@ -384,9 +384,9 @@ NOTES = [
     " It is now started first thing by the writer's process, before the writer's own imports"
     " (`pipeline.dataset.prestart_writer_probes`: `python -m pipeline.dataset`, which the local finish step runs"
     " per group, calls it first, and so does each Slurm finish task, as the ingest stage's `finish_prelude`) and"
-    " imports the row check's module before it says ready; `pipeline.atomic` no longer imports pyarrow at the top, so starting"
-    " it imports almost nothing. The row 'started by the write itself' above keeps the old order for"
-    " comparison; interleaved A/B of 7 runs on these rows: median 0.80 s -> 0.64 s.",
+    " imports the row check's module before it says ready; `pipeline.atomic` no longer imports pyarrow at the"
+    " top, so starting it imports almost nothing. The row 'started by the write itself' above keeps the old order"
+    " for comparison; interleaved A/B of 7 runs on these rows: median 0.80 s -> 0.64 s.",
     "- Parquet min/max statistics of list columns (every JPEG, CLIP and audio number: nothing filters on them)"
     " were a quarter of a rows table's write time; the finalized tables keep statistics only for columns of one"
     " value per row. Join + verify, interleaved A/B of 6 runs: median 1.56 s -> 1.38 s. The tag's version log is"
@@ -695,9 +695,9 @@ def main(argv: list[str] | None = None) -> int:
         f"CPU floor: the Deep Lake write used {res['cpu_seconds']:.2f} CPU s ({res['cpu_own_seconds']:.2f} in the"
         f" writer, {res['cpu_seconds'] - res['cpu_own_seconds']:.2f} in its probe child: Python and Deep Lake"
         f" start-up, {res.get('child_cpu_before', 0.0):.2f} s of it before the write began, then every probe and"
-        f" row check), on this VM's {os.cpu_count()} cores, so its wall time cannot go below {window / os.cpu_count():.2f} s"
-        f" here: {pool_s / (window / os.cpu_count()):.2f} of the Parquet write with the pipeline's"
-        " pool at best, with every core busy all the time.", "",
+        f" row check), on this VM's {os.cpu_count()} cores, so its wall time cannot go below"
+        f" {window / os.cpu_count():.2f} s here: {pool_s / (window / os.cpu_count()):.2f} of the Parquet write"
+        " with the pipeline's pool at best, with every core busy all the time.", "",
         "All runs, seconds: " + "; ".join(f"{step} " + ", ".join(f"{x:.2f}" for x in xs)
                                           for step, xs in spread.items()) + ".", "",
     ] + (_scale_lines(scale) if scale else []) + (_slurm_lines(slurm, args) if slurm else

@@ -39,6 +39,6 @@ def __getattr__(name: str):
 
 __all__ = ["CATALOGUE", "FINGERPRINTS", "GROUP_PREFIX", "GroupedView", "Layout", "ROW_CHECK_MODULE", "ShardRows",
            "current_version_tagged", "dataset_url", "delete_shard_rows", "exists", "ingested_fingerprints",
-           "ingested_shards", "layout_of", "marker_digest", "open_or_create", "open_read_only", "prestart_writer_probes",
-           "read_layout", "read_rows", "repair", "rows_bytes", "run_layout", "write_dataset", "write_group",
-           "writer_layout", "writer_lock"]
+           "ingested_shards", "layout_of", "marker_digest", "open_or_create", "open_read_only",
+           "prestart_writer_probes", "read_layout", "read_rows", "repair", "rows_bytes", "run_layout",
+           "write_dataset", "write_group", "writer_layout", "writer_lock"]

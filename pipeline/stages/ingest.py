@@ -11,11 +11,11 @@ Deep Lake supports) up to date with the complete shards. Runs of more than `shar
 datasets) write one dataset per group of shards, `<dataset>/group-<g>`, each by its own writer and lock, up to
 `writers` at once, read as one dataset through `pipeline.dataset.open_read_only` (`pipeline.dataset.layout`);
 what follows holds per group. Under Slurm the group writers are one array; a re-run submits writers only for the
-groups with something to do (`finish_groups_to_run`). Shard rows are read `max_rows_in_memory` at a time and appended in batches of
-`append_batch_rows`, with a commit per `shards_per_commit` shards. Before a shard's rows are appended they pass the
-run-level verifier (`pipeline.verify.verify_shard`: every frame of each span, counts against the stage
-ledgers...). It runs once per finalized shard, right after the finalize (`IngestStage.after_finalize`), and its
-verdict is kept in the shard (`verified.json`) bound to the sha256 of the rows bytes, the shard's and the
+groups with something to do (`finish_groups_to_run`). Shard rows are read `max_rows_in_memory` at a time and
+appended in batches of `append_batch_rows`, with a commit per `shards_per_commit` shards. Before a shard's rows are
+appended they pass the run-level verifier (`pipeline.verify.verify_shard`: every frame of each span, counts against
+the stage ledgers...). It runs once per finalized shard, right after the finalize (`IngestStage.after_finalize`), and
+its verdict is kept in the shard (`verified.json`) bound to the sha256 of the rows bytes, the shard's and the
 upstream shards' markers, the manifest's videos, the modalities and the check settings; the writer digests the
 very bytes it appends and uses the verdict only when all of these match, and runs the check itself otherwise. A
 shard that fails is not committed (logged, and listed with its first violations in the result's
