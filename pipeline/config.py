@@ -134,7 +134,9 @@ def register(stages: typing.Iterable[str] = ()) -> None:
             node = OmegaConf.structured(schema)
             if path is not None:
                 try:
-                    node = OmegaConf.merge(node, OmegaConf.load(path))
+                    own = OmegaConf.load(path)
+                    own.pop("defaults", None)       # written like conf/stage's yamls: it names the schema, applied here
+                    node = OmegaConf.merge(node, own)
                 except OmegaConfBaseException as exc:
                     raise ConfigError(f"{path}: {_config_error_text(exc)}") from None
             store("stage", name, node)

@@ -254,7 +254,7 @@ def test_a_plugin_named_in_the_environment_registers_in_every_process(toy_packag
 
 def test_a_plugin_stage_runs_from_the_command_line(toy_package, tmp_path):
     """`python -m pipeline stage=brightness` with the plugin named in VPT_MODALITIES: the stage's settings come from
-    the yaml beside its module (flush_every 16, not the schema's default), `--help` says so, a key its schema lacks
+    the yaml beside its module (flush_every 5 there, 16 in the schema), `--help` says so, a key its schema lacks
     is refused, and the run completes every shard with a brightness row per frame the frames stage kept."""
     from conftest import run_cli
 
@@ -262,10 +262,19 @@ def test_a_plugin_stage_runs_from_the_command_line(toy_package, tmp_path):
 
     run = make_upstream(tmp_path / "run", n_videos=3, num_shards=2, seconds=6.0, image_size=24)
     env = {"VPT_MODALITIES": "toyexpert.plugin", "PYTHONPATH": os.pathsep.join([str(toy_package.parent), str(REPO)])}
+    yaml = toy_package / "brightness.yaml"
+    own = STAGE_YAML.replace("flush_every: 16", "flush_every: 5")
+    assert own != STAGE_YAML
+    yaml.write_text(own)
+
+    def flush_every() -> str:
+        usage = run_cli("stage=brightness", "--help", env=env).stdout
+        line = next(ln for ln in usage.splitlines() if ln.strip().startswith("stage.flush_every"))
+        return line.split("=")[1].split()[0]
+
     usage = run_cli("stage=brightness", "--help", env=env).stdout
     assert str(toy_package / "brightness.yaml") in usage.splitlines()[0]
-    flush = next(ln for ln in usage.splitlines() if ln.strip().startswith("stage.flush_every"))
-    assert flush.split("=")[1].split()[0] == "16", flush
+    assert flush_every() == "5"
     bad = run_cli("stage=brightness", f"run_dir={run}", "stage.colour=red", env=env, check=False)
     assert bad.returncode == 2 and "colour" in bad.stderr and not (run / "brightness").exists()
     unknown = run_cli("stage=brightness", f"run_dir={run}", check=False)      # without the plugin: not a stage
@@ -274,6 +283,15 @@ def test_a_plugin_stage_runs_from_the_command_line(toy_package, tmp_path):
                    check=False)
     assert typo.returncode == 2 and typo.stderr.strip().splitlines() == \
         ["error: VPT_MODALITIES=toyexpert.plugins: No module named 'toyexpert.plugins'"], typo.stderr
+    # a yaml written like conf/stage's (its schema named in a defaults list) is read the same; a key its schema
+    # lacks is one error line naming the file
+    yaml.write_text("defaults:\n  - /schema/stage/brightness@_here_\n  - _self_\n" + own)
+    assert flush_every() == "5"
+    yaml.write_text(own + "colour: red\n")
+    wrong = run_cli("stage=brightness", f"run_dir={run}", env=env, check=False)
+    assert wrong.returncode == 2 and str(yaml) in wrong.stderr and "colour" in wrong.stderr, wrong.stderr
+    assert len(wrong.stderr.strip().splitlines()) == 1 and not (run / "brightness").exists()
+    yaml.write_text(own)
     run_cli("stage=brightness", f"run_dir={run}", "models=tiny", env=env)
 
     def keys(stage: str, table: str) -> list[tuple[str, int]]:     # every shard's (video, frame) keys
